@@ -1,0 +1,10 @@
+"""Command-line entry point. Each module below adds its commands to `app`."""
+
+from __future__ import annotations
+
+from cascade.cli import moderate  # noqa: F401  (registers commands)
+from cascade.cli.app import app
+
+
+def main() -> None:
+    app()

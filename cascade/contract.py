@@ -1,0 +1,141 @@
+"""The data contract: what enters the cascade and what leaves it.
+
+`ContentItem` is validated at the edge (see `cascade.intake`); `Verdict` and `DeadLetter`
+are what consumers read. JSON Schemas under `schemas/` are generated from these models
+(`cascade schemas --write`) and a test keeps them current.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = "1"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Decision(StrEnum):
+    ALLOW = "allow"
+    BLOCK = "block"
+    REVIEW = "review"
+
+
+class Outcome(StrEnum):
+    """What one stage's band said about one category."""
+
+    CLEARED = "cleared"
+    BLOCK = "block"
+    UNRESOLVED = "unresolved"
+
+
+class StageOutcome(StrEnum):
+    """What one stage did with one item overall."""
+
+    ALLOW = "allow"
+    BLOCK = "block"
+    ESCALATE = "escalate"
+    REVIEW = "review"
+
+
+class ContentItem(BaseModel):
+    """One piece of user content to moderate.
+
+    Size limits are enforced by `cascade.intake`, which knows the configured settings.
+    Unknown fields are forbidden here; with `CASCADE_REJECT_UNKNOWN_FIELDS=false` intake
+    drops them before validation instead of dead-lettering the item.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=512, description="Platform id of the item; verdicts are keyed by it.")
+    text: str = Field(min_length=1, description="The content to moderate (UTF-8).")
+    lang: str | None = Field(default=None, max_length=35, description="BCP-47 language tag, if known.")
+    author_id: str | None = Field(default=None, max_length=512)
+    context: str | None = Field(default=None, description="Surrounding content (e.g. the post replied to).")
+    metadata: dict[str, Any] | None = Field(default=None, description="Free-form JSON object, passed through.")
+    created_at: datetime | None = None
+
+
+class TraceEntry(BaseModel):
+    """What one stage did with one item."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    stage_version: str
+    scores: dict[str, float] = Field(default_factory=dict, description="Per-category score in [0, 1].")
+    outcomes: dict[str, Outcome] = Field(default_factory=dict, description="Band outcome per category.")
+    result: StageOutcome = Field(description="What this stage did with the item.")
+    matched: bool = Field(default=False, description="Decided by a definitive match (e.g. a bank entry), not by bands.")
+    error: str | None = Field(default=None, description="Why the stage could not judge the item; it escalated.")
+    latency_ms: float = Field(ge=0, description="Wall time of the stage's batch, shared by its items.")
+    cost_usd: float = Field(default=0.0, ge=0)
+    note: str | None = Field(default=None, description="Human-readable evidence for the outcome.")
+    details: dict[str, Any] = Field(default_factory=dict, description="Stage-specific evidence (matches, neighbours).")
+
+
+class ShadowDecision(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    thresholds_version: str
+    decision: Decision
+    decided_by: str
+
+
+class Verdict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    id: str
+    decision: Decision
+    categories: dict[str, float] = Field(description="Latest score per category over the stages reached.")
+    flagged_categories: list[str] = Field(default_factory=list)
+    decided_by: str = Field(description="Stage that settled the item, or 'pipeline' when none could.")
+    reason: str
+    trace: list[TraceEntry]
+    policy_version: str
+    thresholds_version: str
+    processed_at: datetime = Field(default_factory=utc_now)
+    shadow: ShadowDecision | None = Field(default=None, description="Decision under shadow thresholds; never acted on.")
+
+
+class DeadLetterCode(StrEnum):
+    LINE_TOO_LARGE = "line_too_large"
+    INVALID_UTF8 = "invalid_utf8"
+    MALFORMED_JSON = "malformed_json"
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_FIELD = "missing_field"
+    WRONG_TYPE = "wrong_type"
+    EMPTY_TEXT = "empty_text"
+    TEXT_TOO_LARGE = "text_too_large"
+    UNKNOWN_FIELD = "unknown_field"
+    INVALID_TEXT = "invalid_text"
+    INVALID_VALUE = "invalid_value"
+    PROCESSING_ERROR = "processing_error"
+
+
+class DeadLetter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    error_code: DeadLetterCode
+    message: str
+    payload: str = Field(description="The raw payload: UTF-8 text, or base64 when it was not valid UTF-8.")
+    payload_encoding: Literal["utf-8", "base64"]
+    payload_truncated: bool = Field(default=False, description="True when only a prefix of a huge payload is kept.")
+    id: str | None = Field(default=None, description="The item id, when one could be read.")
+    source: str | None = Field(default=None, description="Where it came from, e.g. 'file.jsonl:17' or 'topic[p]@offset'.")
+    received_at: datetime = Field(default_factory=utc_now)
+
+
+CONTRACT_MODELS: dict[str, type[BaseModel]] = {
+    "content_item": ContentItem,
+    "verdict": Verdict,
+    "dead_letter": DeadLetter,
+}

@@ -1,0 +1,96 @@
+"""Labelled JSONL data sets (format: shared/data/README.md) and the deterministic split.
+
+Every row: `id`, `text`, `flagged` (0/1), `labels` {category: 0/1} (a category missing from
+`labels` is unknown, not 0), `source`. The split is a pure function of the id, so training,
+calibration and reporting never see each other's rows, whatever file order or subset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import xxhash
+
+FLAGGED = "flagged"
+
+
+class Split(StrEnum):
+    TRAIN = "train"  # models and banks are built from it
+    CALIBRATION = "calibration"  # thresholds are chosen on it
+    TEST = "test"  # figures are reported on it, never tuned on
+
+
+# Percent of ids per split: train [0, 60), calibration [60, 80), test [80, 100).
+_SPLIT_EDGES = ((60, Split.TRAIN), (80, Split.CALIBRATION), (100, Split.TEST))
+
+
+def split_of(item_id: str) -> Split:
+    bucket = xxhash.xxh64_intdigest(item_id.encode("utf-8", "surrogatepass"), seed=20261127) % 100
+    for edge, split in _SPLIT_EDGES:
+        if bucket < edge:
+            return split
+    raise AssertionError("unreachable: bucket < 100")
+
+
+@dataclass(frozen=True)
+class LabelledItem:
+    id: str
+    text: str
+    flagged: int
+    labels: dict[str, int] = field(default_factory=dict)
+    source: str = ""
+
+    def label(self, category: str) -> int | None:
+        """0/1 for `flagged` and annotated categories, None where the source did not annotate."""
+        if category == FLAGGED:
+            return self.flagged
+        return self.labels.get(category)
+
+
+class DataError(ValueError):
+    pass
+
+
+def read_labelled(path: Path) -> Iterator[LabelledItem]:
+    with Path(path).open("r", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                yield LabelledItem(
+                    id=str(row["id"]),
+                    text=str(row["text"]),
+                    flagged=int(row["flagged"]),
+                    labels={str(k): int(v) for k, v in (row.get("labels") or {}).items()},
+                    source=str(row.get("source", "")),
+                )
+            except (ValueError, KeyError, TypeError) as exc:
+                raise DataError(f"{path}:{lineno}: not a labelled row ({exc})") from exc
+
+
+def load_labelled(paths: Iterable[Path], split: Split | None = None) -> list[LabelledItem]:
+    rows = [row for path in paths for row in read_labelled(path)]
+    return rows if split is None else [row for row in rows if split_of(row.id) is split]
+
+
+def categories_of(rows: Iterable[LabelledItem]) -> list[str]:
+    """`flagged` first, then every annotated category, sorted."""
+    seen = {c for row in rows for c in row.labels}
+    return [FLAGGED, *sorted(seen - {FLAGGED})]
+
+
+def file_digest(path: Path) -> dict[str, object]:
+    """Provenance of a data file: path, sha256, row count."""
+    sha = hashlib.sha256()
+    rows = 0
+    with Path(path).open("rb") as fh:
+        for line in fh:
+            sha.update(line)
+            rows += bool(line.strip())
+    return {"path": str(path), "sha256": sha.hexdigest(), "rows": rows}

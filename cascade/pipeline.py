@@ -1,0 +1,222 @@
+"""The banded cascade: run stages in order, let each settle what it can, escalate the rest.
+
+The pipeline knows stages only through `cascade.stages.base.Stage`. For each stage it
+sends the still-unresolved items as one batch, applies the stage's bands per category
+(`cascade.thresholds`), and:
+
+- blocks an item as soon as any category's band says block (or the stage returns a
+  blocking match),
+- allows it when every banded category is cleared (or the stage returns an allowing match),
+- otherwise escalates it to the next stage; unresolved after the last stage means `review`.
+
+A stage that raises, or reports itself unavailable, settles nothing: its items escalate
+with the reason in the trace. `CascadeRunner` offers both the whole run (CLI, tests) and
+one stage at a time (the stream workers, one agent per stage).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cascade.contract import ContentItem, Decision, Outcome, ShadowDecision, StageOutcome, TraceEntry, Verdict
+from cascade.normalize import normalize, text_key
+from cascade.stages.base import ItemContext, Stage, StageResult
+from cascade.thresholds import Band, ThresholdSet
+
+log = logging.getLogger(__name__)
+
+UNDECIDED_STAGE = "pipeline"
+
+
+def new_context(item: ContentItem, source: str | None = None) -> ItemContext:
+    normalized = normalize(item.text)
+    return ItemContext(item=item, normalized=normalized, text_key=text_key(normalized), source=source)
+
+
+@dataclass(frozen=True)
+class StageDecision:
+    """The band outcome of one stage for one item: a decision, or None to escalate."""
+
+    decision: Decision | None
+    outcomes: dict[str, Outcome]
+    flagged: list[str]
+    reason: str
+
+
+def apply_bands(stage: str, result: StageResult, bands: dict[str, Band] | None) -> StageDecision:
+    """Turn one stage result into block / allow / escalate. Pure: used live and for shadow mode."""
+    if result.error is not None:
+        return StageDecision(None, {}, [], f"{stage} could not judge: {result.error}")
+    if result.match is not None:
+        m = result.match
+        flagged = list(m.categories) if m.decision is Decision.BLOCK else []
+        return StageDecision(m.decision, {}, flagged, f"{stage}: {m.reason}")
+    bands = bands or {}
+    outcomes: dict[str, Outcome] = {}
+    for category, band in bands.items():
+        score = result.scores.get(category)
+        # A banded category the stage did not score cannot be cleared: it stays unresolved.
+        outcomes[category] = Outcome.UNRESOLVED if score is None else band.outcome(score)
+    blocked = [c for c, o in outcomes.items() if o is Outcome.BLOCK]
+    if blocked:
+        detail = ", ".join(f"{c} {result.scores[c]:.3f} >= {bands[c].block_at}" for c in blocked)
+        return StageDecision(Decision.BLOCK, outcomes, blocked, f"blocked by {stage}: {detail}")
+    if outcomes and all(o is Outcome.CLEARED for o in outcomes.values()):
+        return StageDecision(Decision.ALLOW, outcomes, [], f"cleared by {stage}: every category below its allow band")
+    unresolved = [c for c, o in outcomes.items() if o is Outcome.UNRESOLVED]
+    why = f"unresolved: {', '.join(unresolved)}" if unresolved else "no bands for this stage"
+    return StageDecision(None, outcomes, [], f"{stage} escalated ({why})")
+
+
+def _merged_scores(trace: Sequence[TraceEntry]) -> dict[str, float]:
+    scores: dict[str, float] = {}
+    for entry in trace:
+        scores.update(entry.scores)
+    return scores
+
+
+class CascadeRunner:
+    """Runs items through an ordered list of stages under a threshold set."""
+
+    def __init__(
+        self,
+        stages: Sequence[Stage],
+        thresholds: ThresholdSet,
+        policy_version: str,
+        shadow_thresholds: ThresholdSet | None = None,
+    ) -> None:
+        if not stages:
+            raise ValueError("a cascade needs at least one stage")
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        self.stages = list(stages)
+        self.thresholds = thresholds
+        self.shadow_thresholds = shadow_thresholds
+        self.policy_version = policy_version
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    async def run(self, batch: Sequence[ItemContext]) -> list[Verdict]:
+        """Every item through as many stages as it needs; verdicts in input order."""
+        verdicts: dict[int, Verdict] = {}
+        pending = list(enumerate(batch))
+        for index in range(len(self.stages)):
+            if not pending:
+                break
+            outputs = await self.run_stage(index, [ctx for _, ctx in pending])
+            still_pending = []
+            for (position, _), out in zip(pending, outputs, strict=True):
+                if isinstance(out, Verdict):
+                    verdicts[position] = out
+                else:
+                    still_pending.append((position, out))
+            pending = still_pending
+        return [verdicts[i] for i in range(len(batch))]
+
+    async def run_stage(self, index: int, batch: Sequence[ItemContext]) -> list[Verdict | ItemContext]:
+        """One stage over a batch: a verdict for each settled item, the context for each escalated one.
+
+        After the last stage nothing escalates: unresolved items get a `review` verdict.
+        """
+        stage = self.stages[index]
+        is_last = index == len(self.stages) - 1
+        results, elapsed_ms = await self._score(stage, batch)
+        bands = dict(self.thresholds.bands(stage.name))
+        outputs: list[Verdict | ItemContext] = []
+        for ctx, result in zip(batch, results, strict=True):
+            decided = apply_bands(stage.name, result, bands)
+            if decided.decision is not None:
+                overall = StageOutcome(decided.decision.value)
+            else:
+                overall = StageOutcome.REVIEW if is_last else StageOutcome.ESCALATE
+            ctx.trace.append(
+                TraceEntry(
+                    stage=stage.name,
+                    stage_version=stage.version,
+                    scores=result.scores,
+                    outcomes=decided.outcomes,
+                    result=overall,
+                    matched=result.match is not None and result.error is None,
+                    error=result.error,
+                    latency_ms=elapsed_ms,
+                    cost_usd=result.cost_usd,
+                    note=result.note or (result.match.reason if result.match else None),
+                    details=result.details,
+                )
+            )
+            if decided.decision is not None:
+                outputs.append(self._verdict(ctx, decided.decision, stage.name, decided.reason, decided.flagged))
+            elif is_last:
+                outputs.append(
+                    self._verdict(ctx, Decision.REVIEW, UNDECIDED_STAGE, f"needs human review: {decided.reason}", [])
+                )
+            else:
+                outputs.append(ctx)
+        return outputs
+
+    async def _score(self, stage: Stage, batch: Sequence[ItemContext]) -> tuple[list[StageResult], float]:
+        started = time.perf_counter()
+        unavailable = stage.unavailable_reason
+        if unavailable is not None:
+            results = [StageResult(error=f"stage unavailable: {unavailable}") for _ in batch]
+        else:
+            try:
+                results = await stage.score(batch)
+                if len(results) != len(batch):
+                    raise RuntimeError(f"returned {len(results)} results for a batch of {len(batch)}")
+            except Exception as exc:  # a failing stage must degrade, never lose or crash on items
+                log.exception("stage %s failed on a batch of %d", stage.name, len(batch))
+                results = [StageResult(error=f"stage failed: {type(exc).__name__}: {exc}") for _ in batch]
+        # Batch wall time is shared by its items; per-item cost is latency / batch size if needed.
+        return results, (time.perf_counter() - started) * 1000.0
+
+    def _verdict(
+        self, ctx: ItemContext, decision: Decision, decided_by: str, reason: str, flagged: list[str]
+    ) -> Verdict:
+        return Verdict(
+            id=ctx.item.id,
+            decision=decision,
+            categories=_merged_scores(ctx.trace),
+            flagged_categories=flagged,
+            decided_by=decided_by,
+            reason=reason,
+            trace=list(ctx.trace),
+            policy_version=self.policy_version,
+            thresholds_version=self.thresholds.version,
+            shadow=self._shadow(ctx.trace),
+        )
+
+    def _shadow(self, trace: Sequence[TraceEntry]) -> ShadowDecision | None:
+        """The decision the shadow thresholds would have made on the same stage scores.
+
+        Only stages this item reached have scores; if the shadow set would escalate past
+        them, the shadow decision is `review` by `pipeline` (it would have needed more).
+        """
+        if self.shadow_thresholds is None:
+            return None
+        for entry in trace:
+            if entry.error is not None:
+                continue
+            if entry.matched:  # a definitive match does not depend on thresholds
+                decision = Decision(entry.result.value)
+            else:
+                result = StageResult(scores=entry.scores)
+                decision = apply_bands(entry.stage, result, dict(self.shadow_thresholds.bands(entry.stage))).decision
+            if decision is not None:
+                return ShadowDecision(
+                    thresholds_version=self.shadow_thresholds.version, decision=decision, decided_by=entry.stage
+                )
+        return ShadowDecision(
+            thresholds_version=self.shadow_thresholds.version, decision=Decision.REVIEW, decided_by=UNDECIDED_STAGE
+        )
+
+    async def aclose(self) -> None:
+        for stage in self.stages:
+            await stage.aclose()
+

@@ -1,0 +1,108 @@
+"""The one interface every stage implements, and the per-item context they share."""
+
+from __future__ import annotations
+
+import base64
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cascade.contract import ContentItem, Decision, TraceEntry
+
+
+@dataclass
+class ItemContext:
+    """One item on its way through the cascade.
+
+    Stages share work through it: `normalized` and `text_key` are computed once at intake,
+    `embedding` once by whichever stage first needs it, `evidence` carries what a later stage
+    may use (e.g. retrieval neighbours as few-shot examples for the LLM). It crosses Kafka
+    between stage workers, so everything in it must survive `to_wire`/`from_wire`.
+    """
+
+    item: ContentItem
+    normalized: str
+    text_key: str
+    embedding: np.ndarray | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+    trace: list[TraceEntry] = field(default_factory=list)
+    source: str | None = None
+
+    def to_wire(self) -> bytes:
+        doc: dict[str, Any] = {
+            "item": self.item.model_dump(mode="json", exclude_none=True),
+            "normalized": self.normalized,
+            "text_key": self.text_key,
+            "evidence": self.evidence,
+            "trace": [t.model_dump(mode="json") for t in self.trace],
+            "source": self.source,
+        }
+        if self.embedding is not None:
+            doc["embedding"] = base64.b64encode(np.asarray(self.embedding, dtype="<f4").tobytes()).decode("ascii")
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def from_wire(cls, data: bytes) -> ItemContext:
+        doc = json.loads(data)
+        embedding = doc.get("embedding")
+        return cls(
+            item=ContentItem.model_validate(doc["item"]),
+            normalized=doc["normalized"],
+            text_key=doc["text_key"],
+            embedding=None if embedding is None else np.frombuffer(base64.b64decode(embedding), dtype="<f4").copy(),
+            evidence=doc.get("evidence", {}),
+            trace=[TraceEntry.model_validate(t) for t in doc.get("trace", [])],
+            source=doc.get("source"),
+        )
+
+
+@dataclass(frozen=True)
+class Match:
+    """A definitive decision that bypasses the bands (e.g. a known-bad hash)."""
+
+    decision: Decision
+    categories: tuple[str, ...]
+    reason: str
+
+
+@dataclass
+class StageResult:
+    """What a stage says about one item.
+
+    `scores` are per-category in [0, 1] and go through the stage's bands. `match`, when set,
+    decides the item outright. `error` means the stage could not judge this item: the item
+    escalates (or goes to review after the last stage), never gets cleared by default.
+    """
+
+    scores: dict[str, float] = field(default_factory=dict)
+    match: Match | None = None
+    error: str | None = None
+    note: str | None = None
+    cost_usd: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage(ABC):
+    """A cascade stage. Subclasses set `name` and `version` and implement `score`.
+
+    `score` takes a batch and returns one result per item, in order. It may raise: the
+    pipeline turns an exception into an error result for every item of the batch.
+    """
+
+    name: str
+    version: str
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        """Why the stage cannot run at all right now (e.g. no endpoint configured), else None."""
+        return None
+
+    @abstractmethod
+    async def score(self, batch: Sequence[ItemContext]) -> list[StageResult]: ...
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, most stages hold nothing to release
+        """Release connections and files."""
