@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cascade.pipeline import CascadeRunner
 from cascade.policy import load_policy
@@ -11,17 +12,44 @@ from cascade.settings import Settings
 from cascade.stages.base import Stage
 from cascade.thresholds import ThresholdSet
 
+if TYPE_CHECKING:
+    from cascade.embedding import Embedder
+
 # Every stage this project knows, cheapest first. Threshold files may name only these.
 STAGE_ORDER: tuple[str, ...] = ("hash", "retrieval", "classifier", "llm")
 
 
+class Resources:
+    """Heavy objects that several stages share within one process (one embedder, loaded lazily)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._embedder: Embedder | None = None
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            from cascade.embedding import Embedder
+
+            self._embedder = Embedder.from_settings(self.settings)
+        return self._embedder
+
+
+StageFactory = Callable[[Settings, Resources], Stage]
+
+
+def _factories() -> dict[str, StageFactory]:
+    return {}
+
+
 def build_stages(settings: Settings, names: Sequence[str] = STAGE_ORDER) -> list[Stage]:
-    """The configured stages, in cascade order."""
-    factories = {}
+    """The configured stages, in cascade order, sharing one `Resources`."""
     unknown = set(names) - set(STAGE_ORDER)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; known: {', '.join(STAGE_ORDER)}")
-    return [factories[name](settings) for name in STAGE_ORDER if name in names and name in factories]
+    factories = _factories()
+    resources = Resources(settings)
+    return [factories[name](settings, resources) for name in STAGE_ORDER if name in names and name in factories]
 
 
 def build_runner(
