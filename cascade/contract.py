@@ -130,7 +130,9 @@ class DeadLetter(BaseModel):
     payload_encoding: Literal["utf-8", "base64"]
     payload_truncated: bool = Field(default=False, description="True when only a prefix of a huge payload is kept.")
     id: str | None = Field(default=None, description="The item id, when one could be read.")
-    source: str | None = Field(default=None, description="Where it came from, e.g. 'file.jsonl:17' or 'topic[p]@offset'.")
+    source: str | None = Field(
+        default=None, description="Where it came from, e.g. 'file.jsonl:17' or 'topic[p]@offset'."
+    )
     received_at: datetime = Field(default_factory=utc_now)
 
 
@@ -139,3 +141,14 @@ CONTRACT_MODELS: dict[str, type[BaseModel]] = {
     "verdict": Verdict,
     "dead_letter": DeadLetter,
 }
+
+
+def json_schemas() -> dict[str, str]:
+    """File name → JSON Schema text for every contract model (what `schemas/` holds)."""
+    import json
+
+    return {
+        f"{name}.schema.json": json.dumps(model.model_json_schema(mode="serialization"), indent=2, sort_keys=True)
+        + "\n"
+        for name, model in CONTRACT_MODELS.items()
+    }

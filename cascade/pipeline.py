@@ -219,4 +219,3 @@ class CascadeRunner:
     async def aclose(self) -> None:
         for stage in self.stages:
             await stage.aclose()
-

@@ -82,9 +82,7 @@ class ThresholdSet(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-            )
+            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
             raise ThresholdError(f"thresholds file {path} is invalid: {problems}") from exc
 
     def dump(self, path: Path) -> None:
