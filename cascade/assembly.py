@@ -39,7 +39,13 @@ StageFactory = Callable[[Settings, Resources], Stage]
 
 
 def _factories() -> dict[str, StageFactory]:
-    return {}
+    from cascade.stages.hash import HashStage
+    from cascade.stages.llm import LLMStage
+
+    return {
+        "hash": HashStage.from_settings,
+        "llm": LLMStage.from_settings,
+    }
 
 
 def build_stages(settings: Settings, names: Sequence[str] = STAGE_ORDER) -> list[Stage]:

@@ -39,7 +39,9 @@ class _YamlFileSource(PydanticBaseSettingsSource):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CASCADE_", extra="ignore")
+    # populate_by_name: fields with an env alias (llm_base_url, llm_api_key) must still be settable
+    # by name from the config file and in code, not silently ignored.
+    model_config = SettingsConfigDict(env_prefix="CASCADE_", extra="ignore", populate_by_name=True)
 
     # Where runtime state lives (banks, vector index, caches, broker files); never in the package.
     data_dir: Path = Path(".cascade")
@@ -64,18 +66,59 @@ class Settings(BaseSettings):
     # Retrieval stage.
     qdrant_url: str | None = None
     qdrant_api_key: SecretStr | None = None
+    qdrant_collection: str = "exemplars"
+    qdrant_timeout_s: int = Field(default=5, gt=0)
     retrieval_k: int = Field(default=10, gt=0)
+    retrieval_min_similarity: float = Field(default=0.3, ge=-1, le=1, description="Neighbours below it do not vote.")
+    retrieval_near_copy: float = Field(default=0.95, gt=0, le=1, description="Similarity of a copy of a violation.")
+
+    # Embeddings (shared by retrieval and classifier).
+    embedding_threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = one per core.")
+    embedding_cache_size: int = Field(default=50_000, ge=0, description="Per-process LRU entries by text key.")
+    embedding_int8: bool = Field(default=False, description="Serve the int8-quantised export (see docs/retrieval.md).")
 
     # LLM stage (OpenAI-compatible). The OPENAI_* names are the openai client's own.
-    llm_base_url: str | None = Field(default=None, validation_alias=AliasChoices("CASCADE_LLM_BASE_URL", "OPENAI_BASE_URL"))
-    llm_api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("CASCADE_LLM_API_KEY", "OPENAI_API_KEY"))
+    llm_base_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("CASCADE_LLM_BASE_URL", "OPENAI_BASE_URL")
+    )
+    llm_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("CASCADE_LLM_API_KEY", "OPENAI_API_KEY")
+    )
     llm_model: str = "gpt-4.1-mini-2025-04-14"
     llm_timeout_s: float = Field(default=20.0, gt=0)
     llm_max_retries: int = Field(default=2, ge=0)
+    llm_concurrency: int = Field(default=4, gt=0, description="LLM requests in flight at once, per process.")
+    llm_rate_per_s: float = Field(default=5.0, gt=0, description="Token-bucket refill rate, requests per second.")
+    llm_rate_burst: int = Field(default=10, gt=0, description="Token-bucket capacity (burst of requests).")
+    llm_budget_window_s: float = Field(default=3600.0, gt=0, description="Rolling window of the budget caps.")
+    llm_budget_items: int | None = Field(default=20_000, gt=0, description="Adjudications per window; null: no cap.")
+    llm_budget_usd: float | None = Field(default=20.0, gt=0, description="Dollars per window; null: no cap.")
+    llm_breaker_failures: int = Field(default=5, gt=0, description="Consecutive failures that open the breaker.")
+    llm_breaker_cooldown_s: float = Field(default=30.0, gt=0, description="Open breaker: seconds before a probe.")
+    llm_prices: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="USD per 1M tokens {model: {input, output, cached_input}}, over the built-in table.",
+    )
+    llm_few_shot_k: int = Field(default=6, ge=0, description="Retrieval neighbours shown as examples.")
+    llm_cache_size: int = Field(default=10_000, ge=0, description="Per-process LRU of adjudications.")
+    llm_logprobs: bool = Field(default=True, description="Ask for token logprobs to score verdicts.")
+    llm_max_output_tokens: int = Field(default=800, gt=0)
+    llm_max_text_chars: int = Field(default=8000, gt=0, description="Longer content is cut before the prompt.")
 
     # Stream layer.
     kafka_url: str | None = None
     topic_prefix: str = ""
+    stream_group: str = Field(default="cascade", min_length=1, description="Consumer group of the stage workers.")
+    stream_partitions: int = Field(default=4, gt=0, description="Partitions of topics the workers create.")
+    stream_replication_factor: int = Field(default=1, gt=0)
+    stream_create_topics: bool = Field(default=True, description="Create missing topics at worker start.")
+    stream_batch_size: int = Field(default=32, gt=0, description="Most items a stage agent takes at once.")
+    stream_batch_wait_s: float = Field(default=0.2, gt=0, description="Longest wait to fill a batch.")
+    stream_concurrency: dict[str, int] = Field(
+        default_factory=lambda: {"llm": 4}, description="Batches in flight per stage (default 1), per worker."
+    )
+    stream_session_timeout_s: float = Field(default=6.0, gt=0, description="Consumer group session timeout.")
+    health_port: int = Field(default=8080, ge=0, le=65535, description="Worker /healthz, /readyz, /metrics.")
 
     @classmethod
     def settings_customise_sources(

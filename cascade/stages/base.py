@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from cascade.contract import ContentItem, Decision, TraceEntry
 
@@ -18,10 +21,11 @@ from cascade.contract import ContentItem, Decision, TraceEntry
 class ItemContext:
     """One item on its way through the cascade.
 
-    Stages share work through it: `normalized` and `text_key` are computed once at intake,
-    `embedding` once by whichever stage first needs it, `evidence` carries what a later stage
-    may use (e.g. retrieval neighbours as few-shot examples for the LLM). It crosses Kafka
-    between stage workers, so everything in it must survive `to_wire`/`from_wire`.
+    Stages share work through it: `normalized` and `text_key` (the hash bank's matching key)
+    are computed once at intake, `embedding` once by whichever stage first needs it,
+    `evidence` carries what a later stage may use (e.g. retrieval neighbours as few-shot
+    examples for the LLM). It crosses Kafka between stage workers, so everything in it
+    must survive `to_wire`/`from_wire`.
     """
 
     item: ContentItem
@@ -31,6 +35,16 @@ class ItemContext:
     evidence: dict[str, Any] = field(default_factory=dict)
     trace: list[TraceEntry] = field(default_factory=list)
     source: str | None = None
+
+    @cached_property
+    def content_key(self) -> str:
+        """Key of the text up to case, Unicode form and spacing, for caches of model outputs.
+
+        Not `text_key`: that normalisation is a lossy matching key ("good" and "god" share
+        one), right for finding evasive copies in a bank, wrong for reusing a judgement.
+        """
+        folded = " ".join(unicodedata.normalize("NFKC", self.item.text).casefold().split())
+        return xxhash.xxh3_128_hexdigest(folded.encode("utf-8"))
 
     def to_wire(self) -> bytes:
         doc: dict[str, Any] = {

@@ -1,0 +1,375 @@
+"""`cascade bank ...`: manage the banks under the data directory.
+
+`import --kind` picks what a file feeds: each kind is one `BankKind` member and one
+`Importer` in `_IMPORTERS` (see `_import_hash`), sharing `read_jsonl`, `ImportReport`
+and `import_progress`.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from cascade.cli.app import bank_app, fail
+from cascade.data import LabelledItem, Split, split_of
+from cascade.hashbank import BankError, EntryInput, HashBank, Polarity, entry_from_record
+from cascade.normalize import normalize, text_key
+from cascade.policy import load_policy
+from cascade.settings import Settings
+
+console = Console()
+err_console = Console(stderr=True)
+
+_SHOWN_ERRORS = 20
+
+
+class BankKind(StrEnum):
+    HASH = "hash"
+    EXEMPLARS = "exemplars"
+
+
+class SplitChoice(StrEnum):
+    ALL = "all"
+    TRAIN = Split.TRAIN.value
+    CALIBRATION = Split.CALIBRATION.value
+    TEST = Split.TEST.value
+
+    def keeps(self, item_id: str) -> bool:
+        return self is SplitChoice.ALL or split_of(item_id).value == self.value
+
+
+@dataclass
+class ImportReport:
+    added: int = 0
+    updated: int = 0
+    skipped: int = 0  # already in the bank, identical
+    filtered: int = 0  # outside the requested split
+    errors: list[str] = field(default_factory=list)
+    unknown_categories: set[str] = field(default_factory=set)
+
+    def render(self, kind: BankKind) -> None:
+        table = Table(title=f"bank import ({kind.value})")
+        table.add_column("outcome")
+        table.add_column("lines", justify="right")
+        for label, count in (
+            ("added", self.added),
+            ("updated", self.updated),
+            ("skipped (unchanged)", self.skipped),
+            ("filtered (other split)", self.filtered),
+            ("errors", len(self.errors)),
+        ):
+            table.add_row(label, str(count))
+        console.print(table)
+        for message in self.errors[:_SHOWN_ERRORS]:
+            err_console.print(f"[red]{message}[/]")
+        if len(self.errors) > _SHOWN_ERRORS:
+            err_console.print(f"[red]... and {len(self.errors) - _SHOWN_ERRORS} more errors[/]")
+        if self.unknown_categories:
+            unknown = ", ".join(sorted(self.unknown_categories))
+            err_console.print(f"[yellow]categories not in the policy (kept, reported): {unknown}[/]")
+
+
+def read_jsonl(path: Path, progress: Progress) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON) per non-blank line; a `BankError` instead of the value when it does not parse."""
+    task = progress.add_task(path.name, total=path.stat().st_size)
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            progress.advance(task, len(raw))
+            if not raw.strip():
+                continue
+            try:
+                yield lineno, json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield lineno, BankError("not valid UTF-8")
+            except json.JSONDecodeError as exc:
+                yield lineno, BankError(f"not valid JSON ({exc.msg})")
+
+
+def import_progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
+def _operator() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name in some containers
+        return "operator"
+
+
+def _open_bank(settings: Settings) -> HashBank:
+    return HashBank.open(settings.data_dir, settings.near_dup_threshold)
+
+
+def _import_hash(path: Path, settings: Settings, split: SplitChoice, batch_size: int) -> ImportReport:
+    report = ImportReport()
+    known = load_policy(settings.policies_dir).names
+    added_by = _operator()
+    bank = _open_bank(settings)
+    pending: list[EntryInput] = []
+
+    def flush() -> None:
+        done = bank.upsert(pending, added_by)
+        report.added += done.added
+        report.updated += done.updated
+        report.skipped += done.unchanged
+        pending.clear()
+
+    try:
+        with import_progress() as progress:
+            for lineno, record in read_jsonl(path, progress):
+                try:
+                    if isinstance(record, BankError):
+                        raise record
+                    entry = entry_from_record(record, default_source=path.name)
+                except BankError as exc:
+                    report.errors.append(f"{path.name}:{lineno}: {exc}")
+                    continue
+                if not split.keeps(entry.id):
+                    report.filtered += 1
+                    continue
+                report.unknown_categories.update(set(entry.categories) - known)
+                pending.append(entry)
+                if len(pending) >= batch_size:
+                    flush()
+            flush()
+    finally:
+        bank.close()
+    return report
+
+
+def _import_exemplars(path: Path, settings: Settings, split: SplitChoice, batch_size: int) -> ImportReport:
+    from cascade.embedding import Embedder
+    from cascade.exemplars import add_exemplars, labelled_from_record
+    from cascade.vectorindex import StoreInUseError, open_vector_index
+
+    report = ImportReport()
+    known = load_policy(settings.policies_dir).names
+    added_by = _operator()
+    embedder = Embedder.from_settings(settings)
+    try:
+        index = open_vector_index(settings)
+    except StoreInUseError as exc:
+        raise fail(str(exc)) from None
+    before = index.count()
+    pending: list[LabelledItem] = []
+
+    def flush() -> None:
+        report.updated += add_exemplars(index, embedder, pending, added_by)
+        pending.clear()
+
+    try:
+        with import_progress() as progress:
+            for lineno, record in read_jsonl(path, progress):
+                try:
+                    if isinstance(record, BankError):
+                        raise record
+                    row = labelled_from_record(record, default_source=path.name)
+                except (BankError, ValueError) as exc:
+                    report.errors.append(f"{path.name}:{lineno}: {exc}")
+                    continue
+                if not split.keeps(row.id):
+                    report.filtered += 1
+                    continue
+                report.unknown_categories.update(set(row.labels) - known)
+                pending.append(row)
+                if len(pending) >= batch_size:
+                    flush()
+            flush()
+        index.optimize()
+        # Upserts by id: what did not grow the bank replaced an exemplar with the same id.
+        report.added = index.count() - before
+        report.updated -= report.added
+    finally:
+        index.close()
+    return report
+
+
+Importer = Callable[[Path, Settings, SplitChoice, int], ImportReport]
+_IMPORTERS: dict[BankKind, Importer] = {BankKind.HASH: _import_hash, BankKind.EXEMPLARS: _import_exemplars}
+# Exemplars vote at serving time: by default only train rows, so evaluation rows never sit in the bank.
+_DEFAULT_SPLIT: dict[BankKind, SplitChoice] = {BankKind.HASH: SplitChoice.ALL, BankKind.EXEMPLARS: SplitChoice.TRAIN}
+
+
+@bank_app.command("add")
+def add(
+    text: Annotated[str, typer.Argument(help="The text to bank (stored as given; matched normalised).")],
+    bad: Annotated[bool, typer.Option("--bad/--good", help="Known-bad (blocks) or known-good (clears).")],
+    category: Annotated[
+        list[str] | None, typer.Option("--category", "-c", help="Policy category of a bad entry (repeatable).")
+    ] = None,
+    entry_id: Annotated[
+        str | None, typer.Option("--id", help="Entry id; default: derived from polarity and text.")
+    ] = None,
+    source: Annotated[str, typer.Option(help="Where the entry comes from (e.g. a ticket).")] = "cli",
+) -> None:
+    """Add one entry (or update the entry with this id)."""
+    settings = Settings()
+    categories = tuple(category or ())
+    if not bad and categories:
+        raise fail("--category applies to --bad entries only")
+    known = load_policy(settings.policies_dir).names
+    unknown = sorted(set(categories) - known)
+    if unknown:
+        raise fail(f"unknown categories {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    polarity = Polarity.BAD if bad else Polarity.GOOD
+    bank = _open_bank(settings)
+    try:
+        entry = EntryInput(entry_id or _derived_id(polarity, text), text, polarity, categories, source)
+        report = bank.upsert([entry], _operator())
+    except BankError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        bank.close()
+    outcome = "added" if report.added else "updated" if report.updated else "unchanged"
+    console.print(f"{outcome}: {entry.id} ({polarity.value})")
+
+
+def _derived_id(polarity: Polarity, text: str) -> str:
+    # From the normalised text: adding a disguised copy of a banked text updates that entry.
+    return f"{polarity.value}-{text_key(normalize(text))[:16]}"
+
+
+@bank_app.command("import")
+def import_(
+    file: Annotated[Path, typer.Argument(help="JSONL: labelled data (flagged/labels) or bank entries (polarity).")],
+    kind: Annotated[BankKind, typer.Option(help="Which bank the file feeds.")] = BankKind.HASH,
+    split: Annotated[
+        SplitChoice | None,
+        typer.Option(help="Only rows of this deterministic split. Default: all for hash, train for exemplars."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per transaction.")] = 1000,
+) -> None:
+    """Import entries, idempotent by id: re-importing a file adds nothing."""
+    if not file.is_file():
+        raise fail(f"input file not found: {file}")
+    report = _IMPORTERS[kind](file, Settings(), split or _DEFAULT_SPLIT[kind], batch_size)
+    report.render(kind)
+
+
+@bank_app.command("remove")
+def remove(entry_id: Annotated[str, typer.Argument(help="Entry id.")]) -> None:
+    """Remove an entry: it stops matching in every process at their next batch."""
+    bank = _open_bank(Settings())
+    try:
+        if not bank.remove(entry_id):
+            raise fail(f"no bank entry with id {entry_id!r}")
+    finally:
+        bank.close()
+    console.print(f"removed: {entry_id}")
+
+
+@bank_app.command("confirm")
+def confirm(entry_id: Annotated[str, typer.Argument(help="Entry id.")]) -> None:
+    """Vouch for an entry: lift its quarantine; the flood guard will not quarantine it again."""
+    bank = _open_bank(Settings())
+    try:
+        entry = bank.get(entry_id)
+        if entry is None:
+            raise fail(f"no bank entry with id {entry_id!r}")
+        bank.confirm(entry_id)
+    finally:
+        bank.close()
+    was = "was quarantined" if entry.quarantined else "was not quarantined"
+    console.print(f"confirmed: {entry_id} ({was})")
+
+
+@bank_app.command("list")
+def list_(
+    quarantined: Annotated[bool, typer.Option("--quarantined", help="Only quarantined entries.")] = False,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 50,
+) -> None:
+    """List entries."""
+    bank = _open_bank(Settings())
+    try:
+        entries = bank.entries(quarantined_only=quarantined, limit=limit)
+    finally:
+        bank.close()
+    table = Table(title=f"bank entries ({len(entries)} shown)")
+    for column in ("id", "polarity", "categories", "status", "added", "text"):
+        table.add_column(column, overflow="fold" if column == "text" else "ellipsis")
+    for entry in entries:
+        status = "quarantined" if entry.quarantined else "confirmed" if entry.confirmed else ""
+        text = entry.original if len(entry.original) <= 80 else entry.original[:79] + "…"
+        table.add_row(entry.id, entry.polarity.value, ", ".join(entry.categories), status, entry.added_at[:10], text)
+    console.print(table)
+
+
+@bank_app.command("stats")
+def stats() -> None:
+    """Counts by polarity, category and status."""
+    bank = _open_bank(Settings())
+    try:
+        counts = bank.stats()
+    finally:
+        bank.close()
+    table = Table(title="bank stats")
+    table.add_column("what")
+    table.add_column("value")
+    table.add_column("entries", justify="right")
+    for polarity, n in counts.by_polarity.items():
+        table.add_row("polarity", polarity, str(n))
+    for category, n in counts.by_category.items():
+        table.add_row("category (bad)", category, str(n))
+    table.add_row("status", "quarantined", str(counts.quarantined))
+    table.add_row("status", "confirmed", str(counts.confirmed))
+    table.add_row("status", "removed (tombstones)", str(counts.removed))
+    console.print(table)
+    _exemplar_stats(Settings())
+
+
+def _exemplar_stats(settings: Settings) -> None:
+    from cascade.vectorindex import StoreInUseError, open_vector_index
+
+    try:
+        index = open_vector_index(settings)
+    except StoreInUseError as exc:
+        err_console.print(f"[yellow]exemplar bank: {exc}[/]")
+        return
+    try:
+        counts = index.category_counts()
+        identity = index.identity
+    finally:
+        index.close()
+    table = Table(title=f"exemplar bank ({identity})")
+    table.add_column("category")
+    table.add_column("labelled", justify="right")
+    table.add_column("violating", justify="right")
+    for category, count in counts.items():
+        table.add_row(category, str(count.known), str(count.violating))
+    console.print(table)
+
+
+@bank_app.command("seed")
+def seed() -> None:
+    """Load the policy seed exemplars (cascade/policies/seeds/*.yaml) into the exemplar bank, replacing older seeds."""
+    from cascade.embedding import Embedder
+    from cascade.exemplars import seed_policy_exemplars
+    from cascade.vectorindex import StoreInUseError, open_vector_index
+
+    settings = Settings()
+    try:
+        index = open_vector_index(settings)
+    except StoreInUseError as exc:
+        raise fail(str(exc)) from None
+    try:
+        total = seed_policy_exemplars(index, Embedder.from_settings(settings), settings.policies_dir, _operator())
+    finally:
+        index.close()
+    console.print(f"seeded {total} policy exemplars from {settings.policies_dir / 'seeds'}")
