@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cascade.pipeline import CascadeRunner
 from cascade.policy import load_policy
 from cascade.settings import Settings
-from cascade.stages.base import Stage
+from cascade.stages.base import ItemContext, Stage, StageResult
 from cascade.thresholds import ThresholdSet
 
 if TYPE_CHECKING:
@@ -39,23 +39,75 @@ StageFactory = Callable[[Settings, Resources], Stage]
 
 
 def _factories() -> dict[str, StageFactory]:
+    from cascade.stages.classifier import ClassifierStage
     from cascade.stages.hash import HashStage
     from cascade.stages.llm import LLMStage
+    from cascade.stages.retrieval import RetrievalStage
 
     return {
         "hash": HashStage.from_settings,
+        "retrieval": RetrievalStage.from_settings,
+        "classifier": ClassifierStage.from_settings,
         "llm": LLMStage.from_settings,
     }
 
 
-def build_stages(settings: Settings, names: Sequence[str] = STAGE_ORDER) -> list[Stage]:
-    """The configured stages, in cascade order, sharing one `Resources`."""
+class DeferredStage(Stage):
+    """A stage of the cascade that this process builds only if it ever runs it.
+
+    A stream worker runs one or two stages but must know the whole cascade (a stage's place
+    decides where its undecided items go); building the others would load models it never
+    uses and lock embedded stores that the worker owning them needs.
+    """
+
+    def __init__(self, name: str, build: Callable[[], Stage]) -> None:
+        self.name = name
+        self._build = build
+        self._stage: Stage | None = None
+
+    def _built(self) -> Stage:
+        if self._stage is None:
+            self._stage = self._build()
+        return self._stage
+
+    @property
+    def version(self) -> str:  # type: ignore[override]
+        return self._built().version
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        return self._built().unavailable_reason
+
+    async def score(self, batch: Sequence[ItemContext]) -> list[StageResult]:
+        return await self._built().score(batch)
+
+    async def aclose(self) -> None:
+        if self._stage is not None:
+            await self._stage.aclose()
+
+
+def build_stages(
+    settings: Settings, names: Sequence[str] = STAGE_ORDER, load: Collection[str] | None = None
+) -> list[Stage]:
+    """The configured stages, in cascade order, sharing one `Resources`.
+
+    `load` names the stages to build now (default: all); the others are `DeferredStage`s.
+    """
     unknown = set(names) - set(STAGE_ORDER)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; known: {', '.join(STAGE_ORDER)}")
     factories = _factories()
     resources = Resources(settings)
-    return [factories[name](settings, resources) for name in STAGE_ORDER if name in names and name in factories]
+    stages: list[Stage] = []
+    for name in STAGE_ORDER:
+        if name not in names:
+            continue
+        factory = factories[name]
+        if load is None or name in load:
+            stages.append(factory(settings, resources))
+        else:
+            stages.append(DeferredStage(name, lambda factory=factory: factory(settings, resources)))
+    return stages
 
 
 def build_runner(
@@ -63,6 +115,7 @@ def build_runner(
     thresholds_path: Path | None = None,
     shadow_thresholds_path: Path | None = None,
     stage_names: Sequence[str] = STAGE_ORDER,
+    load: Collection[str] | None = None,
 ) -> CascadeRunner:
     policy = load_policy(settings.policies_dir)
     thresholds = ThresholdSet.load(thresholds_path or settings.thresholds)
@@ -71,4 +124,4 @@ def build_runner(
     if shadow_thresholds_path is not None:
         shadow = ThresholdSet.load(shadow_thresholds_path)
         shadow.check_names(STAGE_ORDER, policy.names)
-    return CascadeRunner(build_stages(settings, stage_names), thresholds, policy.version, shadow)
+    return CascadeRunner(build_stages(settings, stage_names, load), thresholds, policy.version, shadow)

@@ -231,6 +231,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # the default listen backlog of 5 refuses concurrent clients
 
     def __init__(self, address: tuple[str, int], state: ServerState) -> None:
         super().__init__(address, _Handler)

@@ -29,7 +29,8 @@ from cascade.thresholds import ThresholdError
 class ModerationSummary:
     """Counts for the operator: decisions, deciding stages, dead letters, stage problems."""
 
-    def __init__(self) -> None:
+    def __init__(self, title: str = "cascade moderate") -> None:
+        self.title = title
         self.decisions: Counter[str] = Counter()
         self.decided_by: Counter[str] = Counter()
         self.dead_letters: Counter[str] = Counter()
@@ -53,7 +54,7 @@ class ModerationSummary:
     def render(self, console: Console, stage_names: list[str]) -> None:
         elapsed = time.perf_counter() - self.started
         verdicts = sum(self.decisions.values())
-        table = Table(title=f"cascade moderate: {self.items} records in {elapsed:.1f} s", show_lines=False)
+        table = Table(title=f"{self.title}: {self.items} records in {elapsed:.1f} s", show_lines=False)
         table.add_column("what")
         table.add_column("value")
         table.add_column("count", justify="right")

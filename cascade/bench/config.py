@@ -1,0 +1,86 @@
+"""What `cascade bench` measures and how much of it: sizes for `--quick` and for the full run."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from cascade.settings import PROJECT_ROOT, Settings
+
+SECTIONS = ("throughput", "quality", "scaling")
+# Stages the bench runs in-process. The LLM stage is never called: no real LLM is reachable
+# here, and a configured one would bill every benchmark item.
+CHEAP_STAGES = ("hash", "retrieval", "classifier")
+BENCH_SCRIPTS = PROJECT_ROOT / "bench"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    data: tuple[Path, ...]
+    thresholds: Path | None = None
+    sections: tuple[str, ...] = SECTIONS
+    quick: bool = False
+    rounds: int = 5  # interleaved repetitions of every throughput measurement
+    throughput_items: int = 512  # same texts for every throughput row
+    single_items: int = 60  # texts for the batch-1 rows
+    batch_size: int = 64  # in-process cascade and stream worker batch
+    torch: bool = True  # sentence-transformers comparison (loads torch)
+    stream: bool = True  # end-to-end through the embedded broker
+    stream_rounds: int = 3
+    quality_items: int | None = None  # per split; None = the whole test and calibration splits
+    refresh_scores: bool = False  # re-score even when the score cache matches (e.g. the bank changed)
+    scaling_rows: int | None = None  # real rows embedded for the bank; None = all
+    bank_sizes: tuple[int, ...] = (1_000, 10_000, 100_000)
+    knn_queries: int = 200
+    batch_sizes: tuple[int, ...] = (1, 4, 16, 32, 64)
+    seed: int = 20261127
+
+    @classmethod
+    def preset(cls, data: tuple[Path, ...], quick: bool, **overrides: object) -> BenchConfig:
+        if not quick:
+            return cls(data=data, **overrides)  # type: ignore[arg-type]
+        sizes: dict[str, object] = {
+            "quick": True,
+            "rounds": 2,
+            "throughput_items": 128,
+            "single_items": 16,
+            "stream_rounds": 1,
+            "quality_items": 300,
+            "scaling_rows": 4_000,
+            "bank_sizes": (1_000, 5_000),
+            "knn_queries": 50,
+            "batch_sizes": (1, 16, 64),
+        }
+        return cls(data=data, **{**sizes, **overrides})  # type: ignore[arg-type]
+
+
+def bench_settings(settings: Settings) -> Settings:
+    """The settings under test, with two changes that keep the measurement honest and harmless.
+
+    No embedding cache: repeated rounds over the same texts would otherwise time cache hits.
+    No flood-guard quarantine: rounds repeat texts, and the bench must not write to the banks.
+    """
+    return settings.model_copy(update={"embedding_cache_size": 0, "flood_min_items": 10**9})
+
+
+class ScriptMissing(RuntimeError):
+    pass
+
+
+def bench_script(name: str) -> ModuleType:
+    """A measurement script of `bench/` (its functions are reused, not copied); needs a source checkout."""
+    module_name = f"_cascade_bench_scripts.{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    path = BENCH_SCRIPTS / f"{name}.py"
+    if not path.is_file():
+        raise ScriptMissing(f"{path} not found (run from a source checkout)")
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,259 @@
+"""`cascade worker`, `cascade run`, `cascade publish`, `cascade tail`: the Kafka side of the cascade."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from cascade.assembly import STAGE_ORDER
+from cascade.cli.app import app, fail
+from cascade.cli.moderate import ModerationSummary
+from cascade.contract import Decision
+from cascade.settings import Settings
+from cascade.stream.broker import BrokerError, EmbeddedBroker
+from cascade.stream.client import Outcomes, Published, publish, read_topics
+from cascade.stream.kafka import ensure_topics
+from cascade.stream.local import WorkerError, WorkerProcess, collect
+from cascade.stream.topics import Topics
+from cascade.stream.worker import worker_command
+
+BrokerOption = Annotated[
+    str | None, typer.Option("--broker", help="Kafka bootstrap servers (default: CASCADE_KAFKA_URL).")
+]
+
+
+def _names(csv: str | None) -> list[str]:
+    return [s.strip() for s in (csv or "").split(",") if s.strip()]
+
+
+def _broker(option: str | None, settings: Settings) -> str:
+    url = option or settings.kafka_url
+    if not url:
+        raise fail("no broker: pass --broker HOST:PORT or set CASCADE_KAFKA_URL")
+    return url
+
+
+def _lines(path: Path, limit: int | None) -> Iterator[bytes]:
+    with path.open("rb") as fh:
+        count = 0
+        for line in fh:
+            record = line.rstrip(b"\r\n")
+            if not record.strip():  # blank lines separate records, they are not records
+                continue
+            if limit is not None and count >= limit:
+                return
+            count += 1
+            yield record
+
+
+app.command("worker")(worker_command)
+
+
+@app.command("publish")
+def publish_command(
+    input: Annotated[Path, typer.Argument(help="JSONL of ContentItem records, one message each (key: its id).")],
+    broker: BrokerOption = None,
+    rate: Annotated[
+        float | None, typer.Option(min=0.1, help="Messages per second (default: as fast as possible).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Publish only the first N records.")] = None,
+) -> None:
+    """Publish a JSONL file to the input topic. Lines are sent as they are: bad ones dead-letter downstream."""
+    settings = Settings()
+    if not input.is_file():
+        raise fail(f"input file not found: {input}")
+    url = _broker(broker, settings)
+    started = time.perf_counter()
+    published = asyncio.run(publish(url, Topics(settings.topic_prefix).content, _lines(input, limit), rate))
+    elapsed = time.perf_counter() - started
+    Console(stderr=True).print(f"published {len(published)} records to {url} in {elapsed:.1f} s")
+
+
+@app.command()
+def tail(
+    broker: BrokerOption = None,
+    decision: Annotated[list[Decision] | None, typer.Option(help="Only these decisions (repeatable).")] = None,
+    dead_letters: Annotated[bool, typer.Option("--dead-letters", help="Print dead letters instead.")] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep waiting for new verdicts.")] = False,
+    idle: Annotated[float, typer.Option(help="Without --follow: stop after this many seconds without news.")] = 2.0,
+    limit: Annotated[int | None, typer.Option(min=1, help="Stop after N records.")] = None,
+) -> None:
+    """Print verdicts (the Verdict contract, one JSON per line) from the start of the verdict topics."""
+    settings = Settings()
+    topics = Topics(settings.topic_prefix)
+    names = [topics.deadletter] if dead_letters else [topics.verdicts(d) for d in (decision or list(Decision))]
+    url = _broker(broker, settings)
+
+    async def run() -> None:
+        printed, quiet_since = 0, time.monotonic()
+        async for topic, value in read_topics(url, names):
+            if not topic:
+                if not follow and time.monotonic() - quiet_since > idle:
+                    return
+                continue
+            quiet_since = time.monotonic()
+            sys.stdout.write(value.decode("utf-8", "replace") + "\n")
+            sys.stdout.flush()
+            printed += 1
+            if limit is not None and printed >= limit:
+                return
+
+    with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
+        asyncio.run(run())
+
+
+@app.command()
+def run(
+    broker: BrokerOption = None,
+    stages: Annotated[str, typer.Option(help="The cascade to run, comma-separated, in order.")] = ",".join(STAGE_ORDER),
+    publish_file: Annotated[
+        Path | None, typer.Option("--publish", help="JSONL to publish once the workers are ready.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Publish only the first N records.")] = None,
+    rate: Annotated[float | None, typer.Option(min=0.1, help="Publishing rate, messages per second.")] = None,
+    until_drained: Annotated[
+        bool, typer.Option("--until-drained", help="Exit once every published record has a verdict or dead letter.")
+    ] = False,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes, each running every stage.")] = 1,
+    thresholds: Annotated[Path | None, typer.Option(help="Threshold set (default: thresholds/default.yaml).")] = None,
+    timeout: Annotated[float, typer.Option(help="With --until-drained: give up after this many seconds.")] = 900.0,
+    loglevel: Annotated[str, typer.Option(help="Workers' log level (their logs: DATA_DIR/stream/).")] = "info",
+) -> None:
+    """Run the streaming cascade: embedded broker (unless one is configured), workers, optional sample stream."""
+    settings = Settings()
+    if publish_file is not None and not publish_file.is_file():
+        raise fail(f"input file not found: {publish_file}")
+    if until_drained and publish_file is None:
+        raise fail("--until-drained needs --publish FILE")
+    err = Console(stderr=True)
+    logs = settings.data_path("stream")
+    logs.mkdir(exist_ok=True)
+    embedded: EmbeddedBroker | None = None
+    processes: list[WorkerProcess] = []
+    exit_code = 0
+    # SIGTERM (e.g. from a supervisor) must still stop the workers and the broker below.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        url = broker or settings.kafka_url
+        if not url:
+            embedded = EmbeddedBroker(log_path=logs / "broker.log").start()
+            url = embedded.url
+            err.print(f"embedded broker (tansu, in memory) on {url}")
+        topics = Topics(settings.topic_prefix)
+        # The readers below need these before the workers have created the rest.
+        asyncio.run(
+            ensure_topics(
+                url,
+                [topics.content, *topics.all_verdicts, topics.deadletter],
+                settings.stream_partitions,
+                settings.stream_replication_factor,
+            )
+        )
+        cascade = _names(stages)
+        for n in range(workers):
+            process = WorkerProcess(
+                url, cascade=cascade, thresholds=thresholds, log_path=logs / f"worker-{n}.log", loglevel=loglevel
+            )
+            processes.append(process.start())
+        with err.status("starting workers (joining the consumer group)"):
+            ready_s = max(p.wait_ready() for p in processes)
+        err.print(f"{workers} worker(s) ready in {ready_s:.1f} s; logs in {logs}")
+        exit_code = asyncio.run(
+            _publish_and_watch(err, url, topics, publish_file, limit, rate, until_drained, timeout, processes, cascade)
+        )
+    except (BrokerError, WorkerError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        exit_code = 1
+    except KeyboardInterrupt:
+        err.print("interrupted: stopping workers")
+    finally:
+        for process in processes:
+            process.stop()
+        if embedded is not None:
+            embedded.stop()
+    raise typer.Exit(exit_code)
+
+
+async def _publish_and_watch(
+    err: Console,
+    url: str,
+    topics: Topics,
+    publish_file: Path | None,
+    limit: int | None,
+    rate: float | None,
+    until_drained: bool,
+    timeout: float,
+    processes: list[WorkerProcess],
+    cascade: list[str],
+) -> int:
+    published: list[Published] = []
+    started = time.perf_counter()
+
+    async def produce() -> None:
+        if publish_file is not None:
+            published.extend(await publish(url, topics.content, _lines(publish_file, limit), rate))
+            err.print(f"published {len(published)} records in {time.perf_counter() - started:.1f} s")
+
+    def progress(outcomes: Outcomes) -> None:
+        done = len(outcomes.verdicts) + len(outcomes.dead_letters)
+        elapsed = time.perf_counter() - started
+        counts = " ".join(
+            f"{d.value} {sum(1 for v in outcomes.verdicts.values() if v.decision is d)}" for d in Decision
+        )
+        line = (
+            f"verdicts {len(outcomes.verdicts)} ({counts}) dead letters {len(outcomes.dead_letters)}"
+            f" of {len(published) or '?'} published | {done / elapsed:.0f} items/s"
+        )
+        if err.is_terminal:
+            err.print(line.ljust(100), end="\r", highlight=False)
+
+    producer = asyncio.create_task(produce())
+
+    def published_so_far() -> list[Published]:
+        if not producer.done():
+            return []
+        producer.result()  # raises if publishing failed
+        return published
+
+    try:
+        outcomes = await collect(
+            url,
+            topics,
+            published_so_far,
+            timeout_s=timeout if until_drained else None,
+            on_update=progress,
+            alive=lambda: all(p.alive for p in processes),
+            until_drained=until_drained,
+        )
+    except TimeoutError as exc:
+        err.print(f"\n[red]timed out:[/] {exc}")
+        return 1
+    finally:
+        if not producer.done():
+            producer.cancel()
+    await producer  # surface publishing errors
+    elapsed = time.perf_counter() - started
+    err.print(" " * 100, end="\r")
+    if publish_file is not None:
+        outcomes = outcomes.restricted_to(published)
+    summary = ModerationSummary("cascade run")
+    summary.started = started  # its clock: from the first publish, not from now
+    for verdict in outcomes.verdicts.values():
+        summary.add_verdict(verdict)
+    for letter in outcomes.dead_letters:
+        summary.add_dead_letter(letter)
+    summary.render(err, cascade)
+    err.print(
+        f"{len(published)} published, {len(outcomes.verdicts)} verdicts ({outcomes.duplicates} redelivered duplicates),"
+        f" {len(outcomes.dead_letters)} dead letters in {elapsed:.1f} s: {len(published) / elapsed:.0f} items/s"
+    )
+    return 0

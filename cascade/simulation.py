@@ -1,0 +1,239 @@
+"""The banded cascade replayed over cached scores, vectorised over many threshold sets.
+
+`stage_decisions` is `cascade.pipeline.apply_bands` in numpy: same edges (block_at
+inclusive, allow_below exclusive, null edges never fire), a missing score is unresolved,
+any block wins, allow needs every banded category cleared, errors escalate, matches decide.
+`simulate` chains stages like `CascadeRunner.run`; a test holds the two to exact agreement.
+`outcomes_from_verdicts` turns a live run into the same `CascadeOutcome`, so reports do
+not care which produced it.
+
+The replay assumes a stage's scores for an item do not depend on which other items share
+its batch (true of every stage here; the hash stage's flood guard sees every item both
+live and during collection, because it runs first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cascade.contract import Decision, Verdict
+from cascade.data import FLAGGED
+from cascade.pipeline import UNDECIDED_STAGE
+from cascade.scoring import MATCH_ALLOW, MATCH_BLOCK, ScoreTable, StageScores
+from cascade.thresholds import Band, ThresholdSet
+
+# Decision codes. Within one stage REVIEW means "escalate"; after the last stage it is review.
+ALLOW, BLOCK, REVIEW = 0, 1, 2
+ESCALATE = REVIEW
+DECISION_NAMES = ("allow", "block", "review")
+DECISION_CODES = {Decision.ALLOW: ALLOW, Decision.BLOCK: BLOCK, Decision.REVIEW: REVIEW}
+PIPELINE = -1  # decided_by index of items nobody decided
+
+# The one stage that is expensive per item; everything before it is "cheap".
+LLM_STAGE = "llm"
+
+
+@dataclass(frozen=True)
+class BandArrays:
+    """One stage's bands under K threshold sets: (K, C) edges, ±inf for a null edge."""
+
+    categories: list[str]
+    allow_below: np.ndarray  # (K, C); -inf = never clears
+    block_at: np.ndarray  # (K, C); +inf = never blocks
+    banded: np.ndarray  # (K, C) bool; False = the category has no band in that set
+
+    @classmethod
+    def from_bands(cls, bands: Mapping[str, Band]) -> BandArrays:
+        categories = list(bands)
+        allow = [-np.inf if b.allow_below is None else b.allow_below for b in bands.values()]
+        block = [np.inf if b.block_at is None else b.block_at for b in bands.values()]
+        shape = (1, len(categories))
+        return cls(
+            categories,
+            np.array(allow, dtype=float).reshape(shape),
+            np.array(block, dtype=float).reshape(shape),
+            np.ones(shape, dtype=bool),
+        )
+
+    def band(self, k: int, category: str) -> Band | None:
+        j = self.categories.index(category)
+        if not self.banded[k, j]:
+            return None
+        allow, block = self.allow_below[k, j], self.block_at[k, j]
+        return Band(
+            allow_below=None if np.isneginf(allow) else float(allow),
+            block_at=None if np.isposinf(block) else float(block),
+        )
+
+
+def stage_decisions(stage: StageScores, bands: BandArrays) -> np.ndarray:
+    """(K, n) ALLOW / BLOCK / ESCALATE for every threshold set and item."""
+    scores = np.stack([stage.column(c) for c in bands.categories], axis=1) if bands.categories else None
+    k, n = len(bands.banded), len(stage.match)
+    decisions = np.full((k, n), ESCALATE, dtype=np.int8)
+    if scores is not None:
+        banded = bands.banded[:, None, :]
+        with np.errstate(invalid="ignore"):  # NaN (no score) compares False: neither blocks nor clears
+            blocks = (scores[None] >= bands.block_at[:, None, :]) & banded
+            clears = scores[None] < bands.allow_below[:, None, :]
+        all_cleared = np.where(banded, clears, True).all(axis=2) & bands.banded.any(axis=1)[:, None]
+        decisions[all_cleared] = ALLOW
+        decisions[blocks.any(axis=2)] = BLOCK
+    decisions[:, stage.match == MATCH_ALLOW] = ALLOW
+    decisions[:, stage.match == MATCH_BLOCK] = BLOCK
+    decisions[:, stage.error] = ESCALATE  # an error outranks everything, as in apply_bands
+    return decisions
+
+
+@dataclass
+class CascadeOutcome:
+    """What the cascade did with n items."""
+
+    stage_names: list[str]
+    decision: np.ndarray  # (n,) ALLOW / BLOCK / REVIEW
+    decided_by: np.ndarray  # (n,) stage index, PIPELINE for review
+    reached: np.ndarray  # (n, S) bool
+    errored: np.ndarray  # (n, S) bool: reached the stage, which could not judge it
+    final_scores: dict[str, np.ndarray]  # category -> (n,) the last reached stage's score (NaN if none)
+    latency_ms: dict[str, np.ndarray]  # stage -> per-item latency of the items that reached it
+    thresholds_version: str
+
+    def escalated_past(self, index: int) -> np.ndarray:
+        """Items that reached stage `index` and were not decided there."""
+        return self.reached[:, index] & (self.decided_by != index)
+
+    @property
+    def llm_calls(self) -> np.ndarray:
+        """Items that escalated past the last cheap stage: LLM calls, whether or not an LLM stage runs."""
+        return llm_calls(self.stage_names, self.reached, self.decided_by)
+
+
+def llm_calls(stage_names: Sequence[str], reached: np.ndarray, decided_by: np.ndarray) -> np.ndarray:
+    cheap = [i for i, name in enumerate(stage_names) if name != LLM_STAGE]
+    if not cheap:
+        return np.ones(len(decided_by), dtype=bool)
+    last = cheap[-1]
+    return reached[:, last] & (decided_by != last)
+
+
+def final_scores(
+    stages: Sequence[StageScores], reached: np.ndarray, categories: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Per category, the score of the last reached stage that scored it.
+
+    For `flagged`, an item settled by a definitive match with no score gets 1.0 (block) or
+    0.0 (allow): the match is the cascade's last word on it.
+    """
+    out: dict[str, np.ndarray] = {}
+    n = len(reached)
+    for category in categories:
+        final = np.full(n, np.nan)
+        for index, stage in enumerate(stages):
+            column = stage.column(category)
+            if category == FLAGGED:
+                column = column.copy()
+                unscored = np.isnan(column)
+                column[unscored & (stage.match == MATCH_BLOCK)] = 1.0
+                column[unscored & (stage.match == MATCH_ALLOW)] = 0.0
+            take = reached[:, index] & ~np.isnan(column) & ~stage.error
+            final[take] = column[take]
+        out[category] = final
+    return out
+
+
+def simulate(table: ScoreTable, thresholds: ThresholdSet, categories: Sequence[str] = (FLAGGED,)) -> CascadeOutcome:
+    """`CascadeRunner.run` over the cached scores under one threshold set."""
+    n, count = len(table), len(table.stages)
+    decision = np.full(n, REVIEW, dtype=np.int8)
+    decided_by = np.full(n, PIPELINE, dtype=np.int16)
+    reached = np.zeros((n, count), dtype=bool)
+    errored = np.zeros((n, count), dtype=bool)
+    pending = np.ones(n, dtype=bool)
+    for index, stage in enumerate(table.stages):
+        reached[:, index] = pending
+        errored[:, index] = pending & stage.error
+        decided = stage_decisions(stage, BandArrays.from_bands(thresholds.bands(stage.name)))[0]
+        settled = pending & (decided != ESCALATE)
+        decision[settled] = decided[settled]
+        decided_by[settled] = index
+        pending &= ~settled
+    return CascadeOutcome(
+        stage_names=table.stage_names,
+        decision=decision,
+        decided_by=decided_by,
+        reached=reached,
+        errored=errored,
+        final_scores=final_scores(table.stages, reached, categories),
+        latency_ms={s.name: s.latency_ms[reached[:, i]] for i, s in enumerate(table.stages)},
+        thresholds_version=thresholds.version,
+    )
+
+
+def simulate_shadow(table: ScoreTable, primary: CascadeOutcome, shadow: ThresholdSet) -> np.ndarray:
+    """The shadow decision per item, as `CascadeRunner._shadow` records it in verdicts.
+
+    Only the stages the primary run reached have scores live, so the shadow set looks at
+    those alone; where it would have escalated past them, the shadow decision is review.
+    """
+    n = len(table)
+    decision = np.full(n, REVIEW, dtype=np.int8)
+    pending = np.ones(n, dtype=bool)
+    for index, stage in enumerate(table.stages):
+        decided = stage_decisions(stage, BandArrays.from_bands(shadow.bands(stage.name)))[0]
+        settled = pending & primary.reached[:, index] & (decided != ESCALATE)
+        decision[settled] = decided[settled]
+        pending &= ~settled
+    return decision
+
+
+def outcomes_from_verdicts(
+    verdicts: Sequence[Verdict],
+    stage_names: Sequence[str],
+    batch_of: Sequence[int],
+    categories: Sequence[str] = (FLAGGED,),
+) -> CascadeOutcome:
+    """The same `CascadeOutcome` from a live run's verdicts (their traces).
+
+    `batch_of[i]` is the batch verdict i was run in: a trace's latency is its stage's batch
+    wall time, shared by the batch's items that reached the stage.
+    """
+    n, index_of = len(verdicts), {name: i for i, name in enumerate(stage_names)}
+    decision = np.array([DECISION_CODES[v.decision] for v in verdicts], dtype=np.int8)
+    decided_by = np.array(
+        [PIPELINE if v.decided_by == UNDECIDED_STAGE else index_of[v.decided_by] for v in verdicts], dtype=np.int16
+    )
+    reached = np.zeros((n, len(stage_names)), dtype=bool)
+    errored = np.zeros((n, len(stage_names)), dtype=bool)
+    batch_ms = np.zeros((n, len(stage_names)))
+    scores = {c: np.full(n, np.nan) for c in categories}
+    for i, verdict in enumerate(verdicts):
+        for entry in verdict.trace:
+            j = index_of[entry.stage]
+            reached[i, j], batch_ms[i, j] = True, entry.latency_ms
+            if entry.error is not None:
+                errored[i, j] = True
+                continue
+            for category in categories:
+                if category in entry.scores:
+                    scores[category][i] = entry.scores[category]
+                elif category == FLAGGED and entry.matched:
+                    scores[category][i] = 1.0 if entry.result.value == "block" else 0.0
+    batches = np.asarray(batch_of)
+    latency = {}
+    for j, name in enumerate(stage_names):
+        rows = np.flatnonzero(reached[:, j])
+        _, inverse, sizes = np.unique(batches[rows], return_inverse=True, return_counts=True)
+        latency[name] = batch_ms[rows, j] / sizes[inverse] if rows.size else np.zeros(0)
+    return CascadeOutcome(
+        stage_names=list(stage_names),
+        decision=decision,
+        decided_by=decided_by,
+        reached=reached,
+        errored=errored,
+        final_scores=scores,
+        latency_ms=latency,
+        thresholds_version=verdicts[0].thresholds_version if verdicts else "",
+    )

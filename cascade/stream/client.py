@@ -1,0 +1,158 @@
+"""Producer and consumer helpers for the edges of the stream: publish items, read verdicts.
+
+Used by `cascade publish`, `cascade tail`, `cascade run`, the tests and the benchmark. They
+are plain aiokafka clients: anything that speaks Kafka can do the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from cascade.contract import DeadLetter, Verdict
+from cascade.stream.kafka import bootstrap_servers
+from cascade.stream.processor import record_source
+from cascade.stream.topics import Topics
+
+PUBLISH_WINDOW = 500  # sends awaited together; bounds memory, keeps the pipe full
+
+
+def key_of(line: bytes) -> bytes | None:
+    """The item id of a JSONL line, as the message key; None when the line has none (it will dead-letter)."""
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return None
+    item_id = doc.get("id") if isinstance(doc, dict) else None
+    return item_id.encode("utf-8", "surrogatepass") if isinstance(item_id, str) and item_id else None
+
+
+@dataclass(frozen=True)
+class Published:
+    key: bytes | None
+    source: str
+
+    @property
+    def item_id(self) -> str | None:
+        return self.key.decode("utf-8", "surrogatepass") if self.key else None
+
+
+async def publish(
+    url: str, topic: str, lines: Iterable[bytes], rate: float | None = None, linger_ms: int = 5
+) -> list[Published]:
+    """Produce each line as one message keyed by its id; at most `rate` messages/s when given."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers(url), acks="all", linger_ms=linger_ms, client_id="cascade-publish"
+    )
+    await producer.start()
+    published: list[Published] = []
+    try:
+        started = time.monotonic()
+        window: list[tuple[bytes | None, asyncio.Future]] = []
+        for count, line in enumerate(lines):
+            if rate:
+                ahead = count / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            key = key_of(line)
+            window.append((key, await producer.send(topic, value=line, key=key)))
+            if len(window) >= PUBLISH_WINDOW or rate:
+                published.extend(await _settle(window))
+                window = []
+        published.extend(await _settle(window))
+    finally:
+        await producer.stop()
+    return published
+
+
+async def _settle(window: Sequence[tuple[bytes | None, asyncio.Future]]) -> list[Published]:
+    results = await asyncio.gather(*(future for _, future in window))
+    return [
+        Published(key, record_source(meta.topic, meta.partition, meta.offset))
+        for (key, _), meta in zip(window, results, strict=True)
+    ]
+
+
+async def read_topics(url: str, topics: Sequence[str], poll_ms: int = 200) -> AsyncIterator[tuple[str, bytes]]:
+    """Every message of `topics` from the beginning, then new ones as they come; (topic, value).
+
+    No consumer group: it assigns every partition itself, so it joins nothing and commits nothing.
+    Yields ("", b"") after each empty poll so callers can notice idleness.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers(url),
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        client_id="cascade-read",
+    )
+    await consumer.start()
+    try:
+        await consumer.topics()  # fetch metadata so partitions are known
+        partitions = [
+            TopicPartition(topic, p) for topic in topics for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
+        if not partitions:
+            raise RuntimeError(f"none of the topics {list(topics)} exist on {url}")
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        while True:
+            batches = await consumer.getmany(timeout_ms=poll_ms)
+            if not any(batches.values()):
+                yield "", b""
+                continue
+            for tp, records in batches.items():
+                for record in records:
+                    yield tp.topic, record.value or b""
+    finally:
+        await consumer.stop()
+
+
+@dataclass
+class Outcomes:
+    """What came out of the cascade: verdicts by id (duplicates counted) and dead letters."""
+
+    topics: Topics
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
+    deliveries: Counter[str] = field(default_factory=Counter)  # verdict messages per id
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+    def add(self, topic: str, value: bytes) -> Verdict | DeadLetter:
+        if topic == self.topics.deadletter:
+            letter = DeadLetter.model_validate_json(value)
+            self.dead_letters.append(letter)
+            return letter
+        verdict = Verdict.model_validate_json(value)
+        self.deliveries[verdict.id] += 1
+        self.verdicts.setdefault(verdict.id, verdict)  # first verdict wins (see docs/stream.md)
+        return verdict
+
+    @property
+    def duplicates(self) -> int:
+        return sum(self.deliveries.values()) - len(self.verdicts)
+
+    def missing(self, published: Sequence[Published]) -> list[Published]:
+        """Published records with neither a verdict nor a dead letter yet."""
+        dead_ids = {d.id for d in self.dead_letters if d.id}
+        dead_sources = {d.source for d in self.dead_letters if d.source}
+        return [
+            p
+            for p in published
+            if p.item_id not in self.verdicts and p.item_id not in dead_ids and p.source not in dead_sources
+        ]
+
+    def restricted_to(self, published: Sequence[Published]) -> Outcomes:
+        """Only the outcomes of these records (topics read from the beginning hold older runs too)."""
+        ids = {p.item_id for p in published if p.item_id}
+        sources = {p.source for p in published}
+        kept = Outcomes(self.topics)
+        kept.verdicts = {i: v for i, v in self.verdicts.items() if i in ids}
+        kept.deliveries = Counter({i: n for i, n in self.deliveries.items() if i in ids})
+        kept.dead_letters = [d for d in self.dead_letters if d.id in ids or d.source in sources]
+        return kept
