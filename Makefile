@@ -8,7 +8,7 @@ SAMPLE_SIZE ?= 2000
 export CASCADE_DATA_DIR ?= .cascade
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install run test lint format clean
+.PHONY: install banks run test lint format clean
 
 # torch comes first and pinned: the CPU wheel on local disk (a bare `torch` pulls a CUDA build).
 $(STAMP): pyproject.toml
@@ -20,9 +20,26 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-run: install
-	$(BIN)/cascade sample $(SHARED_DATA)/*.jsonl --split test -n $(SAMPLE_SIZE) -o $(CASCADE_DATA_DIR)/sample.jsonl
-	$(BIN)/cascade moderate $(CASCADE_DATA_DIR)/sample.jsonl -o $(CASCADE_DATA_DIR)/verdicts.jsonl
+DATA_FILES := $(wildcard $(SHARED_DATA)/*.jsonl)
+BANKS_STAMP := $(CASCADE_DATA_DIR)/.banks-seeded
+
+# Banks from the train split only (the sample below is drawn from the test split); idempotent by id.
+$(BANKS_STAMP): $(STAMP) $(DATA_FILES)
+	@test -n "$(DATA_FILES)" || { echo "no labelled data in $(SHARED_DATA)"; exit 2; }
+	for f in $(DATA_FILES); do \
+	  $(BIN)/cascade bank import $$f --kind hash --split train && \
+	  $(BIN)/cascade bank import $$f --kind exemplars --split train || exit 1; \
+	done
+	$(BIN)/cascade bank seed
+	touch $@
+
+banks: $(BANKS_STAMP)
+
+# The main job: embedded broker + workers, a sample stream published, a live progress line,
+# a verdict summary, a clean shutdown.
+run: $(BANKS_STAMP)
+	$(BIN)/cascade sample $(DATA_FILES) --split test -n $(SAMPLE_SIZE) -o $(CASCADE_DATA_DIR)/sample.jsonl
+	$(BIN)/cascade run --publish $(CASCADE_DATA_DIR)/sample.jsonl --until-drained
 
 lint: install
 	$(BIN)/ruff check .

@@ -34,8 +34,9 @@ SHARED = Path("/work/shared/data")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--min-similarity", default="0.0,0.3,0.5")
+    parser.add_argument("--min-similarity", default="0.3,0.5")
     parser.add_argument("--near-copy", type=float, default=0.95)
+    parser.add_argument("--prior-weight", default="0.0,0.5", help="retrieval_prior_weight values")
     args = parser.parse_args()
 
     settings = Settings()
@@ -63,8 +64,9 @@ def main() -> None:
 
     targets = categories_of(rows)
     report: dict[str, object] = {"bank": len(bank_idx), "items": len(item_idx), "k": args.k}
-    for floor in (float(x) for x in args.min_similarity.split(",")):
-        results = [score_item(n, b, floor, args.near_copy) for n, b in zip(neighbours, nearest_bad, strict=True)]
+    grid = [(float(f), float(p)) for f in args.min_similarity.split(",") for p in args.prior_weight.split(",")]
+    for floor, prior in grid:
+        results = [score_item(n, b, floor, args.near_copy, prior) for n, b in zip(neighbours, nearest_bad, strict=True)]
         per_target = {}
         for target in targets:
             truth = np.array([rows[i].label(target) for i in item_idx], dtype=object)
@@ -79,7 +81,7 @@ def main() -> None:
                 "positives": int(y.sum()),
             }
         lifted = sum(r.note is not None for r in results)
-        report[f"min_similarity={floor}"] = {"near_copies": lifted, **per_target}
+        report[f"min_similarity={floor} prior_weight={prior}"] = {"near_copies": lifted, **per_target}
     print(json.dumps(report, indent=2))
 
 

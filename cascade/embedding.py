@@ -10,8 +10,8 @@ so that ORT's BERT optimizer fuses the attention blocks), mask-aware mean poolin
 normalisation, so its output is the final 384-d unit vector.
 
 The model reads the original text (normalisation is a lossy matching key, not model input);
-the per-process cache is keyed by `ItemContext.text_key`, the hash of the normalised text,
-so copies that differ only in spelling tricks share one embedding (the first one seen).
+the per-process cache is keyed by `ItemContext.content_key` (the text up to case, Unicode
+form and spacing), not by the lossy bank key, so "good" and "god" get their own vectors.
 """
 
 from __future__ import annotations
@@ -223,12 +223,12 @@ class Embedder:
             for ctx in batch:
                 if ctx.embedding is not None:
                     continue
-                cached = self._cache.get(ctx.text_key)
+                cached = self._cache.get(ctx.content_key)
                 if cached is not None:
-                    self._cache.move_to_end(ctx.text_key)
+                    self._cache.move_to_end(ctx.content_key)
                     ctx.embedding = cached
                 else:
-                    todo.setdefault(ctx.text_key, []).append(ctx)
+                    todo.setdefault(ctx.content_key, []).append(ctx)
         if not todo:
             return
         keys = list(todo)

@@ -71,6 +71,7 @@ class Settings(BaseSettings):
     retrieval_k: int = Field(default=10, gt=0)
     retrieval_min_similarity: float = Field(default=0.3, ge=-1, le=1, description="Neighbours below it do not vote.")
     retrieval_near_copy: float = Field(default=0.95, gt=0, le=1, description="Similarity of a copy of a violation.")
+    retrieval_prior_weight: float = Field(default=0.5, ge=0, description="Pseudo-neighbour voting 0 in each vote.")
 
     # Embeddings (shared by retrieval and classifier).
     embedding_threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = one per core.")

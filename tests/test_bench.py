@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,8 @@ def test_every_section_on_tiny_inputs(every_piece: Settings, data: Path, bands: 
     made = ratios["cascade_vs_embedding"]
     assert made["available"]
     assert made["value"] == pytest.approx(rows["cascade_inprocess"]["median"] / rows["embedding_onnx_b64"]["median"])
+    pairs = zip(rows["cascade_inprocess"]["samples"], rows["embedding_onnx_b64"]["samples"], strict=True)
+    assert made["paired_median"] == pytest.approx(statistics.median([a / b for a, b in pairs]))
     assert not ratios["stream_vs_inprocess"]["available"] and not ratios["onnx_vs_torch_b64"]["available"]
 
     quality = result["quality"]
@@ -184,4 +187,5 @@ def test_stream_row_through_the_embedded_broker(settings: Settings, data: Path, 
     assert len(rows["cascade_inprocess"]["samples"]) == config.rounds + config.stream_rounds  # A B A
     assert stream["decided_by"] == rows["cascade_inprocess"]["decided_by"]  # same bands, same work
     made = result["throughput"]["ratios"]["stream_vs_inprocess"]
+    assert "paired_median" not in made  # the broker rounds are not interleaved with the others
     assert made["value"] == pytest.approx(stream["median"] / rows["cascade_inprocess"]["median"])

@@ -27,6 +27,8 @@ from cascade.thresholds import Band, ThresholdSet
 from cascade.vectorindex import EdgeIndex, Neighbour, VectorIndex
 
 pytest_plugins = ["model_cache"]  # fixtures: settings, embedder
+# qdrant-client warns when it cannot read the version of an unreachable server: that is the point here.
+pytestmark = pytest.mark.filterwarnings("ignore:Failed to obtain server version:UserWarning")
 
 BANK = [
     LabelledItem("bad-1", "Send me your bank password or your account will be closed today", 1, {"spam": 1}, "t"),
@@ -58,24 +60,28 @@ def test_vote_weights_by_similarity_and_skips_unknown_and_far_neighbours() -> No
         _neighbour("b", 0.6, 0, {"hate": 0}),  # offensive unknown: not counted for it
         _neighbour("c", 0.2, 1, {"spam": 1}),  # below the floor: no vote at all
     ]
-    scores = vote(neighbours, min_similarity=0.3)
+    scores = vote(neighbours, min_similarity=0.3, prior_weight=0.0)
     assert scores["hate"] == pytest.approx(0.9 / 1.5)
     assert scores["flagged"] == pytest.approx(0.9 / 1.5)
     assert scores["offensive"] == pytest.approx(1.0)
     assert "spam" not in scores
-    assert vote(neighbours, min_similarity=0.95) == {}
+    assert vote(neighbours, min_similarity=0.95, prior_weight=0.0) == {}
+    # The prior pseudo-neighbour votes 0: thin evidence cannot score high.
+    shrunk = vote(neighbours, min_similarity=0.3, prior_weight=0.5)
+    assert shrunk["offensive"] == pytest.approx(0.9 / 1.4)
+    assert shrunk["hate"] == pytest.approx(0.9 / 2.0)
 
 
 def test_near_copy_of_a_violation_lifts_flagged_and_its_categories() -> None:
     benign = [_neighbour(f"ok{i}", 0.8, 0, {"spam": 0, "hate": 0}) for i in range(4)]
     bad = _neighbour("bad", 0.97, 1, {"spam": 1})
-    lifted = score_item([bad, *benign], bad, min_similarity=0.3, near_copy=0.95)
+    lifted = score_item([bad, *benign], bad, min_similarity=0.3, near_copy=0.95, prior_weight=0.5)
     assert lifted.scores["flagged"] == pytest.approx(0.97)
     assert lifted.scores["spam"] == pytest.approx(0.97)
     assert lifted.scores["hate"] == 0.0  # not a category the near copy violates
     assert lifted.details["max_bad_similarity"] == pytest.approx(0.97) and "near-copy" in (lifted.note or "")
     far_bad = _neighbour("bad", 0.6, 1, {"spam": 1})
-    plain = score_item(benign, far_bad, min_similarity=0.3, near_copy=0.95)
+    plain = score_item(benign, far_bad, min_similarity=0.3, near_copy=0.95, prior_weight=0.5)
     assert plain.scores["flagged"] == 0.0 and plain.note is None
     assert plain.details["max_bad_similarity"] == pytest.approx(0.6)
 
@@ -143,7 +149,6 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.filterwarnings("ignore:Failed to obtain server version:UserWarning")
 async def test_unreachable_server_escalates_every_item_and_logs_once(
     settings: Settings, embedder: Embedder, caplog: pytest.LogCaptureFixture
 ) -> None:

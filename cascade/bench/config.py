@@ -46,13 +46,13 @@ class BenchConfig:
             "quick": True,
             "rounds": 2,
             "throughput_items": 128,
-            "single_items": 16,
+            "single_items": 8,
             "stream_rounds": 1,
             "quality_items": 300,
             "scaling_rows": 4_000,
             "bank_sizes": (1_000, 5_000),
             "knn_queries": 50,
-            "batch_sizes": (1, 16, 64),
+            "batch_sizes": (1, 64),
         }
         return cls(data=data, **{**sizes, **overrides})  # type: ignore[arg-type]
 

@@ -34,13 +34,27 @@ def not_available(label: str, reason: str) -> Row:
     return {"label": label, "available": False, "reason": reason}
 
 
-def ratio(label: str, rows: Mapping[str, Row], numerator: str, denominator: str) -> Row:
-    """median(numerator) / median(denominator), both measured in this run."""
+def ratio(label: str, rows: Mapping[str, Row], numerator: str, denominator: str, paired: bool = True) -> Row:
+    """median(numerator) / median(denominator), both measured in this run.
+
+    With `paired`, also the median over rounds of the per-round ratio: rows interleaved in the
+    same rounds saw the same load in each, so this is the steadier figure when load drifts.
+    """
     missing = [k for k in (numerator, denominator) if not rows.get(k, {}).get("available")]
     if missing:
         return not_available(label, f"needs {' and '.join(missing)}, not measured")
-    value = rows[numerator]["median"] / rows[denominator]["median"]
-    return {"label": label, "available": True, "value": value, "numerator": numerator, "denominator": denominator}
+    top, bottom = rows[numerator], rows[denominator]
+    out = {
+        "label": label,
+        "available": True,
+        "value": top["median"] / bottom["median"],
+        "numerator": numerator,
+        "denominator": denominator,
+    }
+    if paired:  # zip keeps the interleaved rounds: extra rounds taken later (A B A) are appended
+        pairs = zip(top["samples"], bottom["samples"], strict=False)
+        out["paired_median"] = statistics.median([a / b for a, b in pairs])
+    return out
 
 
 def items_per_s(count: int, work: Callable[[], object]) -> float:

@@ -1,19 +1,19 @@
 """`cascade bank ...`: manage the banks under the data directory.
 
 `import --kind` picks what a file feeds: each kind is one `BankKind` member and one
-`Importer` in `_IMPORTERS` (see `_import_hash`), sharing `read_jsonl`, `ImportReport`
-and `import_progress`.
+`Importer` in `_IMPORTERS` (see `_import_hash`), sharing `parsed_batches` and
+`ImportReport`.
 """
 
 from __future__ import annotations
 
 import getpass
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -31,6 +31,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 _SHOWN_ERRORS = 20
+RowT = TypeVar("RowT", EntryInput, LabelledItem)
 
 
 class BankKind(StrEnum):
@@ -117,38 +118,57 @@ def _open_bank(settings: Settings) -> HashBank:
     return HashBank.open(settings.data_dir, settings.near_dup_threshold)
 
 
+def parsed_batches(
+    path: Path,
+    split: SplitChoice,
+    parse: Callable[[object], RowT],
+    categories_of: Callable[[RowT], Iterable[str]],
+    report: ImportReport,
+    known: frozenset[str],
+    batch_size: int,
+) -> Iterator[list[RowT]]:
+    """The file's rows of `split`, parsed, in batches; bad lines go to `report.errors`, not up."""
+    pending: list[RowT] = []
+    with import_progress() as progress:
+        for lineno, record in read_jsonl(path, progress):
+            try:
+                if isinstance(record, BankError):
+                    raise record
+                row = parse(record)
+            except (BankError, ValueError) as exc:
+                report.errors.append(f"{path.name}:{lineno}: {exc}")
+                continue
+            if not split.keeps(row.id):
+                report.filtered += 1
+                continue
+            report.unknown_categories.update(set(categories_of(row)) - known)
+            pending.append(row)
+            if len(pending) >= batch_size:
+                yield pending
+                pending = []
+        if pending:
+            yield pending
+
+
 def _import_hash(path: Path, settings: Settings, split: SplitChoice, batch_size: int) -> ImportReport:
     report = ImportReport()
     known = load_policy(settings.policies_dir).names
     added_by = _operator()
     bank = _open_bank(settings)
-    pending: list[EntryInput] = []
-
-    def flush() -> None:
-        done = bank.upsert(pending, added_by)
-        report.added += done.added
-        report.updated += done.updated
-        report.skipped += done.unchanged
-        pending.clear()
-
     try:
-        with import_progress() as progress:
-            for lineno, record in read_jsonl(path, progress):
-                try:
-                    if isinstance(record, BankError):
-                        raise record
-                    entry = entry_from_record(record, default_source=path.name)
-                except BankError as exc:
-                    report.errors.append(f"{path.name}:{lineno}: {exc}")
-                    continue
-                if not split.keeps(entry.id):
-                    report.filtered += 1
-                    continue
-                report.unknown_categories.update(set(entry.categories) - known)
-                pending.append(entry)
-                if len(pending) >= batch_size:
-                    flush()
-            flush()
+        for batch in parsed_batches(
+            path,
+            split,
+            lambda record: entry_from_record(record, default_source=path.name),
+            lambda entry: entry.categories,
+            report,
+            known,
+            batch_size,
+        ):
+            done = bank.upsert(batch, added_by)
+            report.added += done.added
+            report.updated += done.updated
+            report.skipped += done.unchanged
     finally:
         bank.close()
     return report
@@ -168,30 +188,17 @@ def _import_exemplars(path: Path, settings: Settings, split: SplitChoice, batch_
     except StoreInUseError as exc:
         raise fail(str(exc)) from None
     before = index.count()
-    pending: list[LabelledItem] = []
-
-    def flush() -> None:
-        report.updated += add_exemplars(index, embedder, pending, added_by)
-        pending.clear()
-
     try:
-        with import_progress() as progress:
-            for lineno, record in read_jsonl(path, progress):
-                try:
-                    if isinstance(record, BankError):
-                        raise record
-                    row = labelled_from_record(record, default_source=path.name)
-                except (BankError, ValueError) as exc:
-                    report.errors.append(f"{path.name}:{lineno}: {exc}")
-                    continue
-                if not split.keeps(row.id):
-                    report.filtered += 1
-                    continue
-                report.unknown_categories.update(set(row.labels) - known)
-                pending.append(row)
-                if len(pending) >= batch_size:
-                    flush()
-            flush()
+        for batch in parsed_batches(
+            path,
+            split,
+            lambda record: labelled_from_record(record, default_source=path.name),
+            lambda row: row.labels,
+            report,
+            known,
+            batch_size,
+        ):
+            report.updated += add_exemplars(index, embedder, batch, added_by)
         index.optimize()
         # Upserts by id: what did not grow the bank replaced an exemplar with the same id.
         report.added = index.count() - before

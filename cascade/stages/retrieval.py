@@ -7,9 +7,12 @@ evidence and are dropped; each remaining neighbour j votes with weight w_j = s_j
 Per category c (and `flagged`), over the kept neighbours whose labels include c (a category
 unknown for a neighbour is not counted):
 
-    vote_c = Σ_j w_j · y_jc / Σ_j w_j            (y_jc ∈ {0, 1})
+    vote_c = Σ_j w_j · y_jc / (Σ_j w_j + α)      (y_jc ∈ {0, 1}, α = `retrieval_prior_weight`)
 
-No counted neighbour → no score for c, so c stays unresolved and the item escalates.
+α is a pseudo-neighbour voting 0: it keeps thin evidence from scoring high (one kept neighbour
+at similarity 0.35 that violates c gives 0.35 / 0.85 = 0.41, not 1.0), while ten close
+violating neighbours still score ~0.95. No counted neighbour → no score for c, so c stays
+unresolved and the item escalates.
 
 Near copies: a second query finds the most similar known-violating exemplar (flagged = 1),
 m = its similarity (`max_bad_similarity` in the details). When m ≥ `retrieval_near_copy`,
@@ -51,12 +54,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_SCORING_VERSION = "1"
+_SCORING_VERSION = "2"
 _RETRY_AFTER_S = 5.0
 _EMPTY_RECHECK_S = 30.0
 
 
-def vote(neighbours: Sequence[Neighbour], min_similarity: float) -> dict[str, float]:
+def vote(neighbours: Sequence[Neighbour], min_similarity: float, prior_weight: float) -> dict[str, float]:
     """Similarity-weighted label vote per category over neighbours at or above `min_similarity`."""
     weights: dict[str, float] = {}
     positives: dict[str, float] = {}
@@ -67,13 +70,17 @@ def vote(neighbours: Sequence[Neighbour], min_similarity: float) -> dict[str, fl
         for category, label in labels.items():
             weights[category] = weights.get(category, 0.0) + n.similarity
             positives[category] = positives.get(category, 0.0) + n.similarity * int(label)
-    return {c: positives[c] / w for c, w in weights.items()}
+    return {c: positives[c] / (w + prior_weight) for c, w in weights.items()}
 
 
 def score_item(
-    neighbours: Sequence[Neighbour], nearest_bad: Neighbour | None, min_similarity: float, near_copy: float
+    neighbours: Sequence[Neighbour],
+    nearest_bad: Neighbour | None,
+    min_similarity: float,
+    near_copy: float,
+    prior_weight: float,
 ) -> StageResult:
-    scores = vote(neighbours, min_similarity)
+    scores = vote(neighbours, min_similarity, prior_weight)
     max_bad = nearest_bad.similarity if nearest_bad is not None else 0.0
     note = None
     if nearest_bad is not None and max_bad >= near_copy:
@@ -122,6 +129,7 @@ class RetrievalStage(Stage):
         k: int = 10,
         min_similarity: float = 0.3,
         near_copy: float = 0.95,
+        prior_weight: float = 0.5,
         retry_after_s: float = _RETRY_AFTER_S,
     ) -> None:
         # Both are opened on first use: every stream worker builds every stage but runs only its own,
@@ -132,6 +140,7 @@ class RetrievalStage(Stage):
         self.k = k
         self.min_similarity = min_similarity
         self.near_copy = near_copy
+        self.prior_weight = prior_weight
         self.retry_after_s = retry_after_s
         self.version = f"{_SCORING_VERSION}+{model_name}+{index_name}+k{k}"
         self._outage_since: float | None = None
@@ -149,6 +158,7 @@ class RetrievalStage(Stage):
             k=settings.retrieval_k,
             min_similarity=settings.retrieval_min_similarity,
             near_copy=settings.retrieval_near_copy,
+            prior_weight=settings.retrieval_prior_weight,
         )
 
     @property
@@ -198,7 +208,7 @@ class RetrievalStage(Stage):
             ctx.evidence["neighbours"] = evidence_neighbours(
                 [n for n in found if n.similarity >= self.min_similarity], worst
             )
-            results.append(score_item(found, worst, self.min_similarity, self.near_copy))
+            results.append(score_item(found, worst, self.min_similarity, self.near_copy, self.prior_weight))
         return results
 
     def _record_outage(self, exc: Exception) -> None:
