@@ -33,7 +33,9 @@ CHAT = "Hey, are we still meeting at the museum later?"
 def model_dir(embedder: Embedder, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
     out = tmp_path_factory.mktemp("model") / "tiny"
     cache = tmp_path_factory.mktemp("cache")
-    options = TrainOptions(split=None, min_positives=5, folds=2, compare=(), cross_source=False, name="tiny")
+    options = TrainOptions(
+        design="logreg", split=None, min_positives=5, folds=2, compare=(), cross_source=False, name="tiny"
+    )
     write_model(train([FIXTURE], embedder.embed, embedder.identity, cache, options), out)
     return out
 
@@ -139,7 +141,7 @@ def test_wrong_input_width_fails_at_start_up(settings: Settings, tmp_path: Path)
     """A graph trained on 16-d vectors cannot serve 384-d embeddings."""
     rows = load_labelled([FIXTURE])
     X = np.random.default_rng(0).normal(size=(len(rows), 16)).astype(np.float32)
-    options = TrainOptions(split=None, min_positives=5, folds=2)
+    options = TrainOptions(design="logreg", split=None, min_positives=5, folds=2)
     head = head_data(rows, options)[0][0]
     graph = export_onnx({"flagged": fit_head(X, head, options)}, 16, "narrow")
     out = tmp_path / "narrow"

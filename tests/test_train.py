@@ -33,7 +33,7 @@ from cascade.train import (
 )
 
 FIXTURE = Path(__file__).parent / "fixtures" / "classifier_tiny.jsonl"
-TINY = TrainOptions(split=None, min_positives=5, folds=3, compare=(), cross_source=False, name="tiny")
+TINY = TrainOptions(design="logreg", split=None, min_positives=5, folds=3, compare=(), cross_source=False, name="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,9 @@ def test_onnx_export_matches_scikit_learn(rows_and_vectors: tuple[list, np.ndarr
 @pytest.mark.slow
 def test_train_writes_model_and_card(rows_and_vectors: tuple[list, np.ndarray], tmp_path: Path) -> None:
     rows, X = rows_and_vectors
-    options = TrainOptions(split=None, min_positives=5, folds=2, compare=("mlp",), cross_source=True, name="tiny")
+    options = TrainOptions(
+        design="logreg", split=None, min_positives=5, folds=2, compare=("mlp",), cross_source=True, name="tiny"
+    )
 
     def refuse(texts: object) -> np.ndarray:
         raise AssertionError("every vector should come from the cache")
@@ -152,20 +154,9 @@ def test_training_refuses_bad_requests(rows_and_vectors: tuple[list, np.ndarray]
 def test_cli_trains_the_fixture(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     monkeypatch.setenv("CASCADE_DATA_DIR", str(settings.data_dir))
     out = tmp_path / "cli-model"
-    args = [
-        "train",
-        str(FIXTURE),
-        "--out",
-        str(out),
-        "--all-splits",
-        "--folds",
-        "3",
-        "--compare",
-        "",
-        "--min-positives",
-        "5",
-    ]
-    result = CliRunner().invoke(app, [*args, "--source-weight", "tweets=0.5", "--no-cross-source"])
+    args = ["train", str(FIXTURE), "--out", str(out), "--all-splits", "--folds", "3", "--compare", ""]
+    args += ["--design", "logreg", "--min-positives", "5", "--source-weight", "tweets=0.5", "--no-cross-source"]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     card = json.loads((out / "card.json").read_text())
     assert card["name"] == "cli-model"

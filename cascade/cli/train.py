@@ -52,10 +52,10 @@ def train(
     data: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="Labelled JSONL files.")],
     out: Annotated[Path, typer.Option("--out", help="Model directory to write (model.onnx, card.json, card.md).")],
     name: Annotated[str | None, typer.Option(help="Model name in the card and traces (default: OUT's name).")] = None,
-    design: Annotated[str, typer.Option(help="Estimator per head: logreg or mlp.")] = "logreg",
+    design: Annotated[str, typer.Option(help="Estimator per head: mlp or logreg.")] = "mlp",
     compare: Annotated[
         str, typer.Option(help="Comma-separated designs to cross-validate beside DESIGN for the card ('' for none).")
-    ] = "mlp",
+    ] = "logreg",
     source_weight: Annotated[
         list[str] | None,
         typer.Option("--source-weight", help="SOURCE=W: multiply that source's share of the weight (repeatable)."),
