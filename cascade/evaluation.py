@@ -275,6 +275,14 @@ def _with_ci(entry: Mapping[str, object]) -> str:
     return _fmt(entry["value"]) + (f" [{ci[0]:.1%}, {ci[1]:.1%}]" if isinstance(ci, list) else "")
 
 
+def _label_table(title: str, columns: Sequence[str]) -> Table:
+    """A table with a label in its first column (left) and figures in the others (right)."""
+    table = Table(title=title)
+    for position, column in enumerate(columns):
+        table.add_column(column, justify="left" if position == 0 else "right")
+    return table
+
+
 def render_report(report: Mapping[str, object], console: Console) -> None:
     """The report as rich tables for the operator."""
     head = Table(title=f"cascade evaluate: {report['n']} items, thresholds {report['thresholds_version']}")
@@ -293,9 +301,7 @@ def render_report(report: Mapping[str, object], console: Console) -> None:
         head.add_row(name.replace("_", " "), _with_ci(intervals[name]))
     console.print(head)
 
-    quality = Table(title="flagged: precision / recall / F1")
-    for column in ("view", "coverage", "precision", "recall", "f1"):
-        quality.add_column(column, justify="right" if column != "view" else "left")
+    quality = _label_table("flagged: precision / recall / F1", ("view", "coverage", "precision", "recall", "f1"))
     for view in ("auto", "review_as_human", "review_as_allow"):
         metrics = report[view]
         assert isinstance(metrics, Mapping)
@@ -308,9 +314,10 @@ def render_report(report: Mapping[str, object], console: Console) -> None:
         )
     console.print(quality)
 
-    stages = Table(title="stages (share of all items)")
-    for column in ("stage", "reached", "decided", "escalated", "errors", "p50 ms", "p95 ms", "p99 ms"):
-        stages.add_column(column, justify="right" if column != "stage" else "left")
+    stages = _label_table(
+        "stages (share of all items)",
+        ("stage", "reached", "decided", "escalated", "errors", "p50 ms", "p95 ms", "p99 ms"),
+    )
     stage_rows, latency = report["stages"], report["latency_ms"]
     assert isinstance(stage_rows, Mapping) and isinstance(latency, Mapping)
     for name, row in stage_rows.items():
@@ -328,9 +335,10 @@ def render_report(report: Mapping[str, object], console: Console) -> None:
     per_category = report["per_category"]
     assert isinstance(per_category, Mapping)
     if per_category:
-        cats = Table(title="per category (labelled rows only)")
-        for column in ("category", "n", "pos", "calibrated", "blocked", "allowed", "review", "auto P", "auto R"):
-            cats.add_column(column, justify="right" if column != "category" else "left")
+        cats = _label_table(
+            "per category (labelled rows only)",
+            ("category", "n", "pos", "calibrated", "blocked", "allowed", "review", "auto P", "auto R"),
+        )
         for name, row in per_category.items():
             mix, auto = row["decisions_of_positives"], row["auto"]
             cats.add_row(
@@ -347,9 +355,10 @@ def render_report(report: Mapping[str, object], console: Console) -> None:
         console.print(cats)
     per_source = report.get("per_source")
     if isinstance(per_source, Mapping) and len(per_source) > 1:
-        sources = Table(title="per source (guarantees hold for the pooled mix, not for each source)")
-        for column in ("source", "n", "flagged", "allow", "block", "review", "block precision", "allow miss"):
-            sources.add_column(column, justify="right" if column != "source" else "left")
+        sources = _label_table(
+            "per source (guarantees hold for the pooled mix, not for each source)",
+            ("source", "n", "flagged", "allow", "block", "review", "block precision", "allow miss"),
+        )
         for name, row in per_source.items():
             mix, intervals = row["decisions"], row["intervals"]
             sources.add_row(
