@@ -45,13 +45,13 @@ class BenchConfig:
         sizes: dict[str, object] = {
             "quick": True,
             "rounds": 2,
-            "throughput_items": 128,
+            "throughput_items": 96,
             "single_items": 8,
             "stream_rounds": 1,
-            "quality_items": 300,
-            "scaling_rows": 4_000,
-            "bank_sizes": (1_000, 5_000),
-            "knn_queries": 50,
+            "quality_items": 200,
+            "scaling_rows": 2_500,
+            "bank_sizes": (500, 2_500),
+            "knn_queries": 40,
             "batch_sizes": (1, 64),
         }
         return cls(data=data, **{**sizes, **overrides})  # type: ignore[arg-type]
