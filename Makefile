@@ -8,7 +8,7 @@ SAMPLE_SIZE ?= 2000
 export CASCADE_DATA_DIR ?= .cascade
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install banks run test lint format clean
+.PHONY: install system-packages banks run test lint format clean
 
 # torch comes first and pinned: the CPU wheel on local disk (a bare `torch` pulls a CUDA build).
 $(STAMP): pyproject.toml
@@ -45,7 +45,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# Debian packages the tests use (databases, browsers, TLS tools), listed in .ci/system-packages.txt.
+system-packages:
+	bash .ci/install-system-packages
+
+test: lint system-packages
 	$(BIN)/cascade schemas --check
 	$(BIN)/pytest -q
 
