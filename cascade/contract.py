@@ -58,6 +58,11 @@ class ContentItem(BaseModel):
     lang: str | None = Field(default=None, max_length=35, description="BCP-47 language tag, if known.")
     author_id: str | None = Field(default=None, max_length=512)
     context: str | None = Field(default=None, description="Surrounding content (e.g. the post replied to).")
+    surface: str | None = Field(
+        default=None,
+        pattern=r"^[a-z][a-z0-9_]{0,31}$",
+        description="Where the content appeared (e.g. chat_prompt, post, comment, dm, sms); selects per-surface bands.",
+    )
     metadata: dict[str, Any] | None = Field(default=None, description="Free-form JSON object, passed through.")
     created_at: datetime | None = None
 
