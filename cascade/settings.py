@@ -15,7 +15,8 @@ import yaml
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent  # package data: policy, default thresholds and model
+PROJECT_ROOT = PACKAGE_DIR.parent
 
 
 class _YamlFileSource(PydanticBaseSettingsSource):
@@ -53,9 +54,9 @@ class Settings(BaseSettings):
     reject_unknown_fields: bool = True
 
     # Artefacts shipped with the project.
-    thresholds: Path = PROJECT_ROOT / "thresholds" / "default.yaml"
-    model_dir: Path = PROJECT_ROOT / "models" / "default"
-    policies_dir: Path = PROJECT_ROOT / "cascade" / "policies"
+    thresholds: Path = PACKAGE_DIR / "defaults" / "thresholds" / "default.yaml"
+    model_dir: Path = PACKAGE_DIR / "defaults" / "models" / "default"
+    policies_dir: Path = PACKAGE_DIR / "policies"
 
     # Hash stage.
     near_dup_threshold: float = Field(default=0.7, gt=0, le=1, description="MinHash LSH Jaccard threshold.")

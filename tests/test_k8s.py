@@ -280,7 +280,10 @@ def test_workers_mount_config_and_data_where_the_image_expects_them(manifests: M
 def test_config_maps_carry_the_repository_files_and_load_in_the_app(manifests: Manifests, tmp_path: Path) -> None:
     thresholds = manifests.config_map("cascade-thresholds")["data"]
     policies = manifests.config_map("cascade-policies")["data"]
-    assert thresholds == {p.name: p.read_text(encoding="utf-8") for p in sorted((ROOT / "thresholds").glob("*.yaml"))}
+    assert thresholds == {
+        p.name: p.read_text(encoding="utf-8")
+        for p in sorted((ROOT / "cascade" / "defaults" / "thresholds").glob("*.yaml"))
+    }
     # Every file the workers read (policy.yaml, the LLM's <category>.md); seeds/ stays baked.
     policy_dir = ROOT / "cascade" / "policies"
     assert policies == {p.name: p.read_text(encoding="utf-8") for p in sorted(policy_dir.iterdir()) if p.is_file()}

@@ -81,7 +81,7 @@ def worker_command(
     cascade: Annotated[
         str, typer.Option(help="The whole cascade, in order; the same for every worker of a deployment.")
     ] = ",".join(STAGE_ORDER),
-    thresholds: Annotated[Path | None, typer.Option(help="Threshold set (default: thresholds/default.yaml).")] = None,
+    thresholds: Annotated[Path | None, typer.Option(help="Threshold set (default: the packaged default set).")] = None,
     shadow_thresholds: Annotated[Path | None, typer.Option(help="Shadow threshold set, never acted on.")] = None,
     health_port: Annotated[
         int | None, typer.Option(help="Port of /healthz, /readyz, /metrics (default CASCADE_HEALTH_PORT; 0: off).")
