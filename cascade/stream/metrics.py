@@ -2,6 +2,8 @@
 
 Rates are left to PromQL, e.g. the share of items that reach the LLM:
 `sum(rate(cascade_stage_items_total{stage="llm"}[5m])) / sum(rate(cascade_stage_items_total{stage="hash"}[5m]))`.
+The drift figures (`cascade_drift_*`, `cascade_reference_*`, `cascade_audit_*`) are described in
+docs/drift.md; k8s/base/monitoring/ holds the dashboard and the alerts built on these names.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from collections.abc import Sequence
 from prometheus_client import Counter, Gauge, Histogram
 
 from cascade.contract import DeadLetter, Verdict
+from cascade.drift import AuditPrecision, DriftMonitor, Reference
 from cascade.stages.base import ItemContext
+from cascade.thresholds import ThresholdSet
 
 VERDICTS = Counter(
     "cascade_verdicts_total",
@@ -47,21 +51,121 @@ FALLBACKS = Counter(
 )
 
 
-def record_batch(stage: str, outputs: Sequence[Verdict | ItemContext], seconds: float) -> None:
-    """Count what one stage did with one batch, from the trace entry it just appended to each item."""
+SURFACE_VERDICTS = Counter(
+    "cascade_surface_verdicts_total",
+    "Verdicts of items that carry a surface, by surface, decision and deciding stage.",
+    ["surface", "decision", "decided_by"],
+)
+
+# Drift against the threshold file's calibration-time reference (cascade.drift).
+DRIFT_PSI = Gauge(
+    "cascade_drift_psi",
+    "Population-stability index of a stage's scores over the sliding window vs the calibration reference.",
+    ["stage", "category", "surface"],
+)
+DRIFT_WINDOW = Gauge("cascade_drift_window_items", "Items in a stage's sliding drift window.", ["stage", "surface"])
+DRIFT_STAGE_SHARE = Gauge(
+    "cascade_drift_stage_share",
+    "Over the sliding window, share of the items reaching a stage by what it did (allow, block, escalate, review).",
+    ["stage", "surface", "result"],
+)
+REFERENCE_STAGE_SHARE = Gauge(
+    "cascade_reference_stage_share",
+    "Calibration reference: share of the items reaching a stage by what it did.",
+    ["stage", "result"],
+)
+REFERENCE_DECIDED_SHARE = Gauge(
+    "cascade_reference_decided_share", "Calibration reference: share of all items decided by a stage.", ["stage"]
+)
+REFERENCE_DECISION_SHARE = Gauge(
+    "cascade_reference_decision_share", "Calibration reference: share of all items per decision.", ["decision"]
+)
+REFERENCE_RATE = Gauge("cascade_reference_rate", "Calibration reference: LLM rate and review rate.", ["rate"])
+
+# Precision of automatic blocks from audited items (cascade.drift.AuditPrecision).
+AUDIT_SENT = Counter("cascade_audit_sent_total", "Automatic verdicts also sent to review as audits.", ["decision"])
+AUDIT_PRECISION = Gauge(
+    "cascade_audit_block_precision",
+    "Precision of automatic blocks among audited items reviewers decided: estimate and interval bounds.",
+    ["bound"],
+)
+AUDIT_BLOCKS = Gauge("cascade_audit_blocks", "Audited automatic blocks with a reviewer's decision, in the window.")
+AUDIT_TARGET = Gauge(
+    "cascade_audit_block_precision_target", "The block precision the threshold file certified (its target)."
+)
+
+_drift: DriftMonitor | None = None
+
+
+def start_drift(thresholds: ThresholdSet, window: int, min_items: int, max_surfaces: int) -> DriftMonitor | None:
+    """Watch this process's stages against `thresholds`' reference; None when the file has none."""
+    global _drift
+    reference = Reference.from_thresholds(thresholds)
+    _drift = None if reference is None else DriftMonitor(reference, window, min_items, max_surfaces)
+    target = thresholds.provenance.get("targets", {}).get("block_precision")
+    if target is not None:
+        AUDIT_TARGET.set(float(target))
+    if reference is not None:
+        for stage, ref in reference.stages.items():
+            for result, share in ref.results.items():
+                REFERENCE_STAGE_SHARE.labels(stage, result).set(share)
+        for stage, share in reference.decided_by.items():
+            REFERENCE_DECIDED_SHARE.labels(stage).set(share)
+        for decision, share in reference.decisions.items():
+            REFERENCE_DECISION_SHARE.labels(decision).set(share)
+        REFERENCE_RATE.labels("llm").set(reference.llm_rate)
+        REFERENCE_RATE.labels("review").set(reference.review_rate)
+    return _drift
+
+
+def record_batch(
+    stage: str, inputs: Sequence[ItemContext], outputs: Sequence[Verdict | ItemContext], seconds: float
+) -> None:
+    """Count what one stage did with one batch, from the trace entry it just appended to each item.
+
+    `inputs` are the batch's items in the order of `outputs` (verdicts do not carry the item).
+    """
     STAGE_SECONDS.labels(stage).observe(seconds)
     BATCH_SIZE.labels(stage).observe(len(outputs))
     cost = 0.0
-    for out in outputs:
+    touched: set[tuple[str, str]] = set()
+    for context, out in zip(inputs, outputs, strict=True):
         entry = out.trace[-1]
+        surface = context.item.surface
         STAGE_ITEMS.labels(stage, entry.result.value).inc()
         if entry.error is not None:
             STAGE_ERRORS.labels(stage).inc()
         cost += entry.cost_usd
         if isinstance(out, Verdict):
             VERDICTS.labels(out.decision.value, out.decided_by).inc()
+            if surface is not None:
+                SURFACE_VERDICTS.labels(surface, out.decision.value, out.decided_by).inc()
+        if _drift is not None:
+            touched.update(_drift.observe(stage, surface, entry))
     if cost:
         STAGE_COST.labels(stage).inc(cost)
+    if _drift is not None:
+        _export_drift(_drift, touched)
+
+
+def _export_drift(monitor: DriftMonitor, keys: set[tuple[str, str]]) -> None:
+    for stage, surface in keys:
+        window = monitor.windows[(stage, surface)]
+        DRIFT_WINDOW.labels(stage, surface).set(len(window))
+        for result, share in window.result_shares().items():
+            DRIFT_STAGE_SHARE.labels(stage, surface, result).set(share)
+        for category, psi in window.psi(monitor.min_items).items():
+            DRIFT_PSI.labels(stage, category, surface).set(psi)
+
+
+def export_audit(audit: AuditPrecision) -> None:
+    """Publish the audit-precision estimate (call after feeding it reviewers' decisions; docs/drift.md)."""
+    AUDIT_BLOCKS.set(audit.audited_blocks)
+    estimate, interval = audit.estimate, audit.interval
+    if estimate is not None and interval is not None:
+        AUDIT_PRECISION.labels("estimate").set(estimate)
+        AUDIT_PRECISION.labels("low").set(interval[0])
+        AUDIT_PRECISION.labels("high").set(interval[1])
 
 
 def record_dead_letter(stage: str, letter: DeadLetter) -> None:

@@ -14,6 +14,7 @@ import typer
 from cascade.assembly import STAGE_ORDER, build_runner
 from cascade.pipeline import CascadeRunner
 from cascade.settings import Settings
+from cascade.stream import metrics
 from cascade.stream.app import create_app
 from cascade.stream.health import HealthServer, WorkerState
 from cascade.stream.kafka import ensure_topics
@@ -60,6 +61,7 @@ def run_worker(
             )
         )
     state = WorkerState(selected)
+    metrics.start_drift(runner.thresholds, settings.drift_window, settings.drift_min_items, settings.drift_max_surfaces)
     app = create_app(settings, runner, selected, state, broker_url)
 
     @app.on_before_shutdown.connect
