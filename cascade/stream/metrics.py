@@ -8,13 +8,16 @@ docs/drift.md; k8s/base/monitoring/ holds the dashboard and the alerts built on 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from cascade.contract import DeadLetter, Verdict
 from cascade.drift import AuditPrecision, DriftMonitor, Reference
-from cascade.stages.base import ItemContext
+from cascade.llm.resilience import BreakerState, CircuitBreaker, RollingBudget
+from cascade.stages.base import ItemContext, Stage
 from cascade.thresholds import ThresholdSet
 
 VERDICTS = Counter(
@@ -94,7 +97,51 @@ AUDIT_TARGET = Gauge(
     "cascade_audit_block_precision_target", "The block precision the threshold file certified (its target)."
 )
 
+# Set by the review app (docs/drift.md): the oldest item waiting for a reviewer.
+REVIEW_OLDEST = Gauge(
+    "cascade_review_oldest_pending_seconds", "Age of the oldest item in the review queue (review and audit items)."
+)
+REVIEW_PENDING = Gauge("cascade_review_pending_items", "Items waiting in the review queue.")
+
 _drift: DriftMonitor | None = None
+
+
+class GuardCollector(Collector):
+    """The LLM guards' state, read at scrape time from the stages that have them (cascade.llm.resilience)."""
+
+    def __init__(self, stages: Sequence[Stage]) -> None:
+        self.stages = list(stages)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        breaker = GaugeMetricFamily(
+            "cascade_llm_breaker_open",
+            "1 while a stage's circuit breaker is open (or half-open), else 0.",
+            labels=["stage"],
+        )
+        budget = GaugeMetricFamily(
+            "cascade_llm_budget_used_ratio",
+            "Share of a stage's rolling budget used, per cap (items, usd); 1 = exhausted, calls are refused.",
+            labels=["stage", "cap"],
+        )
+        for stage in self.stages:
+            guard = getattr(stage, "breaker", None)
+            if isinstance(guard, CircuitBreaker):
+                breaker.add_metric([stage.name], float(guard.state is not BreakerState.CLOSED))
+            cap = getattr(stage, "budget", None)
+            if isinstance(cap, RollingBudget):
+                if cap.max_items:
+                    budget.add_metric([stage.name, "items"], cap.calls / cap.max_items)
+                if cap.max_usd:
+                    budget.add_metric([stage.name, "usd"], cap.spent_usd / cap.max_usd)
+        yield breaker
+        yield budget
+
+
+def watch_guards(stages: Sequence[Stage]) -> GuardCollector:
+    """Export the breaker and budget of `stages` (those this process built) on /metrics."""
+    collector = GuardCollector(stages)
+    REGISTRY.register(collector)
+    return collector
 
 
 def start_drift(thresholds: ThresholdSet, window: int, min_items: int, max_surfaces: int) -> DriftMonitor | None:
@@ -156,6 +203,12 @@ def _export_drift(monitor: DriftMonitor, keys: set[tuple[str, str]]) -> None:
             DRIFT_STAGE_SHARE.labels(stage, surface, result).set(share)
         for category, psi in window.psi(monitor.min_items).items():
             DRIFT_PSI.labels(stage, category, surface).set(psi)
+
+
+def export_review_queue(pending: int, oldest_age_s: float) -> None:
+    """The review queue's depth and the age of its oldest item (the review app calls it; docs/drift.md)."""
+    REVIEW_PENDING.set(pending)
+    REVIEW_OLDEST.set(oldest_age_s)
 
 
 def export_audit(audit: AuditPrecision) -> None:

@@ -62,6 +62,7 @@ def run_worker(
         )
     state = WorkerState(selected)
     metrics.start_drift(runner.thresholds, settings.drift_window, settings.drift_min_items, settings.drift_max_surfaces)
+    metrics.watch_guards([stage for stage in runner.stages if stage.name in selected])
     app = create_app(settings, runner, selected, state, broker_url)
 
     @app.on_before_shutdown.connect
