@@ -19,12 +19,15 @@ import pytest
 import yaml
 from model_cache import model_cache_dir  # noqa: F401  (fixture)
 from prometheus_client import REGISTRY
+from synthetic_scores import SyntheticStage, synthetic_table, write_dataset
 from typer.testing import CliRunner
+
+import cascade.cli.calibrate as calibrate_cli
 
 from cascade.assembly import build_stages
 from cascade.cli import app
 from cascade.contract import ContentItem, Decision, StageOutcome, TraceEntry, Verdict
-from cascade.data import LabelledItem, Split, load_labelled
+from cascade.data import LabelledItem, Split, load_labelled, split_of
 from cascade.drift import (
     ALL_SURFACES,
     PSI_ALERT,
@@ -38,7 +41,7 @@ from cascade.drift import (
     wilson,
 )
 from cascade.pipeline import CascadeRunner
-from cascade.scoring import collect_scores
+from cascade.scoring import ScoreTable, collect_scores
 from cascade.settings import Settings
 from cascade.stream import metrics
 from cascade.stream.processor import Record, StageProcessor
@@ -310,8 +313,6 @@ def test_rows_to_label_grows_as_blocks_get_rarer() -> None:
 
 
 def test_reference_is_consistent_with_the_simulated_cascade() -> None:
-    from synthetic_scores import synthetic_table
-
     table, _ = synthetic_table(2000, np.random.default_rng(4), llm=True)
     thresholds = ThresholdSet(
         version="t",
@@ -329,3 +330,37 @@ def test_reference_is_consistent_with_the_simulated_cascade() -> None:
     assert reference.llm_rate == pytest.approx(reference.stages["llm"].reached, abs=1e-5)
     assert reference.review_rate == reference.decisions["review"] == pytest.approx(0.0)
     assert Reference.from_doc(yaml.safe_load(yaml.safe_dump(reference.to_doc()))) == reference
+
+
+def test_calibrate_writes_the_reference_of_its_calibration_split(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from synthetic_scores import SyntheticStage, write_dataset
+
+    import cascade.cli.calibrate as calibrate_cli
+    from cascade.data import split_of
+    from cascade.scoring import ScoreTable
+
+    state = tmp_path / "state"
+    monkeypatch.setenv("CASCADE_DATA_DIR", str(state))
+    stages = [SyntheticStage("classifier", 0.3, categories=("flagged", "spam")), SyntheticStage("llm", 0.6)]
+    monkeypatch.setattr(calibrate_cli, "build_stages", lambda settings, names: stages)
+    data = write_dataset(tmp_path / "labelled.jsonl", 3_000)
+    out = tmp_path / "t.yaml"
+    targets = ["--target-block-precision", "0.9", "--max-allow-miss", "0.1", "--max-llm-rate", "0.6"]
+    result = CliRunner().invoke(app, ["calibrate", str(data), "-o", str(out), "--version", "ref-1", *targets])
+    assert result.exit_code == 0, result.output
+    written = ThresholdSet.load(out)
+    reference = Reference.from_thresholds(written)
+    assert reference is not None and reference.items == written.provenance["splits"]["calibration"]
+    (calibration,) = [
+        t
+        for t in map(ScoreTable.load, (state / "scores").glob("*.npz"))
+        if split_of(str(t.ids[0])) is Split.CALIBRATION
+    ]
+    assert reference == Reference.from_doc(yaml.safe_load(yaml.safe_dump(Reference.of(calibration, written).to_doc())))
+    assert set(reference.stages) == {"classifier", "llm"} and set(reference.stages["classifier"].scores) == {
+        "flagged",
+        "spam",
+    }
+    assert reference.llm_rate <= 0.6 and reference.stages["llm"].reached == pytest.approx(reference.llm_rate, abs=1e-5)
