@@ -23,7 +23,6 @@ from synthetic_scores import SyntheticStage, synthetic_table, write_dataset
 from typer.testing import CliRunner
 
 import cascade.cli.calibrate as calibrate_cli
-
 from cascade.assembly import build_stages
 from cascade.cli import app
 from cascade.contract import ContentItem, Decision, StageOutcome, TraceEntry, Verdict
@@ -335,11 +334,6 @@ def test_reference_is_consistent_with_the_simulated_cascade() -> None:
 def test_calibrate_writes_the_reference_of_its_calibration_split(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from synthetic_scores import SyntheticStage, write_dataset
-
-    import cascade.cli.calibrate as calibrate_cli
-    from cascade.data import split_of
-    from cascade.scoring import ScoreTable
 
     state = tmp_path / "state"
     monkeypatch.setenv("CASCADE_DATA_DIR", str(state))
