@@ -12,13 +12,10 @@ import asyncio
 import json
 import time
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from llm_server import LocalLLMServer, Mode, serve
 from prometheus_client.parser import text_string_to_metric_families
-from test_stream_broker import CASCADE, Deployment
+from test_stream_broker import CASCADE, Deployment, broker, deployment, llm  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
 from cascade.assembly import build_stages
@@ -26,7 +23,6 @@ from cascade.cli import app
 from cascade.contract import ContentItem, Decision, Verdict
 from cascade.drift import ALL_SURFACES, PSI_ALERT, Reference
 from cascade.scoring import collect_scores
-from cascade.stream.broker import EmbeddedBroker
 from cascade.stream.client import read_topics
 from cascade.thresholds import ThresholdSet
 
@@ -40,32 +36,10 @@ def texts(n: int, tag: str) -> list[str]:
     return [f"{tag} {WORDS[i % 10]} {WORDS[(i * 3 + 1) % 10]} {WORDS[(i * 7 + 2) % 10]} #{i}" for i in range(n)]
 
 
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def llm() -> Iterator[LocalLLMServer]:
-    with serve() as running:
-        yield running
-
-
-@pytest.fixture
-def deployment(broker: EmbeddedBroker, llm: LocalLLMServer, tmp_path: Path) -> Iterator[Deployment]:
-    llm.state.default_mode = Mode.OK
-    running = Deployment(broker, llm, tmp_path)
-    try:
-        yield running
-    finally:
-        running.kill()
-
-
-def _with_reference(deployment: Deployment) -> ThresholdSet:
+def _with_reference(target: Deployment) -> ThresholdSet:
     """The deployment's threshold file plus the reference `cascade calibrate` would write for it."""
-    settings = deployment.settings()
-    thresholds = ThresholdSet.load(deployment.thresholds)
+    settings = target.settings()
+    thresholds = ThresholdSet.load(target.thresholds)
     thresholds.provenance["targets"] = {"block_precision": 0.9, "max_allow_miss": 0.05, "max_llm_rate": 1.0}
     stages = build_stages(settings, CASCADE)
     items = [ContentItem(id=f"ref-{i}", text=t) for i, t in enumerate(texts(120, "ref"))]
@@ -78,7 +52,7 @@ def _with_reference(deployment: Deployment) -> ThresholdSet:
                 await stage.aclose()
 
     thresholds.provenance["reference"] = asyncio.run(score()).to_doc()
-    thresholds.dump(deployment.thresholds)
+    thresholds.dump(target.thresholds)
     return thresholds
 
 
@@ -107,7 +81,7 @@ def _read_all(url: str, topics: list[str]) -> list[bytes]:
     return asyncio.run(read())
 
 
-def test_worker_exports_drift_and_audits_and_cascade_drift_reads_the_topics(deployment: Deployment) -> None:
+def test_worker_exports_drift_and_audits_and_cascade_drift_reads_the_topics(deployment: Deployment) -> None:  # noqa: F811
     thresholds = _with_reference(deployment)
     reference = Reference.from_thresholds(thresholds)
     assert reference is not None and "flagged" in reference.stages["llm"].scores
