@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -358,3 +361,21 @@ def test_calibrate_writes_the_reference_of_its_calibration_split(
         "spam",
     }
     assert reference.llm_rate <= 0.6 and reference.stages["llm"].reached == pytest.approx(reference.llm_rate, abs=1e-5)
+
+
+def test_worker_refuses_a_malformed_reference_with_one_line(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    ThresholdSet(version="broken", provenance={"reference": {"items": 10, "stages": {"hash": {}}}}).dump(broken)
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "cascade.stream", "--broker", "127.0.0.1:9", "--cascade", "hash"),
+            *("--thresholds", str(broken), "--health-port", "0"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CASCADE_DATA_DIR": str(tmp_path / "data")},
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "provenance.reference is malformed" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

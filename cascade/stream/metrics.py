@@ -8,6 +8,7 @@ docs/drift.md; k8s/base/monitoring/ holds the dashboard and the alerts built on 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
@@ -103,6 +104,7 @@ REVIEW_OLDEST = Gauge(
 )
 REVIEW_PENDING = Gauge("cascade_review_pending_items", "Items waiting in the review queue.")
 
+log = logging.getLogger(__name__)
 _drift: DriftMonitor | None = None
 
 
@@ -148,6 +150,10 @@ def start_drift(thresholds: ThresholdSet, window: int, min_items: int, max_surfa
     """Watch this process's stages against `thresholds`' reference; None when the file has none."""
     global _drift
     reference = Reference.from_thresholds(thresholds)
+    if reference is None:
+        log.warning(
+            "thresholds %s carry no drift reference: no drift figures (re-run cascade calibrate)", thresholds.version
+        )
     _drift = None if reference is None else DriftMonitor(reference, window, min_items, max_surfaces)
     target = thresholds.provenance.get("targets", {}).get("block_precision")
     if target is not None:

@@ -61,7 +61,6 @@ def run_worker(
             )
         )
     state = WorkerState(selected)
-    metrics.start_drift(runner.thresholds, settings.drift_window, settings.drift_min_items, settings.drift_max_surfaces)
     metrics.watch_guards([stage for stage in runner.stages if stage.name in selected])
     app = create_app(settings, runner, selected, state, broker_url)
 
@@ -106,6 +105,9 @@ def worker_command(
         unknown = [name for name in names if name not in runner.stage_names]
         if unknown:
             raise ValueError(f"stages {unknown} are not in the cascade {runner.stage_names}")
+        metrics.start_drift(
+            runner.thresholds, settings.drift_window, settings.drift_min_items, settings.drift_max_surfaces
+        )
     except Exception as exc:  # any stage that cannot be built (missing model, bad thresholds): say so, exit
         typer.secho(f"error: cannot build the cascade: {type(exc).__name__}: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
