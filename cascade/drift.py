@@ -268,31 +268,44 @@ class StageWindow:
         return {name: float(count) / total if total else 0.0 for name, count in zip(RESULTS, self.results, strict=True)}
 
 
+class SurfaceLimit:
+    """Admits the first `limit` distinct surfaces; items of later ones count in the totals only.
+
+    Surfaces come from producers: the cap bounds memory and Prometheus label cardinality.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def admit(self, surface: str | None) -> str | None:
+        if surface is None or (surface not in self.seen and len(self.seen) >= self.limit):
+            return None
+        self.seen.add(surface)
+        return surface
+
+
 class DriftMonitor:
     """Sliding windows per (stage, surface) against a reference, as the workers keep them.
 
-    Every item counts in the `_all` window of its stage and, when it carries a surface, in
-    that surface's window too; past `max_surfaces` distinct surfaces, further ones count in
-    `_all` only (bounded memory and label cardinality).
+    Every item counts in the `_all` window of its stage and, when it carries a surface the
+    `surfaces` limit admits, in that surface's window too.
     """
 
-    def __init__(self, reference: Reference, size: int, min_items: int, max_surfaces: int) -> None:
+    def __init__(self, reference: Reference, size: int, min_items: int, surfaces: SurfaceLimit) -> None:
         self.reference = reference
         self.size = size
         self.min_items = min_items
-        self.max_surfaces = max_surfaces
+        self.surfaces = surfaces
         self.windows: dict[tuple[str, str], StageWindow] = {}
-        self.surfaces: set[str] = set()
 
     def observe(self, stage: str, surface: str | None, entry: TraceEntry) -> list[tuple[str, str]]:
         """Count one trace entry; the (stage, surface) windows it changed."""
         stage_reference = self.reference.stages.get(stage)
         if stage_reference is None:  # a stage the thresholds were not calibrated with
             return []
-        keys = [(stage, ALL_SURFACES)]
-        if surface is not None and (surface in self.surfaces or len(self.surfaces) < self.max_surfaces):
-            self.surfaces.add(surface)
-            keys.append((stage, surface))
+        admitted = self.surfaces.admit(surface)
+        keys = [(stage, ALL_SURFACES)] if admitted is None else [(stage, ALL_SURFACES), (stage, admitted)]
         for key in keys:
             if key not in self.windows:
                 self.windows[key] = StageWindow(stage_reference, self.size)

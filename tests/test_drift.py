@@ -38,6 +38,7 @@ from cascade.drift import (
     Reference,
     ScoreSketch,
     StageReference,
+    SurfaceLimit,
     audited,
     rows_to_label,
     wilson,
@@ -263,7 +264,7 @@ def test_monitor_windows_slide_and_bound_the_surfaces() -> None:
     sketch = ScoreSketch.of(rng.random(1000))
     assert sketch is not None
     reference = Reference(1000, {"classifier": StageReference(1.0, {}, {"flagged": sketch})}, {}, {}, 0.0, 0.0)
-    monitor = DriftMonitor(reference, size=100, min_items=50, max_surfaces=1)
+    monitor = DriftMonitor(reference, size=100, min_items=50, surfaces=SurfaceLimit(1))
     for score in rng.random(150):
         monitor.observe("classifier", "post", _entry(float(score)))
     assert monitor.observe("classifier", "sms", _entry(0.5)) == [("classifier", ALL_SURFACES)]  # over the cap

@@ -16,8 +16,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from cascade.contract import DeadLetter, Verdict
-from cascade.drift import AuditPrecision, DriftMonitor, Reference
+from cascade.drift import AuditPrecision, DriftMonitor, Reference, SurfaceLimit
 from cascade.llm.resilience import BreakerState, CircuitBreaker, RollingBudget
+from cascade.settings import Settings
 from cascade.stages.base import ItemContext, Stage
 from cascade.thresholds import ThresholdSet
 
@@ -106,6 +107,7 @@ REVIEW_PENDING = Gauge("cascade_review_pending_items", "Items waiting in the rev
 
 log = logging.getLogger(__name__)
 _drift: DriftMonitor | None = None
+_surfaces = SurfaceLimit(Settings.model_fields["drift_max_surfaces"].default)  # start_drift sets the configured one
 
 
 class GuardCollector(Collector):
@@ -148,13 +150,14 @@ def watch_guards(stages: Sequence[Stage]) -> GuardCollector:
 
 def start_drift(thresholds: ThresholdSet, window: int, min_items: int, max_surfaces: int) -> DriftMonitor | None:
     """Watch this process's stages against `thresholds`' reference; None when the file has none."""
-    global _drift
+    global _drift, _surfaces
     reference = Reference.from_thresholds(thresholds)
+    _surfaces = SurfaceLimit(max_surfaces)
     if reference is None:
         log.warning(
             "thresholds %s carry no drift reference: no drift figures (re-run cascade calibrate)", thresholds.version
         )
-    _drift = None if reference is None else DriftMonitor(reference, window, min_items, max_surfaces)
+    _drift = None if reference is None else DriftMonitor(reference, window, min_items, _surfaces)
     target = thresholds.provenance.get("targets", {}).get("block_precision")
     if target is not None:
         AUDIT_TARGET.set(float(target))
@@ -191,8 +194,9 @@ def record_batch(
         cost += entry.cost_usd
         if isinstance(out, Verdict):
             VERDICTS.labels(out.decision.value, out.decided_by).inc()
-            if surface is not None:
-                SURFACE_VERDICTS.labels(surface, out.decision.value, out.decided_by).inc()
+            admitted = _surfaces.admit(surface)
+            if admitted is not None:
+                SURFACE_VERDICTS.labels(admitted, out.decision.value, out.decided_by).inc()
         if _drift is not None:
             touched.update(_drift.observe(stage, surface, entry))
     if cost:
