@@ -380,3 +380,20 @@ def test_worker_refuses_a_malformed_reference_with_one_line(tmp_path: Path) -> N
     assert done.returncode == 2, done.stdout + done.stderr
     assert "provenance.reference is malformed" in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_cascade_drift_unreachable_broker_is_one_line(tmp_path: Path) -> None:
+    table, _ = synthetic_table(500, np.random.default_rng(5))
+    thresholds = ThresholdSet(version="r", stages={"classifier": {"flagged": {"allow_below": 0.2, "block_at": 0.9}}})
+    thresholds.provenance["reference"] = Reference.of(table, thresholds).to_doc()
+    path = tmp_path / "r.yaml"
+    thresholds.dump(path)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "cascade"), "drift", "--broker", "127.0.0.1:9", "--thresholds", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "cannot read the verdict topics from 127.0.0.1:9" in line and "check --broker" in line

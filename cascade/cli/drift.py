@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -50,9 +51,11 @@ def _from_files(paths: Sequence[Path], err: Console) -> list[Verdict]:
     return verdicts
 
 
-def _from_topics(url: str, since: datetime | None, until: datetime | None, idle_s: float) -> list[Verdict]:
+def _from_topics(
+    url: str, topics: Topics, since: datetime | None, until: datetime | None, idle_s: float
+) -> list[Verdict]:
     """Every verdict on the verdict topics processed in [since, until), read until the topics go quiet."""
-    topics = Topics(Settings().topic_prefix)
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its connection errors: we print one line
 
     async def read() -> list[Verdict]:
         found: list[Verdict] = []
@@ -183,7 +186,7 @@ def drift(
         found = _from_files(verdicts, err)
     else:
         try:
-            found = _from_topics(broker, start, end, idle)  # type: ignore[arg-type]
+            found = _from_topics(broker, Topics(settings.topic_prefix), start, end, idle)  # type: ignore[arg-type]
         except (OSError, RuntimeError) as exc:
             raise fail(f"cannot read the verdict topics from {broker}: {exc}; check --broker") from exc
     if not found:
