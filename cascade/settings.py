@@ -122,6 +122,15 @@ class Settings(BaseSettings):
     stream_session_timeout_s: float = Field(default=6.0, gt=0, description="Consumer group session timeout.")
     health_port: int = Field(default=8080, ge=0, le=65535, description="Worker /healthz, /readyz, /metrics.")
 
+    # Drift monitor and audit sample (docs/drift.md).
+    drift_window: int = Field(default=2000, gt=0, description="Items per stage (and surface) in the drift window.")
+    drift_min_items: int = Field(default=200, gt=0, description="Scores in a window before its PSI is exported.")
+    drift_max_surfaces: int = Field(default=16, ge=0, description="Surfaces with their own drift windows.")
+    audit_share: float = Field(
+        default=0.01, ge=0, le=1, description="Share of automatic verdicts also sent to review as audits."
+    )
+    audit_window: int = Field(default=500, gt=0, description="Audited blocks the live precision estimate keeps.")
+
     @classmethod
     def settings_customise_sources(
         cls,

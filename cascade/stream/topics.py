@@ -3,7 +3,8 @@
 `{prefix}moderation.content` is the input (ContentItem JSON, key = item id). Between two
 consecutive stages runs `{prefix}moderation.escalate.<stage>`, named after the stage it feeds.
 Verdicts go to `{prefix}moderation.verdicts.<allow|block|review>`, unusable input to
-`{prefix}moderation.deadletter`. Keys are item ids on every topic. The prefix is prepended
+`{prefix}moderation.deadletter`. A sampled share of automatic verdicts is copied to
+`{prefix}moderation.audit` for human review (docs/drift.md). Keys are item ids on every topic. The prefix is prepended
 verbatim (e.g. `staging.`), so one cluster can host several deployments.
 """
 
@@ -18,6 +19,7 @@ CONTENT = "moderation.content"
 ESCALATE = "moderation.escalate."
 VERDICTS = "moderation.verdicts."
 DEADLETTER = "moderation.deadletter"
+AUDIT = "moderation.audit"
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,11 @@ class Topics:
     @property
     def deadletter(self) -> str:
         return f"{self.prefix}{DEADLETTER}"
+
+    @property
+    def audit(self) -> str:
+        """Copies of automatic verdicts sampled for review as audits (not verdicts: consumers of verdicts skip it)."""
+        return f"{self.prefix}{AUDIT}"
 
     def escalate(self, stage: str) -> str:
         """The input topic of `stage` when it is not the first stage of the cascade."""
@@ -54,4 +61,5 @@ class Topics:
             *(self.escalate(stage) for stage in cascade[1:]),
             *self.all_verdicts,
             self.deadletter,
+            self.audit,
         ]
