@@ -76,7 +76,7 @@ def through_kafka(
         started = time.perf_counter()
 
         async def run() -> Outcomes:
-            published = await publish(url, topics.content, lines)
+            published = await publish(url, topics, lines)
             return await collect(url, topics, published, timeout_s=900)
 
         outcomes = asyncio.run(run())

@@ -54,7 +54,7 @@ async def _round(
 
     topics = Topics()
     started = datetime.now(UTC)
-    published = await publish(url, topics.content, _lines(items, tag))
+    published = await publish(url, topics, _lines(items, tag))
     outcomes = await collect(url, topics, published, timeout_s=timeout_s, alive=alive)
     ours = [outcomes.verdicts[p.item_id] for p in published if p.item_id in outcomes.verdicts]
     if len(ours) != len(items):

@@ -152,6 +152,9 @@ def moderate(
         raise fail(str(exc)) from exc
     if dead_letter is None and output is not None:
         dead_letter = output.with_name(output.name + ".deadletter.jsonl")
+    for path, option in ((output, "-o/--output"), (dead_letter, "--dead-letter")):
+        if path is not None and not path.parent.is_dir():
+            raise fail(f"{option}: directory {path.parent} does not exist; create it or choose another path")
 
     err = Console(stderr=True)
     summary = ModerationSummary()

@@ -13,16 +13,38 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 from cascade.stream.broker import free_port
 from cascade.stream.client import Outcomes, Published, read_topics
 from cascade.stream.topics import Topics
 
+LOG_TAIL_LINES = 12
+
 
 class WorkerError(RuntimeError):
-    """A worker process exited or did not become ready."""
+    """A worker process exited or did not become ready; carries the end of its log."""
+
+    def __init__(self, message: str, returncode: int | None = None, log_tail: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+        self.log_tail = list(log_tail)
+
+
+def worker_stages(cascade: Sequence[str], workers: int, single_process: Collection[str]) -> list[list[str]]:
+    """The stages each of `workers` processes runs: all of them, except that only the first runs the
+    stages whose store one process alone can open (the others hand those items over by Kafka).
+
+    Raises ValueError when the later workers would have nothing to run.
+    """
+    shared = [name for name in cascade if name not in single_process]
+    if workers > 1 and not shared:
+        raise ValueError(
+            f"--workers {workers}: every stage of {','.join(cascade)} keeps a store only one process can open;"
+            " run one worker, or set CASCADE_QDRANT_URL to share the exemplar store through a Qdrant server"
+        )
+    return [list(cascade)] + [shared] * (workers - 1)
 
 
 class WorkerProcess:
@@ -76,11 +98,22 @@ class WorkerProcess:
         started = time.monotonic()
         while time.monotonic() - started < timeout_s:
             if not self.alive:
-                raise WorkerError(f"worker exited with code {self.returncode}{self._log_hint()}")
+                raise self.error(f"worker exited with code {self.returncode}")
             if self.probe():
                 return time.monotonic() - started
             time.sleep(0.2)
-        raise WorkerError(f"worker not ready after {timeout_s:.0f} s{self._log_hint()}")
+        raise self.error(f"worker not ready after {timeout_s:.0f} s")
+
+    def error(self, what: str) -> WorkerError:
+        """A WorkerError saying `what`, with the last lines of the worker's log."""
+        tail: list[str] = []
+        if self.log_path is not None and self.log_path.is_file():
+            with self.log_path.open("rb") as log:
+                log.seek(max(0, log.seek(0, os.SEEK_END) - 64 * 1024))
+                lines = log.read().decode("utf-8", "replace").splitlines()
+            tail = [line for line in lines if line.strip()][-LOG_TAIL_LINES:]
+        hint = f" (log: {self.log_path}; its last lines below)" if tail else self._log_hint()
+        return WorkerError(f"{what}{hint}", self.returncode, tail)
 
     @property
     def returncode(self) -> int | None:

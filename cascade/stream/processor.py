@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cascade.contract import DeadLetter, DeadLetterCode, Verdict
+from cascade.contract import MAX_ID_CHARS, DeadLetter, DeadLetterCode, Verdict
 from cascade.intake import dead_letter, parse_record
 from cascade.pipeline import CascadeRunner, new_context
 from cascade.settings import Settings
@@ -48,6 +48,8 @@ class Message:
     topic: str
     key: bytes | None
     value: bytes
+    outcome: Verdict | DeadLetter | None = None  # counted in metrics once acknowledged (None: an escalation)
+    origin: Record | None = None  # the record it answers: the payload of a dead letter if the broker refuses it
 
 
 def _key(item_id: str | None, fallback: bytes | None) -> bytes | None:
@@ -73,7 +75,7 @@ class StageProcessor:
         for record in records:
             decoded = self._decode(record)
             if isinstance(decoded, DeadLetter):
-                messages.append(self._dead_letter_message(decoded, record.key))
+                messages.append(self._dead_letter_message(decoded, record))
             else:
                 contexts.append(decoded)
                 originals.append(record)
@@ -111,14 +113,14 @@ class StageProcessor:
                 messages.extend(await self._judge_one(record))
             return messages
         metrics.record_batch(self.stage, outputs, time.perf_counter() - started)
-        return [self._route(out) for out in outputs]
+        return [self._route(out, record) for out, record in zip(outputs, originals, strict=True)]
 
     async def _judge_one(self, record: Record) -> list[Message]:
         started = time.perf_counter()
         # The failed batch may have appended trace entries before raising: start from the record again.
         fresh = self._decode(record)
         if isinstance(fresh, DeadLetter):
-            return [self._dead_letter_message(fresh, record.key)]
+            return [self._dead_letter_message(fresh, record)]
         try:
             outputs = await self.runner.run_stage(self.index, [fresh])
         except Exception as exc:
@@ -130,16 +132,46 @@ class StageProcessor:
                 record.source,
                 fresh.item.id,
             )
-            return [self._dead_letter_message(letter, record.key)]
+            return [self._dead_letter_message(letter, record)]
         metrics.record_batch(self.stage, outputs, time.perf_counter() - started)
-        return [self._route(out) for out in outputs]
+        return [self._route(out, record) for out in outputs]
 
-    def _route(self, out: Verdict | ItemContext) -> Message:
+    def _route(self, out: Verdict | ItemContext, record: Record) -> Message:
         if isinstance(out, Verdict):
-            return Message(self.topics.verdicts(out.decision), _key(out.id, None), out.model_dump_json().encode())
-        next_stage = self.runner.stage_names[self.index + 1]
-        return Message(self.topics.escalate(next_stage), _key(out.item.id, None), out.to_wire())
+            message = Message(
+                self.topics.verdicts(out.decision), _key(out.id, None), out.model_dump_json().encode(), out, record
+            )
+        else:
+            next_stage = self.runner.stage_names[self.index + 1]
+            message = Message(self.topics.escalate(next_stage), _key(out.item.id, None), out.to_wire(), None, record)
+        if len(message.value) > self.settings.max_value_bytes:
+            # Producing it would fail for good and block the partition: the item ends here instead.
+            what = "verdict" if isinstance(out, Verdict) else f"escalation record for stage {next_stage}"
+            return self.refused(
+                message,
+                DeadLetterCode.OUTPUT_TOO_LARGE,
+                f"its {what} is {len(message.value)} bytes; the largest message value is"
+                f" {self.settings.max_value_bytes} (CASCADE_STREAM_MAX_MESSAGE_BYTES)",
+            )
+        return message
 
-    def _dead_letter_message(self, letter: DeadLetter, fallback_key: bytes | None) -> Message:
-        metrics.record_dead_letter(self.stage, letter)
-        return Message(self.topics.deadletter, _key(letter.id, fallback_key), letter.model_dump_json().encode())
+    def refused(self, message: Message, code: DeadLetterCode, reason: str) -> Message:
+        """The dead letter that replaces an output the broker cannot take; its payload is the record answered."""
+        origin = message.origin
+        letter = dead_letter(
+            origin.value if origin is not None else message.value,
+            code,
+            f"stage {self.stage}: {reason}",
+            self.settings,
+            origin.source if origin is not None else None,
+            message.key.decode("utf-8", "replace") if message.key else None,
+        )
+        metrics.REFUSED_OUTPUTS.labels(self.stage, code.value).inc()
+        return self._dead_letter_message(letter, origin)
+
+    def _dead_letter_message(self, letter: DeadLetter, record: Record | None) -> Message:
+        # An input key can be anything a producer chose; only an id-sized one is reused.
+        fallback = record.key if record is not None and len(record.key or b"") <= 4 * MAX_ID_CHARS else None
+        return Message(
+            self.topics.deadletter, _key(letter.id, fallback), letter.model_dump_json().encode(), letter, record
+        )
