@@ -59,6 +59,14 @@ def llm() -> Iterator[LocalLLMServer]:
         yield running
 
 
+def write_llm_thresholds(path: Path) -> Path:
+    """Bands for the LLM on every category it scores, so its answers settle items."""
+    categories = [c for c in load_policy().categories if c != "flagged"]
+    bands = {c: {"allow_below": 0.5, "block_at": 0.5} for c in categories}
+    path.write_text(yaml.safe_dump({"version": "stream-test", "stages": {"llm": bands}}))
+    return path
+
+
 class Deployment:
     """One isolated deployment on the shared broker: its own topic prefix, group and data dir."""
 
@@ -66,17 +74,7 @@ class Deployment:
         self.broker_url = broker.url
         self.tmp_path = tmp_path
         self.topics = Topics(f"t{uuid.uuid4().hex[:8]}.")
-        self.thresholds = tmp_path / "thresholds.yaml"
-        # Bands for the LLM on every category it scores, so its answers settle items.
-        categories = [c for c in load_policy().categories if c != "flagged"]
-        self.thresholds.write_text(
-            yaml.safe_dump(
-                {
-                    "version": "stream-test",
-                    "stages": {"llm": {c: {"allow_below": 0.5, "block_at": 0.5} for c in categories}},
-                }
-            )
-        )
+        self.thresholds = write_llm_thresholds(tmp_path / "thresholds.yaml")
         self.env = {
             "CASCADE_DATA_DIR": str(tmp_path / "data"),
             "CASCADE_TOPIC_PREFIX": self.topics.prefix,
@@ -118,7 +116,7 @@ class Deployment:
         return process
 
     def publish(self, lines: list[bytes], rate: float | None = None) -> list[Published]:
-        return asyncio.run(publish(self.broker_url, self.topics.content, lines, rate))
+        return asyncio.run(publish(self.broker_url, self.topics, lines, rate))
 
     def collect(self, published: list[Published], timeout_s: float = 60.0) -> Outcomes:
         return asyncio.run(collect(self.broker_url, self.topics, published, timeout_s=timeout_s))
@@ -183,9 +181,7 @@ def test_sigkill_mid_stream_loses_nothing(deployment: Deployment) -> None:
     worker.wait_ready()
 
     async def publish_while_killing() -> list[Published]:
-        publishing = asyncio.create_task(
-            publish(deployment.broker_url, deployment.topics.content, items(120, "k"), rate=60)
-        )
+        publishing = asyncio.create_task(publish(deployment.broker_url, deployment.topics, items(120, "k"), rate=60))
         verdicts_seen = [0]
 
         def seen(outcomes: Outcomes) -> None:
@@ -216,9 +212,7 @@ def test_sigterm_finishes_in_flight_work_and_commits(deployment: Deployment) -> 
     worker.wait_ready()
 
     async def publish_then_stop() -> list[Published]:
-        publishing = asyncio.create_task(
-            publish(deployment.broker_url, deployment.topics.content, items(120, "s"), rate=120)
-        )
+        publishing = asyncio.create_task(publish(deployment.broker_url, deployment.topics, items(120, "s"), rate=120))
         await asyncio.sleep(0.5)
         assert await asyncio.to_thread(worker.stop, 15) == 0
         return await publishing

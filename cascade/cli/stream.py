@@ -16,14 +16,14 @@ from aiokafka.errors import KafkaError
 from rich.console import Console
 from rich.markup import escape
 
-from cascade.assembly import STAGE_ORDER, check_stage_names, single_process_stages
+from cascade.assembly import STAGE_ORDER, build_runner, single_process_stages
 from cascade.cli.app import app, fail
 from cascade.cli.moderate import ModerationSummary
 from cascade.contract import Decision
 from cascade.settings import Settings
 from cascade.stream.broker import BrokerError, EmbeddedBroker
 from cascade.stream.client import NoTopicsError, Outcomes, Published, publish, read_topics
-from cascade.stream.kafka import bootstrap_servers, ensure_topics
+from cascade.stream.kafka import bootstrap_servers, client_logs_quiet, ensure_topics, unreachable_message
 from cascade.stream.local import WorkerError, WorkerProcess, collect, worker_stages
 from cascade.stream.topics import Topics
 from cascade.stream.worker import worker_command
@@ -49,10 +49,7 @@ def _broker(option: str | None, settings: Settings) -> str:
 
 
 def _unreachable(url: str, exc: BaseException) -> typer.Exit:
-    return fail(
-        f"cannot use the Kafka broker at {url} ({type(exc).__name__}: {exc}):"
-        " check --broker / CASCADE_KAFKA_URL and that the broker is running"
-    )
+    return fail(unreachable_message(url, exc))
 
 
 def _lines(path: Path, limit: int | None) -> Iterator[bytes]:
@@ -88,7 +85,10 @@ def publish_command(
     started = time.perf_counter()
     topics = Topics(settings.topic_prefix)
     try:
-        published = asyncio.run(publish(url, topics, _lines(input, limit), rate, settings=settings, origin=str(input)))
+        with client_logs_quiet():
+            published = asyncio.run(
+                publish(url, topics, _lines(input, limit), rate, settings=settings, origin=str(input))
+            )
     except (KafkaError, OSError) as exc:
         raise _unreachable(url, exc) from None
     elapsed = time.perf_counter() - started
@@ -136,7 +136,8 @@ def tail(
 
     with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
         try:
-            asyncio.run(run())
+            with client_logs_quiet():
+                asyncio.run(run())
         except NoTopicsError as exc:
             raise fail(f"{exc}: start a worker first (it creates them), or check CASCADE_TOPIC_PREFIX") from None
         except (KafkaError, OSError) as exc:
@@ -175,10 +176,11 @@ def run(
         raise fail("--until-drained needs --publish FILE")
     cascade = _names(stages)
     try:
-        check_stage_names(cascade)
         plan = worker_stages(cascade, workers, single_process_stages(settings))
-    except ValueError as exc:
-        raise fail(f"{exc} (--stages, --workers)") from None
+        # What every worker will load, checked once here (the stages themselves are built by the workers).
+        build_runner(settings, thresholds, stage_names=cascade, load=())
+    except ValueError as exc:  # ThresholdError is one
+        raise fail(str(exc)) from None
     if broker is not None or settings.kafka_url:
         _broker(broker, settings)
     err = Console(stderr=True)
@@ -198,15 +200,16 @@ def run(
         topics = Topics(settings.topic_prefix)
         # The readers below need these before the workers have created the rest.
         try:
-            asyncio.run(
-                ensure_topics(
-                    url,
-                    [topics.content, *topics.all_verdicts, topics.deadletter],
-                    settings.stream_partitions,
-                    settings.stream_replication_factor,
-                    settings.stream_max_message_bytes,
+            with client_logs_quiet():
+                asyncio.run(
+                    ensure_topics(
+                        url,
+                        [topics.content, *topics.all_verdicts, topics.deadletter],
+                        settings.stream_partitions,
+                        settings.stream_replication_factor,
+                        settings.stream_max_message_bytes,
+                    )
                 )
-            )
         except (KafkaError, OSError) as exc:
             raise _unreachable(url, exc) from None
         for n, worker_stage_names in enumerate(plan):

@@ -76,9 +76,9 @@ async def publish(
         max_request_size=settings.stream_max_message_bytes,
         client_id="cascade-publish",
     )
-    await producer.start()
     published: list[Published] = []
     try:
+        await producer.start()
         started = time.monotonic()
         # (key, send future, the dead letter's source when the line was dead-lettered instead)
         window: list[tuple[bytes | None, asyncio.Future, str | None]] = []
@@ -135,8 +135,8 @@ async def read_topics(url: str, topics: Sequence[str], poll_ms: int = 200) -> As
         auto_offset_reset="earliest",
         client_id="cascade-read",
     )
-    await consumer.start()
     try:
+        await consumer.start()
         await consumer.topics()  # fetch metadata so partitions are known
         partitions = [
             TopicPartition(topic, p) for topic in topics for p in sorted(consumer.partitions_for_topic(topic) or ())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
@@ -33,6 +33,28 @@ def refusal_code(exc: BaseException) -> DeadLetterCode | None:
     if isinstance(exc, _REFUSED):
         return DeadLetterCode.OUTPUT_REFUSED
     return None
+
+
+def unreachable_message(url: str, exc: BaseException) -> str:
+    """The operator's one line for a broker that cannot be used (refused, unknown host, timed out)."""
+    detail = str(exc) if str(exc).startswith(type(exc).__name__) else f"{type(exc).__name__}: {exc}"
+    return (
+        f"cannot use the Kafka broker at {url} ({detail}):"
+        " check --broker / CASCADE_KAFKA_URL and that the broker is running"
+    )
+
+
+@contextlib.contextmanager
+def client_logs_quiet() -> Iterator[None]:
+    """Keep the Kafka client's own warnings (one per failed connection attempt) off the terminal:
+    the command reports a failure itself, in one line."""
+    client_log = logging.getLogger("aiokafka")
+    level = client_log.level
+    client_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        client_log.setLevel(level)
 
 
 def bootstrap_servers(url: str) -> list[str]:
@@ -70,8 +92,8 @@ async def ensure_topics(
     producers (`max_request_size`, the same setting) may send.
     """
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(url), client_id="cascade-admin")
-    await admin.start()
     try:
+        await admin.start()
         existing = set(await admin.list_topics())
         missing = [name for name in dict.fromkeys(names) if name not in existing]
         if not missing:

@@ -19,7 +19,7 @@ from cascade.pipeline import CascadeRunner
 from cascade.settings import Settings, SettingsError
 from cascade.stream.app import create_app
 from cascade.stream.health import HealthServer, WorkerState
-from cascade.stream.kafka import bootstrap_servers, ensure_topics
+from cascade.stream.kafka import bootstrap_servers, client_logs_quiet, ensure_topics, unreachable_message
 from cascade.stream.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -75,15 +75,16 @@ def run_worker(
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     if settings.stream_create_topics:
-        loop.run_until_complete(
-            ensure_topics(
-                broker_url,
-                Topics(settings.topic_prefix).all_topics(runner.stage_names),
-                settings.stream_partitions,
-                settings.stream_replication_factor,
-                settings.stream_max_message_bytes,
+        with client_logs_quiet():
+            loop.run_until_complete(
+                ensure_topics(
+                    broker_url,
+                    Topics(settings.topic_prefix).all_topics(runner.stage_names),
+                    settings.stream_partitions,
+                    settings.stream_replication_factor,
+                    settings.stream_max_message_bytes,
+                )
             )
-        )
     state = WorkerState(selected, settings.stream_batch_deadline_s)
     app = create_app(settings, runner, selected, state, broker_url)
 
@@ -148,10 +149,7 @@ def worker_command(
     try:
         run_worker(settings, url, runner, names, health_port, loglevel)
     except (KafkaError, OSError) as exc:  # raised before faust takes over: the broker is not reachable
-        _fail(
-            f"cannot use the Kafka broker at {url} ({type(exc).__name__}: {exc}):"
-            " check --broker / CASCADE_KAFKA_URL and that the broker is running"
-        )
+        _fail(unreachable_message(url, exc))
 
 
 def _fail(message: str) -> NoReturn:
