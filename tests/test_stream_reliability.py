@@ -29,7 +29,7 @@ from llm_server import LocalLLMServer, Mode, serve
 from prometheus_client.parser import text_string_to_metric_families
 from test_stream_broker import Deployment, items, write_llm_thresholds
 
-from cascade.contract import DeadLetter, DeadLetterCode, Decision
+from cascade.contract import DeadLetter, DeadLetterCode, Decision, Verdict
 from cascade.settings import Settings
 from cascade.stream.broker import EmbeddedBroker
 from cascade.stream.client import Outcomes, read_topics
@@ -277,3 +277,41 @@ def deployment(broker: EmbeddedBroker, llm: LocalLLMServer, tmp_path: Path) -> I
         yield running
     finally:
         running.kill()
+
+
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not any(SHARED_DATA.glob("*.jsonl")), reason="needs the labelled data in ../shared/data")
+def test_two_workers_reach_the_decisions_of_moderate(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """`cascade run --workers 2` with the embedded exemplar store: only the first worker runs retrieval
+    (the store opens in one process), so no item skips it, and every decision is the one-shot cascade's."""
+    prefix = f"w{uuid.uuid4().hex[:8]}."
+    env = stream_env(tmp_path, prefix)
+    source = tmp_path / "items.jsonl"
+    prepared = [
+        ["sample", *map(str, sorted(SHARED_DATA.glob("*.jsonl"))), "--split", "test", "-n", "200", "-o", str(source)],
+        ["bank", "seed"],  # policy seed exemplars: retrieval has something to vote with
+    ]
+    for args in prepared:
+        done = run_cascade(args, env, tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    done = run_cascade(
+        ["run", "--broker", broker.url, "--workers", "2", "--publish", str(source), "--until-drained"], env, tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    streamed = read_outcomes(broker.url, Topics(prefix)).verdicts
+    verdicts_file = tmp_path / "moderated.jsonl"
+    done = run_cascade(["moderate", str(source), "-o", str(verdicts_file)], env, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    moderated = {v.id: v for v in map(Verdict.model_validate_json, verdicts_file.read_text().splitlines())}
+
+    assert len(moderated) == 200 and set(streamed) == set(moderated)
+    reached_retrieval = [v for v in streamed.values() if any(t.stage == "retrieval" for t in v.trace)]
+    assert reached_retrieval and all(
+        t.error is None for v in reached_retrieval for t in v.trace if t.stage == "retrieval"
+    )
+    assert {i: (v.decision, v.decided_by) for i, v in streamed.items()} == {
+        i: (v.decision, v.decided_by) for i, v in moderated.items()
+    }
