@@ -327,3 +327,17 @@ def test_cli_operator_errors_exit_2(cli: CliRunner, args: list[str]) -> None:
     result = cli.invoke(app, args)
     assert result.exit_code == 2
     assert "error:" in result.output
+
+
+def test_cli_import_confirm_and_nothing_imported(cli: CliRunner, tmp_path: Path) -> None:
+    entries = tmp_path / "entries.jsonl"
+    entries.write_text(json.dumps({"id": "c-1", "text": SPAM, "polarity": "bad", "categories": ["spam"]}) + "\n")
+    assert cli.invoke(app, ["bank", "import", str(entries), "--confirm"]).exit_code == 0
+    bank = HashBank.open(tmp_path / "data")
+    entry = bank.get("c-1")
+    assert entry is not None and entry.confirmed and not bank.quarantine("c-1", "flood", 3600)
+    bank.close()
+    only_bad = tmp_path / "bad.jsonl"
+    only_bad.write_text("not json\n{}\n")
+    failed = cli.invoke(app, ["bank", "import", str(only_bad)])
+    assert failed.exit_code == 2 and "nothing imported" in failed.output
