@@ -13,12 +13,11 @@ import json
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from llm_server import LocalLLMServer, Mode, serve
+from llm_server import LocalLLMServer, Mode
 from prometheus_client.parser import text_string_to_metric_families
 
 from cascade.assembly import build_runner
@@ -45,18 +44,6 @@ TEXTS = [
     "see you at the meeting at noon",
 ]
 BAD_PAYLOADS = [b"not json at all", b'{"id": "no-text"}', b"\xff\xfe\x00", b"[1, 2, 3]"]
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def llm() -> Iterator[LocalLLMServer]:
-    with serve() as running:
-        yield running
 
 
 def write_llm_thresholds(path: Path) -> Path:
@@ -124,16 +111,6 @@ class Deployment:
     def kill(self) -> None:
         for process in self.workers:  # graceful stops have their own test; a fresh group per test
             process.kill()
-
-
-@pytest.fixture
-def deployment(broker: EmbeddedBroker, llm: LocalLLMServer, tmp_path: Path) -> Iterator[Deployment]:
-    llm.state.default_mode = Mode.OK
-    running = Deployment(broker, llm, tmp_path)
-    try:
-        yield running
-    finally:
-        running.kill()
 
 
 def items(n: int, tag: str) -> list[bytes]:

@@ -20,12 +20,11 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
-from llm_server import LocalLLMServer, Mode, serve
+from llm_server import LocalLLMServer, Mode
 from prometheus_client.parser import text_string_to_metric_families
 from test_stream_broker import Deployment, items, write_llm_thresholds
 
@@ -39,18 +38,6 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 CASCADE = str(Path(sys.executable).with_name("cascade"))
 LIMITS = Settings()  # the default message limit: 1,000,000 bytes
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def llm() -> Iterator[LocalLLMServer]:
-    with serve() as running:
-        yield running
 
 
 def hostile_records() -> dict[str, bytes]:
@@ -267,16 +254,6 @@ def _metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
-
-
-@pytest.fixture
-def deployment(broker: EmbeddedBroker, llm: LocalLLMServer, tmp_path: Path) -> Iterator[Deployment]:
-    llm.state.default_mode = Mode.OK
-    running = Deployment(broker, llm, tmp_path)
-    try:
-        yield running
-    finally:
-        running.kill()
 
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
