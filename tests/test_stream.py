@@ -24,6 +24,7 @@ from cascade.contract import DeadLetter, DeadLetterCode, Decision, Verdict
 from cascade.pipeline import CascadeRunner
 from cascade.settings import Settings
 from cascade.stages.base import ItemContext
+from cascade.stream.app import fused_runs
 from cascade.stream.broker import free_port
 from cascade.stream.health import HealthServer, WorkerState
 from cascade.stream.kafka import bootstrap_servers, refusal_code
@@ -235,3 +236,43 @@ def test_workers_share_every_stage_but_a_single_process_store() -> None:
     assert worker_stages(cascade, 2, set()) == [cascade, cascade]
     with pytest.raises(ValueError, match="CASCADE_QDRANT_URL"):
         worker_stages(["retrieval"], 2, {"retrieval"})
+
+
+async def test_a_worker_owning_consecutive_stages_runs_them_in_process(
+    runner: CascadeRunner, settings: Settings
+) -> None:
+    """Fused: hash then llm on one batch, no escalation message; the trace is the unfused one."""
+    fused = StageProcessor(runner, 0, Topics(), settings, last=1)
+    assert fused.stages == CASCADE and fused.input_topic == "moderation.content"
+    records = [
+        Record(f"u-{i}".encode(), json.dumps({"id": f"u-{i}", "text": f"hi {i}"}).encode(), "c[0]@1") for i in range(3)
+    ]
+    out = await fused.process([*records, Record(None, b"{oops", "c[0]@4")])
+    assert sorted(m.topic for m in out) == ["moderation.deadletter"] + ["moderation.verdicts.review"] * 3
+    verdicts = [
+        Verdict.model_validate_json(m.value)
+        for m in out
+        if m.outcome is not None and m.topic != "moderation.deadletter"
+    ]
+    assert all([t.stage for t in v.trace] == CASCADE for v in verdicts)
+
+    hop = StageProcessor(runner, 0, Topics(), settings)
+    (escalated,) = await hop.process(records[:1])
+    (final,) = await StageProcessor(runner, 1, Topics(), settings).process(
+        [Record(escalated.key, escalated.value, "e[0]@0")]
+    )
+    unfused = Verdict.model_validate_json(final.value)
+    fused_first = next(v for v in verdicts if v.id == "u-0")
+    assert (unfused.decision, unfused.decided_by, unfused.reason) == (
+        fused_first.decision,
+        fused_first.decided_by,
+        fused_first.reason,
+    )
+
+
+def test_fused_runs_follow_ownership() -> None:
+    cascade = ["hash", "retrieval", "classifier", "llm"]
+    assert fused_runs(cascade, cascade) == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    assert fused_runs(cascade, ["hash", "retrieval", "classifier"]) == [(0, 2), (1, 2), (2, 2)]  # cheap-stage workers
+    assert fused_runs(cascade, ["llm"]) == [(3, 3)]
+    assert fused_runs(cascade, ["classifier", "hash", "llm"]) == [(0, 0), (2, 3), (3, 3)]

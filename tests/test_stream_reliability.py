@@ -56,21 +56,29 @@ def run_cascade(args: list[str], env: dict[str, str], cwd: Path, timeout_s: floa
     )
 
 
-def read_outcomes(url: str, topics: Topics, idle_s: float = 2.0) -> Outcomes:
-    """Everything on the verdict and dead-letter topics (read once the run is over)."""
+def read_all(url: str, topics: list[str], idle_s: float = 2.0) -> list[tuple[str, bytes]]:
+    """Every message of `topics`, (topic, value), read once the run is over."""
 
-    async def read() -> Outcomes:
-        outcomes, quiet_since = Outcomes(topics), time.monotonic()
-        async for topic, value in read_topics(url, [*topics.all_verdicts, topics.deadletter]):
+    async def read() -> list[tuple[str, bytes]]:
+        messages: list[tuple[str, bytes]] = []
+        quiet_since = time.monotonic()
+        async for topic, value in read_topics(url, topics):
             if topic:
                 assert len(value) <= LIMITS.stream_max_message_bytes
-                outcomes.add(topic, value)
+                messages.append((topic, value))
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since > idle_s:
-                return outcomes
+                return messages
         raise AssertionError("read_topics never ends")
 
     return asyncio.run(read())
+
+
+def read_outcomes(url: str, topics: Topics) -> Outcomes:
+    outcomes = Outcomes(topics)
+    for topic, value in read_all(url, [*topics.all_verdicts, topics.deadletter]):
+        outcomes.add(topic, value)
+    return outcomes
 
 
 def stream_env(tmp_path: Path, prefix: str) -> dict[str, str]:
@@ -134,7 +142,8 @@ def test_hostile_records_through_cascade_run_each_get_one_outcome(broker: Embedd
 
 
 def test_hash_llm_with_a_megabyte_of_metadata(broker: EmbeddedBroker, llm: LocalLLMServer, tmp_path: Path) -> None:
-    """`--stages hash,llm`: a valid item whose escalation record cannot fit ends as `output_too_large`."""
+    """`--stages hash,llm`, one worker: the stages are fused, so an item whose escalation record could not
+    fit in a message never needs one and gets the LLM's verdict; a 1 MB metadata string is over the limit."""
     llm.state.default_mode = Mode.OK
     prefix = f"m{uuid.uuid4().hex[:8]}."
     head = b'{"id": "meta-fits", "text": "see you at noon", "metadata": {"blob": "'
@@ -163,16 +172,15 @@ def test_hash_llm_with_a_megabyte_of_metadata(broker: EmbeddedBroker, llm: Local
         outcomes,
         ids,
         {
-            "meta-fits": DeadLetterCode.OUTPUT_TOO_LARGE,
             "meta-1mb": DeadLetterCode.LINE_TOO_LARGE,
             "poison-quotes": DeadLetterCode.TEXT_TOO_LARGE,
             "poison-utf8": DeadLetterCode.INVALID_UTF8,
             "poison-line": DeadLetterCode.LINE_TOO_LARGE,
         },
     )
-    too_large = next(d for d in outcomes.dead_letters if d.id == "meta-fits")
-    assert "escalation record for stage llm" in too_large.message and too_large.payload_bytes == len(fits_input)
+    assert outcomes.verdicts["meta-fits"].decision is Decision.ALLOW
     assert all(v.trace[-1].stage == "llm" and v.decided_by == "llm" for v in outcomes.verdicts.values())
+    assert read_all(broker.url, [Topics(prefix).escalate("llm")]) == []  # fused: no Kafka hop in one worker
 
 
 def same_partition_ids(partitions: int) -> tuple[str, str]:
@@ -187,9 +195,10 @@ def same_partition_ids(partitions: int) -> tuple[str, str]:
 
 
 def test_a_refused_output_does_not_block_the_next_batch_of_its_partition(deployment: Deployment) -> None:
+    """Unfused (a hash worker, an LLM worker): the poison's escalation record cannot cross to the LLM worker."""
     deployment.env["CASCADE_STREAM_BATCH_SIZE"] = "1"  # the poison alone in its batch, the next item in the next
-    worker = deployment.worker()
-    worker.wait_ready()
+    worker, llm_worker = deployment.worker(["hash"]), deployment.worker(["llm"])
+    worker.wait_ready(), llm_worker.wait_ready()
     poison_id, next_id = same_partition_ids(4)
     text = " ".join(["a long post"] * 2500)  # 30 KB: within the text limit
     # Just within the record limit; its escalation record adds the normalised text and cannot fit.
@@ -205,11 +214,14 @@ def test_a_refused_output_does_not_block_the_next_batch_of_its_partition(deploym
     assert letter.error_code is DeadLetterCode.OUTPUT_TOO_LARGE
     assert outcomes.verdicts[next_id].decision is Decision.ALLOW
 
-    # Metrics count what the broker acknowledged: one verdict, one dead letter, one refused output.
+    # Metrics count what the broker acknowledged: one dead letter and one refused output from the hash
+    # worker, which produced no verdict; the one verdict came from the LLM worker.
     samples = _metrics(worker.health_port)
-    assert samples[("cascade_verdicts_total", (("decided_by", "llm"), ("decision", "allow")))] == 1
     assert samples[("cascade_dead_letters_total", (("error_code", "output_too_large"), ("stage", "hash")))] == 1
     assert samples[("cascade_refused_outputs_total", (("error_code", "output_too_large"), ("stage", "hash")))] == 1
+    assert not any(name == "cascade_verdicts_total" and value for (name, _), value in samples.items())
+    llm_samples = _metrics(llm_worker.health_port)
+    assert llm_samples[("cascade_verdicts_total", (("decided_by", "llm"), ("decision", "allow")))] == 1
 
 
 def test_a_stuck_batch_fails_liveness_and_sigterm_still_exits_within_grace(
@@ -292,3 +304,33 @@ def test_two_workers_reach_the_decisions_of_moderate(broker: EmbeddedBroker, tmp
     assert {i: (v.decision, v.decided_by) for i, v in streamed.items()} == {
         i: (v.decision, v.decided_by) for i, v in moderated.items()
     }
+
+
+def test_fused_and_unfused_workers_reach_identical_decisions(
+    deployment: Deployment, broker: EmbeddedBroker, llm: LocalLLMServer, tmp_path: Path
+) -> None:
+    """Issue 16: one worker owning both stages runs them in process (no escalation message), and decides
+    exactly what two workers joined by the escalation topic decide."""
+    lines = items(40, "f")
+    fused_worker = deployment.worker()
+    fused_worker.wait_ready()
+    fused = deployment.collect(deployment.publish(lines))
+    fused_worker.stop()
+    hops_fused = len(read_all(deployment.broker_url, [deployment.topics.escalate("llm")]))
+
+    (tmp_path / "unfused").mkdir()
+    unfused = Deployment(broker, llm, tmp_path / "unfused")
+    try:
+        for stages in (["hash"], ["llm"]):
+            unfused.worker(stages).wait_ready()
+        split = unfused.collect(unfused.publish(lines))
+    finally:
+        unfused.kill()
+    hops_unfused = len(read_all(unfused.broker_url, [unfused.topics.escalate("llm")]))
+
+    assert set(fused.verdicts) == set(split.verdicts) == {f"f-{i}" for i in range(40)}
+    assert {i: (v.decision, v.decided_by, v.categories) for i, v in fused.verdicts.items()} == {
+        i: (v.decision, v.decided_by, v.categories) for i, v in split.verdicts.items()
+    }
+    assert all([t.stage for t in v.trace] == ["hash", "llm"] for v in fused.verdicts.values())
+    assert (hops_fused, hops_unfused) == (0, 40)

@@ -1,4 +1,7 @@
-"""The faust application: one agent per cascade stage, each a thin loop around `StageProcessor`.
+"""The faust application: one agent per owned stage, each a thin loop around `StageProcessor`.
+
+A worker that owns consecutive stages runs them in process on the same batch (`fused_runs`):
+Kafka hops remain only where ownership changes, e.g. from cheap-stage workers to LLM workers.
 
 Delivery is at-least-once. An agent takes a batch without acknowledging it, runs the stage,
 produces every output and waits for the broker to confirm them, and only then acknowledges the
@@ -81,13 +84,33 @@ def create_app(
             producer_topics[name] = app.topic(name, partitions=settings.stream_partitions)
         return producer_topics[name]
 
-    for name in stages:
-        processor = StageProcessor(runner, runner.stage_names.index(name), topics, settings)
+    for index, last in fused_runs(runner.stage_names, stages):
+        processor = StageProcessor(runner, index, topics, settings, last)
         source = app.topic(processor.input_topic, partitions=settings.stream_partitions)
-        concurrency = settings.stream_concurrency.get(name, 1)
+        concurrency = max(settings.stream_concurrency.get(name, 1) for name in processor.stages)
         agent = _stage_agent(processor, settings, concurrency, output_topic, state)
-        app.agent(source, name=f"cascade.stage.{name}")(agent)
+        app.agent(source, name=f"cascade.stage.{processor.stage}")(agent)
     return app
+
+
+def fused_runs(cascade: Sequence[str], owned: Sequence[str]) -> list[tuple[int, int]]:
+    """(first, last) stage indexes of the agents of a worker that owns `owned` stages of `cascade`.
+
+    One agent per owned stage, on that stage's input topic, running it and every owned stage
+    right after it in process: items enter the cascade on the content topic, and reach a later
+    stage's escalation topic only from a worker that does not own that stage. Consuming every
+    owned stage's topic keeps mixed deployments working (another worker owning fewer stages
+    may hand items over at any of them); in a deployment of identical workers those later
+    topics simply stay empty.
+    """
+    mine = {cascade.index(name) for name in owned}
+    runs = []
+    for first in sorted(mine):
+        last = first
+        while last + 1 in mine:
+            last += 1
+        runs.append((first, last))
+    return runs
 
 
 def _track_state(app: faust.App, state: WorkerState) -> None:

@@ -57,15 +57,26 @@ def _key(item_id: str | None, fallback: bytes | None) -> bytes | None:
 
 
 class StageProcessor:
-    """Runs stage `index` of `runner` on batches of records and routes each outcome to its topic."""
+    """Runs stages `index`..`last` of `runner` (default: stage `index` alone) on batches of records
+    read from stage `index`'s input topic, and routes each outcome to its topic.
 
-    def __init__(self, runner: CascadeRunner, index: int, topics: Topics, settings: Settings) -> None:
+    Consecutive stages that one worker owns are fused: an item one of them escalates goes on to
+    the next in process, in the same batch, with no Kafka hop; only what the last of them
+    escalates crosses to the next stage's escalation topic, whose owner may be another worker.
+    """
+
+    def __init__(
+        self, runner: CascadeRunner, index: int, topics: Topics, settings: Settings, last: int | None = None
+    ) -> None:
         self.runner = runner
         self.index = index
+        self.last = index if last is None else last
+        if not index <= self.last < len(runner.stages):
+            raise ValueError(f"stages {index}..{self.last} are not a run of the cascade {runner.stage_names}")
         self.topics = topics
         self.settings = settings
-        self.stage = runner.stage_names[index]
-        self.is_last = index == len(runner.stages) - 1
+        self.stage = runner.stage_names[index]  # the entry stage names the agent and labels its metrics
+        self.stages = runner.stage_names[index : self.last + 1]
         self.input_topic = topics.stage_input(runner.stage_names, index)
 
     async def process(self, records: Sequence[Record]) -> list[Message]:
@@ -100,41 +111,55 @@ class StageProcessor:
             )
 
     async def _judge(self, contexts: list[ItemContext], originals: list[Record]) -> list[Message]:
-        started = time.perf_counter()
         try:
-            outputs = await self.runner.run_stage(self.index, contexts)
+            return await self._run_stages(contexts, originals)
         except Exception:
             # The runner already turns stage failures into escalations; reaching here is a bug.
             # Isolate it to the items that trigger it instead of failing the whole batch.
-            log.exception("stage %s raised on a batch of %d; retrying item by item", self.stage, len(contexts))
+            log.exception("stages %s raised on a batch of %d; retrying item by item", self.stages, len(contexts))
             metrics.FALLBACKS.labels(self.stage).inc()
             messages: list[Message] = []
             for record in originals:
                 messages.extend(await self._judge_one(record))
             return messages
-        metrics.record_batch(self.stage, outputs, time.perf_counter() - started)
-        return [self._route(out, record) for out, record in zip(outputs, originals, strict=True)]
+
+    async def _run_stages(self, contexts: list[ItemContext], originals: list[Record]) -> list[Message]:
+        """The batch through stages index..last in process: verdicts as they come, escalations after the last."""
+        messages: list[Message] = []
+        pending = list(zip(contexts, originals, strict=True))
+        for index in range(self.index, self.last + 1):
+            if not pending:
+                break
+            started = time.perf_counter()
+            outputs = await self.runner.run_stage(index, [ctx for ctx, _ in pending])
+            metrics.record_batch(self.runner.stage_names[index], outputs, time.perf_counter() - started)
+            escalated = []
+            for (_, record), out in zip(pending, outputs, strict=True):
+                if isinstance(out, Verdict):
+                    messages.append(self._route(out, record))
+                else:
+                    escalated.append((out, record))
+            pending = escalated
+        messages.extend(self._route(ctx, record) for ctx, record in pending)
+        return messages
 
     async def _judge_one(self, record: Record) -> list[Message]:
-        started = time.perf_counter()
         # The failed batch may have appended trace entries before raising: start from the record again.
         fresh = self._decode(record)
         if isinstance(fresh, DeadLetter):
             return [self._dead_letter_message(fresh, record)]
         try:
-            outputs = await self.runner.run_stage(self.index, [fresh])
+            return await self._run_stages([fresh], [record])
         except Exception as exc:
             letter = dead_letter(
                 record.value,
                 DeadLetterCode.PROCESSING_ERROR,
-                f"stage {self.stage} raised: {type(exc).__name__}: {exc}",
+                f"stages {','.join(self.stages)} raised: {type(exc).__name__}: {exc}",
                 self.settings,
                 record.source,
                 fresh.item.id,
             )
             return [self._dead_letter_message(letter, record)]
-        metrics.record_batch(self.stage, outputs, time.perf_counter() - started)
-        return [self._route(out, record) for out in outputs]
 
     def _route(self, out: Verdict | ItemContext, record: Record) -> Message:
         if isinstance(out, Verdict):
@@ -142,7 +167,7 @@ class StageProcessor:
                 self.topics.verdicts(out.decision), _key(out.id, None), out.model_dump_json().encode(), out, record
             )
         else:
-            next_stage = self.runner.stage_names[self.index + 1]
+            next_stage = self.runner.stage_names[self.last + 1]
             message = Message(self.topics.escalate(next_stage), _key(out.item.id, None), out.to_wire(), None, record)
         if len(message.value) > self.settings.max_value_bytes:
             # Producing it would fail for good and block the partition: the item ends here instead.
