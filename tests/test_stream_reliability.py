@@ -316,7 +316,7 @@ def test_fused_and_unfused_workers_reach_identical_decisions(
     fused_worker.wait_ready()
     fused = deployment.collect(deployment.publish(lines))
     fused_worker.stop()
-    hops_fused = len(read_all(deployment.broker_url, [deployment.topics.escalate("llm")]))
+    hops_fused = len(read_all(deployment.url, [deployment.topics.escalate("llm")]))
 
     (tmp_path / "unfused").mkdir()
     unfused = Deployment(broker, llm, tmp_path / "unfused")
@@ -326,7 +326,7 @@ def test_fused_and_unfused_workers_reach_identical_decisions(
         split = unfused.collect(unfused.publish(lines))
     finally:
         unfused.kill()
-    hops_unfused = len(read_all(unfused.broker_url, [unfused.topics.escalate("llm")]))
+    hops_unfused = len(read_all(unfused.url, [unfused.topics.escalate("llm")]))
 
     assert set(fused.verdicts) == set(split.verdicts) == {f"f-{i}" for i in range(40)}
     assert {i: (v.decision, v.decided_by, v.categories) for i, v in fused.verdicts.items()} == {

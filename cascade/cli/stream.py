@@ -21,10 +21,10 @@ from cascade.cli.app import app, fail
 from cascade.cli.moderate import ModerationSummary
 from cascade.contract import Decision
 from cascade.settings import Settings
-from cascade.stream.broker import BrokerError, EmbeddedBroker
+from cascade.stream.broker import BrokerError
 from cascade.stream.client import NoTopicsError, Outcomes, Published, publish, read_topics
-from cascade.stream.kafka import bootstrap_servers, client_logs_quiet, ensure_topics, unreachable_message
-from cascade.stream.local import WorkerError, WorkerProcess, collect, worker_stages
+from cascade.stream.kafka import bootstrap_servers, client_logs_quiet, unreachable_message
+from cascade.stream.local import LocalDeployment, WorkerError, collect, worker_stages
 from cascade.stream.topics import Topics
 from cascade.stream.worker import worker_command
 
@@ -181,54 +181,28 @@ def run(
         build_runner(settings, thresholds, stage_names=cascade, load=())
     except ValueError as exc:  # ThresholdError is one
         raise fail(str(exc)) from None
-    if broker is not None or settings.kafka_url:
-        _broker(broker, settings)
+    url = _broker(broker, settings) if broker is not None or settings.kafka_url else None
     err = Console(stderr=True)
     logs = settings.data_path("stream")
-    logs.mkdir(exist_ok=True)
-    embedded: EmbeddedBroker | None = None
-    processes: list[WorkerProcess] = []
+    deployment = LocalDeployment(settings, cascade, logs, url, thresholds=thresholds, loglevel=loglevel)
     exit_code = 0
     # SIGTERM (e.g. from a supervisor) must still stop the workers and the broker below.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        url = broker or settings.kafka_url
-        if not url:
-            embedded = EmbeddedBroker(log_path=logs / "broker.log").start()
-            url = embedded.url
-            err.print(f"embedded broker (tansu, in memory) on {url}")
-        topics = Topics(settings.topic_prefix)
-        # The readers below need these before the workers have created the rest.
         try:
             with client_logs_quiet():
-                asyncio.run(
-                    ensure_topics(
-                        url,
-                        [topics.content, *topics.all_verdicts, topics.deadletter],
-                        settings.stream_partitions,
-                        settings.stream_replication_factor,
-                        settings.stream_max_message_bytes,
-                    )
-                )
+                deployment.start()
         except (KafkaError, OSError) as exc:
-            raise _unreachable(url, exc) from None
-        for n, worker_stage_names in enumerate(plan):
-            process = WorkerProcess(
-                url,
-                stages=worker_stage_names,
-                cascade=cascade,
-                thresholds=thresholds,
-                log_path=logs / f"worker-{n}.log",
-                loglevel=loglevel,
-            )
-            processes.append(process.start())
+            raise _unreachable(deployment.url, exc) from None
+        if deployment.embedded is not None:
+            err.print(f"embedded broker (tansu, in memory) on {deployment.url}")
+        for worker_stage_names in plan:
+            deployment.worker(worker_stage_names)
         with err.status("starting workers (joining the consumer group)"):
-            ready_s = max(p.wait_ready() for p in processes)
+            ready_s = deployment.wait_ready()
         err.print(f"{workers} worker(s) ready in {ready_s:.1f} s; logs in {logs}")
         exit_code = asyncio.run(
-            _publish_and_watch(
-                err, url, topics, publish_file, limit, rate, until_drained, timeout, processes, cascade, settings
-            )
+            _publish_and_watch(err, deployment, publish_file, limit, rate, until_drained, timeout, settings)
         )
     except BrokerError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}")
@@ -242,26 +216,21 @@ def run(
     except KeyboardInterrupt:
         err.print("interrupted: stopping workers")
     finally:
-        for process in processes:
-            process.stop()
-        if embedded is not None:
-            embedded.stop()
+        deployment.stop()
     raise typer.Exit(exit_code)
 
 
 async def _publish_and_watch(
     err: Console,
-    url: str,
-    topics: Topics,
+    deployment: LocalDeployment,
     publish_file: Path | None,
     limit: int | None,
     rate: float | None,
     until_drained: bool,
     timeout: float,
-    processes: list[WorkerProcess],
-    cascade: list[str],
     settings: Settings,
 ) -> int:
+    url, topics = deployment.url, deployment.topics
     published: list[Published] = []
     started = time.perf_counter()
 
@@ -302,14 +271,14 @@ async def _publish_and_watch(
             published_so_far,
             timeout_s=timeout if until_drained else None,
             on_update=progress,
-            alive=lambda: all(p.alive for p in processes),
+            alive=lambda: deployment.alive,
             until_drained=until_drained,
         )
     except TimeoutError as exc:
         err.print(f"\n[red]timed out:[/] {exc}")
         return 1
     except WorkerError:
-        dead = next((p for p in processes if not p.alive), None)
+        dead = next((p for p in deployment.workers if not p.alive), None)
         if dead is None:
             raise
         raise dead.error(f"worker exited with code {dead.returncode} while items were pending") from None
@@ -327,7 +296,7 @@ async def _publish_and_watch(
         summary.add_verdict(verdict)
     for letter in outcomes.dead_letters:
         summary.add_dead_letter(letter)
-    summary.render(err, cascade)
+    summary.render(err, deployment.cascade)
     err.print(
         f"{len(published)} published, {len(outcomes.verdicts)} verdicts ({outcomes.duplicates} redelivered duplicates),"
         f" {len(outcomes.dead_letters)} dead letters in {elapsed:.1f} s: {len(published) / elapsed:.0f} items/s"
