@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from aiokafka.errors import (
     InvalidTopicError,
     KafkaConnectionError,
@@ -276,3 +277,15 @@ def test_fused_runs_follow_ownership() -> None:
     assert fused_runs(cascade, ["hash", "retrieval", "classifier"]) == [(0, 2), (1, 2), (2, 2)]  # cheap-stage workers
     assert fused_runs(cascade, ["llm"]) == [(3, 3)]
     assert fused_runs(cascade, ["classifier", "hash", "llm"]) == [(0, 0), (2, 3), (3, 3)]
+
+
+def test_the_kubernetes_topics_take_the_messages_the_producers_may_send() -> None:
+    manifests = Path(__file__).resolve().parent.parent / "k8s" / "base" / "topics.yaml"
+    app_topics = set(Topics().all_topics(["hash", "retrieval", "classifier", "llm"]))
+    limits = {
+        doc["spec"]["topicName"]: doc["spec"]["config"].get("max.message.bytes")
+        for doc in yaml.safe_load_all(manifests.read_text())
+        if doc["spec"]["topicName"] in app_topics
+    }
+    assert set(limits) == app_topics
+    assert set(limits.values()) == {str(Settings().stream_max_message_bytes)}
