@@ -3,7 +3,8 @@
 `{prefix}moderation.content` is the input (ContentItem JSON, key = item id). Between two
 consecutive stages runs `{prefix}moderation.escalate.<stage>`, named after the stage it feeds.
 Verdicts go to `{prefix}moderation.verdicts.<allow|block|review>`, unusable input to
-`{prefix}moderation.deadletter`. Keys are item ids on every topic. The prefix is prepended
+`{prefix}moderation.deadletter`. Human review (`cascade review serve`) reads `moderation.appeals`
+and writes `moderation.decisions`. Keys are item ids on every topic. The prefix is prepended
 verbatim (e.g. `staging.`), so one cluster can host several deployments.
 """
 
@@ -18,6 +19,8 @@ CONTENT = "moderation.content"
 ESCALATE = "moderation.escalate."
 VERDICTS = "moderation.verdicts."
 DEADLETTER = "moderation.deadletter"
+DECISIONS = "moderation.decisions"  # human review decisions (cascade.review)
+APPEALS = "moderation.appeals"  # appeals against blocks, read by the review app
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,14 @@ class Topics:
     @property
     def deadletter(self) -> str:
         return f"{self.prefix}{DEADLETTER}"
+
+    @property
+    def decisions(self) -> str:
+        return f"{self.prefix}{DECISIONS}"
+
+    @property
+    def appeals(self) -> str:
+        return f"{self.prefix}{APPEALS}"
 
     def escalate(self, stage: str) -> str:
         """The input topic of `stage` when it is not the first stage of the cascade."""
