@@ -1,0 +1,62 @@
+"""Verdicts as the cascade makes them, for the review tests (store, page, stream)."""
+
+from __future__ import annotations
+
+from cascade.contract import ContentItem, Decision, Outcome, StageOutcome, TraceEntry, Verdict
+
+XSS_PAYLOAD = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\"> & \"quotes\""
+
+
+def cascade_verdict(
+    item_id: str,
+    text: str,
+    decision: Decision = Decision.REVIEW,
+    scores: dict[str, float] | None = None,
+    surface: str | None = None,
+    rationale: str | None = "the model was unsure",
+) -> Verdict:
+    """A verdict after hash → retrieval → classifier → llm, with neighbours and an LLM rationale."""
+    scores = scores if scores is not None else {"toxic": 0.55, "flagged": 0.6}
+    block = decision is Decision.BLOCK
+    trace = [
+        TraceEntry(stage="hash", stage_version="h1", result=StageOutcome.ESCALATE, latency_ms=0.1),
+        TraceEntry(
+            stage="retrieval",
+            stage_version="r1",
+            scores=scores,
+            outcomes=dict.fromkeys(scores, Outcome.UNRESOLVED),
+            result=StageOutcome.ESCALATE,
+            latency_ms=9.0,
+        ),
+        TraceEntry(
+            stage="llm",
+            stage_version="l1",
+            scores=scores,
+            outcomes=dict.fromkeys(scores, Outcome.BLOCK if block else Outcome.UNRESOLVED),
+            result=StageOutcome.BLOCK if block else StageOutcome.REVIEW,
+            latency_ms=300.0,
+            note=rationale,
+        ),
+    ]
+    neighbours = [
+        {
+            "id": "ex-1",
+            "text": "a close exemplar <b>bold?</b>",
+            "flagged": 1,
+            "labels": {"toxic": 1},
+            "similarity": 0.81,
+        }
+    ]
+    return Verdict(
+        id=item_id,
+        decision=decision,
+        categories=scores,
+        flagged_categories=[c for c in scores if c != "flagged"] if block else [],
+        decided_by="llm" if block else "pipeline",
+        reason="blocked by llm" if block else "needs human review: unresolved",
+        trace=trace,
+        policy_version="policy-test",
+        thresholds_version="thresholds-test",
+        item=ContentItem(id=item_id, text=text, surface=surface),
+        evidence={"neighbours": neighbours} if not block else None,
+    )
