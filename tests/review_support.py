@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import re
+import sys
+from pathlib import Path
+
 from cascade.contract import ContentItem, Decision, Outcome, StageOutcome, TraceEntry, Verdict
+from cascade.stream.local import WorkerProcess
 
 XSS_PAYLOAD = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\"> & \"quotes\""
 
@@ -60,3 +65,23 @@ def cascade_verdict(
         item=ContentItem(id=item_id, text=text, surface=surface),
         evidence={"neighbours": neighbours} if not block else None,
     )
+
+
+class ReviewProcess(WorkerProcess):
+    """`cascade review serve` as a child process, exactly as an operator (or a pod) runs it; ready on /readyz."""
+
+    def __init__(self, broker_url: str, data_dir: Path, env: dict[str, str], log_path: Path) -> None:
+        super().__init__(broker_url, log_path=log_path, env={**env, "CASCADE_DATA_DIR": str(data_dir)})
+        self.command = [sys.executable, "-c", "from cascade.cli import main; main()", "review", "serve"]
+        self.command += ["--host", "127.0.0.1", "--port", str(self.health_port), "--broker", broker_url]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.health_port}"
+
+
+def csrf_of(body: str) -> str:
+    """The CSRF token of the first form on a page."""
+    match = re.search(r'name="csrf_token" value="([^"]+)"', body)
+    assert match, "no CSRF field on the page"
+    return match.group(1)

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from review_support import XSS_PAYLOAD, cascade_verdict
+from review_support import XSS_PAYLOAD, cascade_verdict, csrf_of
 
 from cascade.contract import Appeal, Decision
 from cascade.review.store import ReviewStore
@@ -47,12 +47,6 @@ class Page:
 
     def client(self, **kwargs: object) -> httpx.Client:
         return httpx.Client(base_url=self.url, follow_redirects=False, timeout=10, **kwargs)  # type: ignore[arg-type]
-
-
-def csrf_of(body: str) -> str:
-    match = re.search(r'name="csrf_token" value="([^"]+)"', body)
-    assert match, "no CSRF field on the page"
-    return match.group(1)
 
 
 def sign_in(client: httpx.Client, name: str = "ann", password: str = PASSWORD) -> httpx.Response:
