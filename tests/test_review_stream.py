@@ -269,3 +269,21 @@ def test_no_review_task_is_lost_when_the_app_is_killed_and_restarted_mid_stream(
     assert total == 2 * half
     assert sorted(t.item_id for t in tasks) == sorted(f"k-{n}" for n in range(2 * half))
     store.close()
+
+
+def test_cascade_run_leaves_its_review_items_in_the_store_and_says_how_to_open_them(tmp_path: Path) -> None:
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"id": f"run-{n}", "text": f"some words {n}"}) + "\n" for n in range(5)))
+    env = {"CASCADE_DATA_DIR": str(tmp_path / "data"), "CASCADE_STREAM_PARTITIONS": "1"}
+    # Only the hash stage, with empty banks: it settles nothing, so every item ends in review.
+    result = CliRunner().invoke(
+        app, ["run", "--stages", "hash", "--publish", str(items), "--until-drained", "--timeout", "120"], env=env
+    )
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "human review: 5 new tasks, 5 waiting" in said
+    assert "make review" in said and "cascade review user add NAME" in said
+    store = ReviewStore.from_settings(Settings(data_dir=tmp_path / "data"))
+    tasks, total = store.queue()
+    assert total == 5 and {t.text for t in tasks} == {f"some words {n}" for n in range(5)}
+    store.close()
