@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -166,7 +167,10 @@ def test_appeal_of_a_block_is_prioritised_then_overturned_and_counted(store: Rev
     assert human_verdict(record).decision is Decision.ALLOW
     stats = store.stats()
     assert (stats.appeals_decided, stats.overturned, stats.overturn_rate) == (1, 1, 1.0)
-    # Allowed now: a new appeal has nothing to appeal against.
+    # Allowed now: a new appeal has nothing to appeal against, even when the human block that the
+    # appeal overturned arrives late from the verdict topic.
+    late_block = blocked.model_copy(update={"processed_at": record.decided_at - timedelta(seconds=1)})
+    assert store.ingest_verdict(late_block) is False
     with pytest.raises(ReviewError):
         store.ingest_appeal(Appeal(id="blk", reason="again"))
 
@@ -300,3 +304,20 @@ def test_a_bad_database_url_is_one_clear_line_without_the_password(
     assert result.exit_code == 2
     assert "CASCADE_REVIEW_DB_URL" in result.output and "s3cret-pw" not in result.output
     assert "Traceback" not in result.output
+
+
+def test_serve_operator_errors_are_one_line_and_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CASCADE_DATA_DIR", str(tmp_path / "data"))
+    runner = CliRunner()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        in_use = runner.invoke(app, ["review", "serve", "--port", port, "--broker", "127.0.0.1:1"])
+    assert in_use.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in in_use.output
+    no_broker = runner.invoke(app, ["review", "serve", "--port", "0", "--broker", "127.0.0.1:1"])
+    assert no_broker.exit_code == 2 and "cannot use the broker at 127.0.0.1:1" in no_broker.output
+    assert "Traceback" not in no_broker.output
+    monkeypatch.setenv("CASCADE_REVIEW_AUTH", "kerberos")
+    bad_setting = runner.invoke(app, ["review", "stats"])
+    assert bad_setting.exit_code == 2 and "bad setting CASCADE_REVIEW_AUTH" in bad_setting.output

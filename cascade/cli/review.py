@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from aiokafka.errors import KafkaError
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
@@ -29,6 +30,15 @@ review_app = typer.Typer(help="Human review: the queue, the page, decisions, app
 user_app = typer.Typer(help="Reviewer accounts (for CASCADE_REVIEW_AUTH=password).", no_args_is_help=True)
 app.add_typer(review_app, name="review")
 review_app.add_typer(user_app, name="user")
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = "CASCADE_" + "_".join(str(part) for part in error["loc"]).upper()
+        raise fail(f"bad setting {name}: {error['msg']}; fix the environment variable or CASCADE_CONFIG") from None
 
 
 def open_store(settings: Settings) -> ReviewStore:
@@ -54,7 +64,7 @@ def serve_command(
     ] = None,
 ) -> None:
     """Consume review verdicts and appeals into the store, publish decisions, and serve the page."""
-    settings = Settings()
+    settings = load_settings()
     host = host or settings.review_host
     port = settings.review_port if port is None else port
     if not port_free(host, port):
@@ -69,9 +79,12 @@ def serve_command(
             url = embedded.url
             err.print(f"embedded broker (tansu, in memory) on {url}")
         waiting = store.stats().queue_depth
-        err.print(f"review page on http://{host}:{port}/ ({waiting} tasks waiting; Ctrl-C stops)")
+
+        def announce() -> None:
+            err.print(f"review page on http://{host}:{port}/ ({waiting} tasks waiting; Ctrl-C stops)", soft_wrap=True)
+
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve(store, settings, url, host, port))
+            asyncio.run(serve(store, settings, url, host, port, announce))
     except (KafkaError, OSError, ValueError) as exc:
         raise fail(f"cannot use the broker at {url}: {exc}; pass --broker HOST:PORT or set CASCADE_KAFKA_URL") from None
     except BrokerError as exc:
@@ -86,7 +99,7 @@ def serve_command(
 def user_add(name: Annotated[str, typer.Argument(help="Account name (the reviewer shown on decisions).")]) -> None:
     """Create an account, or reset its password; the password is read from stdin."""
     password = getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n")
-    store = open_store(Settings())
+    store = open_store(load_settings())
     try:
         created = store.add_account(name, password)
     except ReviewError as exc:
@@ -99,7 +112,7 @@ def user_add(name: Annotated[str, typer.Argument(help="Account name (the reviewe
 @user_app.command("list")
 def user_list() -> None:
     """List the accounts."""
-    store = open_store(Settings())
+    store = open_store(load_settings())
     try:
         for name, created_at in store.accounts():
             typer.echo(f"{name}\t{created_at.isoformat(timespec='seconds')}")
@@ -125,7 +138,7 @@ def export(
     since: Annotated[str | None, typer.Option(help="Only decisions at or after this ISO 8601 time.")] = None,
 ) -> None:
     """Write the decisions as labelled rows, the latest per item (for calibrate, train, bank import)."""
-    settings = Settings()
+    settings = load_settings()
     after = _since(since)
     if not out.parent.is_dir():
         raise fail(f"no directory {out.parent} for the output file: create it or pass another -o")
@@ -145,7 +158,7 @@ def export(
 @review_app.command("stats")
 def stats_command() -> None:
     """Print the queue figures: depth, oldest task, decisions per reviewer, appeals, per-stage agreement."""
-    store = open_store(Settings())
+    store = open_store(load_settings())
     try:
         render_stats(store.stats(), Console())
     finally:

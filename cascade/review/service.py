@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Callable
 
 import uvicorn
 from aiokafka import AIOKafkaProducer
@@ -43,12 +44,16 @@ def review_topics(topics: Topics) -> list[str]:
     return [*input_topics(topics), topics.decisions, topics.verdicts(Decision.ALLOW), topics.deadletter]
 
 
-async def serve(store: ReviewStore, settings: Settings, url: str, host: str, port: int) -> None:
+async def serve(
+    store: ReviewStore, settings: Settings, url: str, host: str, port: int, announce: Callable[[], None] = lambda: None
+) -> None:
+    """Run until SIGTERM / Ctrl-C; `announce` is called once the broker answered and the page is about to start."""
     topics = Topics(settings.topic_prefix)
     if settings.stream_create_topics:
         await ensure_topics(url, review_topics(topics), settings.stream_partitions, settings.stream_replication_factor)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(url), acks="all", client_id="cascade-review")
     await producer.start()
+    announce()
     stop, ready = asyncio.Event(), asyncio.Event()
     feedback = BankFeedback(store, settings) if settings.review_bank_feedback else None
     app = create_app(AppState(store, settings, ready))

@@ -245,6 +245,11 @@ class ReviewStore:
         now = now or utc_now()
         if verdict.decision is Decision.BLOCK:
             with self._session() as session:
+                # A block older than the item's latest human decision is history (e.g. overturned since).
+                latest = select(func.max(DecisionRow.decided_at)).where(DecisionRow.item_id == verdict.id)
+                decided = _aware(session.scalar(latest))
+                if decided is not None and decided > verdict.processed_at:
+                    return False
                 session.merge(
                     BlockedVerdict(item_id=verdict.id, verdict_json=verdict.model_dump_json(), received_at=now)
                 )
