@@ -21,6 +21,9 @@ from cascade.hashbank import EntryInput, HashBank, Polarity, entry_from_record
 from cascade.review.feedback import BankFeedback, bank_entry_id, labelled_rows
 from cascade.review.store import Filters, ReviewError, ReviewStore, human_verdict
 from cascade.settings import Settings
+from cascade.vectorindex import open_vector_index
+
+pytest_plugins = ["model_cache"]  # fixtures: settings (a data dir with the exported embedding model)
 
 T0 = datetime(2026, 11, 30, 8, 0, tzinfo=UTC)
 
@@ -263,6 +266,27 @@ def test_bank_feedback_is_off_by_default_and_audited_when_on(tmp_path: Path) -> 
         ("fb-blocked", "ann", "hash", decided["fb-blocked"].decision_id),
     ]
     assert all(a.at is not None and "entry review-" in a.action for a in store.bank_audit())
+    store.close()
+
+
+def test_exemplar_feedback_embeds_the_decided_item_and_is_audited(settings: Settings) -> None:
+    settings = settings.model_copy(update={"review_bank_feedback": True})
+    store = ReviewStore.from_settings(settings)
+    store.ingest_verdict(cascade_verdict("ex-bad", "you are a worthless troll"))
+    task_id = store.queue()[0][0].id
+    store.claim(task_id, "ann")
+    record = store.decide(task_id, "ann", Decision.BLOCK, ["harassment"])
+    assert BankFeedback(store, settings).apply_pending() == 1
+    index = open_vector_index(settings)
+    try:
+        assert index.count() == 1 and index.count(where={"flagged": 1}) == 1
+    finally:
+        index.close()
+    audit = sorted((a.bank, a.action, a.decision_id) for a in store.bank_audit())
+    assert audit == [
+        ("exemplars", "upserted violating exemplar review-ex-bad", record.decision_id),
+        ("hash", "added bad entry review-ex-bad", record.decision_id),
+    ]
     store.close()
 
 
