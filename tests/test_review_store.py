@@ -58,6 +58,16 @@ def test_a_redelivered_verdict_never_makes_a_second_task(store: ReviewStore) -> 
     assert task.text == "hello"
 
 
+def test_a_batch_is_stored_whole_with_its_refusals_named(store: ReviewStore) -> None:
+    review, blocked = cascade_verdict("b-1", "one"), cascade_verdict("b-2", "two", Decision.BLOCK)
+    batch = [review, review, blocked, Appeal(id="unknown", reason="?"), Appeal(id="b-2", reason="joke")]
+    outcomes = store.ingest(batch)
+    assert outcomes[:3] == [None, None, None] and outcomes[4] is None
+    assert isinstance(outcomes[3], ReviewError) and "unknown" in str(outcomes[3])
+    tasks, total = store.queue()
+    assert total == 2 and [(t.item_id, t.kind) for t in tasks] == [("b-2", "appeal"), ("b-1", "review")]
+
+
 def test_allow_verdicts_make_no_task_and_migrations_are_idempotent(store: ReviewStore) -> None:
     assert store.ingest_verdict(cascade_verdict("ok", "fine", Decision.ALLOW)) is False
     assert store.queue()[1] == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 from cascade.contract import Appeal, DeadLetter, DeadLetterCode, Decision, Verdict
 from cascade.intake import dead_letter
 from cascade.review import metrics
-from cascade.review.store import ReviewError, ReviewStore
+from cascade.review.store import ReviewStore
 from cascade.settings import Settings
 from cascade.stream.kafka import bootstrap_servers
 from cascade.stream.processor import record_source
@@ -33,24 +34,43 @@ def input_topics(topics: Topics) -> list[str]:
     return [topics.verdicts(Decision.REVIEW), topics.verdicts(Decision.BLOCK), topics.appeals]
 
 
-def handle(record: ConsumerRecord, store: ReviewStore, topics: Topics, settings: Settings) -> DeadLetter | None:
-    """Store one record; the dead letter when it cannot become a task. Store failures raise (no commit)."""
+def parse(record: ConsumerRecord, topics: Topics, settings: Settings) -> Verdict | Appeal | DeadLetter:
+    """The verdict or appeal a record holds, or its dead letter."""
     value: bytes = record.value or b""
-    source = record_source(record.topic, record.partition, record.offset)
-    key = record.key.decode("utf-8", "replace") if record.key else None
     try:
         if record.topic == topics.appeals:
-            store.ingest_appeal(Appeal.model_validate_json(value))
-        else:
-            store.ingest_verdict(Verdict.model_validate_json(value))
+            return Appeal.model_validate_json(value)
+        return Verdict.model_validate_json(value)
     except ValidationError as exc:
         kind = "an appeal" if record.topic == topics.appeals else "a verdict"
         reason = f"not {kind}: {exc.errors()[0]['msg'] if exc.errors() else exc}"
-        return dead_letter(value, DeadLetterCode.INVALID_VALUE, reason, settings, source, key)
-    except ReviewError as exc:
-        return dead_letter(value, DeadLetterCode.INVALID_VALUE, str(exc), settings, source, key)
-    metrics.CONSUMED.labels(record.topic).inc()
-    return None
+        return dead_letter(value, DeadLetterCode.INVALID_VALUE, reason, settings, _source(record), _key(record))
+
+
+def store_batch(
+    records: Sequence[ConsumerRecord], store: ReviewStore, topics: Topics, settings: Settings
+) -> list[tuple[ConsumerRecord, DeadLetter]]:
+    """Store what can become tasks in one transaction; the dead letters of the rest. Store failures raise."""
+    parsed = [(record, parse(record, topics, settings)) for record in records]
+    usable = [(record, item) for record, item in parsed if not isinstance(item, DeadLetter)]
+    letters = [(record, item) for record, item in parsed if isinstance(item, DeadLetter)]
+    for (record, _), refused in zip(usable, store.ingest([item for _, item in usable]), strict=True):
+        if refused is None:
+            metrics.CONSUMED.labels(record.topic).inc()
+        else:
+            letter = dead_letter(
+                record.value or b"", DeadLetterCode.INVALID_VALUE, str(refused), settings, _source(record), _key(record)
+            )
+            letters.append((record, letter))
+    return letters
+
+
+def _source(record: ConsumerRecord) -> str:
+    return record_source(record.topic, record.partition, record.offset)
+
+
+def _key(record: ConsumerRecord) -> str | None:
+    return record.key.decode("utf-8", "replace") if record.key else None
 
 
 async def consume(
@@ -83,14 +103,11 @@ async def consume(
             if not batches:
                 continue
             try:
-                for records in batches.values():
-                    for record in records:
-                        letter = await asyncio.to_thread(handle, record, store, topics, settings)
-                        if letter is not None:
-                            await producer.send_and_wait(
-                                topics.deadletter, letter.model_dump_json().encode(), key=record.key
-                            )
-                            metrics.DEAD_LETTERS.inc()
+                records = [record for part in batches.values() for record in part]
+                letters = await asyncio.to_thread(store_batch, records, store, topics, settings)
+                for record, letter in letters:
+                    await producer.send_and_wait(topics.deadletter, letter.model_dump_json().encode(), key=record.key)
+                    metrics.DEAD_LETTERS.inc()
                 await consumer.commit()
             except Exception:  # the store or the broker failed: nothing is committed, the batch comes again
                 log.exception("review intake failed; retrying from the committed offsets in %.0f s", RETRY_S)

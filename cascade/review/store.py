@@ -240,23 +240,45 @@ class ReviewStore:
 
     # --- intake (the consumer) ---
 
+    def ingest(self, records: Sequence[Verdict | Appeal], now: datetime | None = None) -> list[ReviewError | None]:
+        """Store a batch in one transaction; per record None, or why it cannot become a task."""
+        now = now or utc_now()
+        outcomes: list[ReviewError | None] = []
+        with self._session() as session:
+            for record in records:
+                try:
+                    if isinstance(record, Appeal):
+                        self._appeal(session, record, now)
+                    else:
+                        self._verdict(session, record, now)
+                    outcomes.append(None)
+                except ReviewError as exc:
+                    outcomes.append(exc)
+        return outcomes
+
     def ingest_verdict(self, verdict: Verdict, now: datetime | None = None) -> bool:
         """A review verdict becomes a task; a block verdict is kept for appeals. True when something new."""
-        now = now or utc_now()
+        with self._session() as session:
+            return self._verdict(session, verdict, now or utc_now())
+
+    def ingest_appeal(self, appeal: Appeal, now: datetime | None = None) -> bool:
+        """An appealed block becomes an appeal task. Raises ReviewError when no block of the item is known."""
+        with self._session() as session:
+            return self._appeal(session, appeal, now or utc_now())
+
+    def _verdict(self, session: Session, verdict: Verdict, now: datetime) -> bool:
         if verdict.decision is Decision.BLOCK:
-            with self._session() as session:
-                # A block older than the item's latest human decision is history (e.g. overturned since).
-                latest = select(func.max(DecisionRow.decided_at)).where(DecisionRow.item_id == verdict.id)
-                decided = _aware(session.scalar(latest))
-                if decided is not None and decided > verdict.processed_at:
-                    return False
-                session.merge(
-                    BlockedVerdict(item_id=verdict.id, verdict_json=verdict.model_dump_json(), received_at=now)
-                )
+            # A block older than the item's latest human decision is history (e.g. overturned since).
+            latest = select(func.max(DecisionRow.decided_at)).where(DecisionRow.item_id == verdict.id)
+            decided = _aware(session.scalar(latest))
+            if decided is not None and decided > verdict.processed_at:
+                return False
+            session.merge(BlockedVerdict(item_id=verdict.id, verdict_json=verdict.model_dump_json(), received_at=now))
             return True
         if verdict.decision is not Decision.REVIEW:
             return False
-        return self._add_task(
+        return _add_task(
+            session,
             Task(
                 item_id=verdict.id,
                 kind=TaskKind.REVIEW,
@@ -268,18 +290,16 @@ class ReviewStore:
                 text=verdict.item.text if verdict.item else "",
                 verdict_json=verdict.model_dump_json(),
                 created_at=now,
-            )
+            ),
         )
 
-    def ingest_appeal(self, appeal: Appeal, now: datetime | None = None) -> bool:
-        """An appealed block becomes an appeal task. Raises ReviewError when no block of the item is known."""
-        now = now or utc_now()
-        with self._session() as session:
-            blocked = session.get(BlockedVerdict, appeal.id)
-            if blocked is None:
-                raise ReviewError(f"no block verdict is known for item {appeal.id!r}: nothing to appeal")
-            verdict = Verdict.model_validate_json(blocked.verdict_json)
-        return self._add_task(
+    def _appeal(self, session: Session, appeal: Appeal, now: datetime) -> bool:
+        blocked = session.get(BlockedVerdict, appeal.id)
+        if blocked is None:
+            raise ReviewError(f"no block verdict is known for item {appeal.id!r}: nothing to appeal")
+        verdict = Verdict.model_validate_json(blocked.verdict_json)
+        return _add_task(
+            session,
             Task(
                 item_id=appeal.id,
                 kind=TaskKind.APPEAL,
@@ -293,16 +313,8 @@ class ReviewStore:
                 appeal_reason=appeal.reason,
                 appeal_author=appeal.author,
                 created_at=now,
-            )
+            ),
         )
-
-    def _add_task(self, task: Task) -> bool:
-        try:
-            with self._session() as session:
-                session.add(task)
-        except IntegrityError:  # a redelivery: the task for this item and kind exists
-            return False
-        return True
 
     # --- the queue and claims ---
 
@@ -589,6 +601,16 @@ class ReviewStore:
 
 
 _DUMMY_HASH = hash_password("not a password", salt=b"\0" * 16)
+
+
+def _add_task(session: Session, task: Task) -> bool:
+    """Insert unless the item already has a task of this kind (a redelivery); the batch goes on either way."""
+    try:
+        with session.begin_nested():
+            session.add(task)
+    except IntegrityError:
+        return False
+    return True
 
 
 def _as_int(condition: Any) -> Any:
