@@ -15,7 +15,8 @@ import yaml
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent  # package data: policy, default thresholds and model
+PROJECT_ROOT = PACKAGE_DIR.parent
 
 
 class _YamlFileSource(PydanticBaseSettingsSource):
@@ -53,9 +54,9 @@ class Settings(BaseSettings):
     reject_unknown_fields: bool = True
 
     # Artefacts shipped with the project.
-    thresholds: Path = PROJECT_ROOT / "thresholds" / "default.yaml"
-    model_dir: Path = PROJECT_ROOT / "models" / "default"
-    policies_dir: Path = PROJECT_ROOT / "cascade" / "policies"
+    thresholds: Path = PACKAGE_DIR / "defaults" / "thresholds" / "default.yaml"
+    model_dir: Path = PACKAGE_DIR / "defaults" / "models" / "default"
+    policies_dir: Path = PACKAGE_DIR / "policies"
 
     # Hash stage.
     near_dup_threshold: float = Field(default=0.7, gt=0, le=1, description="MinHash LSH Jaccard threshold.")
@@ -120,6 +121,15 @@ class Settings(BaseSettings):
     )
     stream_session_timeout_s: float = Field(default=6.0, gt=0, description="Consumer group session timeout.")
     health_port: int = Field(default=8080, ge=0, le=65535, description="Worker /healthz, /readyz, /metrics.")
+
+    # Drift monitor and audit sample (docs/drift.md).
+    drift_window: int = Field(default=2000, gt=0, description="Items per stage (and surface) in the drift window.")
+    drift_min_items: int = Field(default=200, gt=0, description="Scores in a window before its PSI is exported.")
+    drift_max_surfaces: int = Field(default=16, ge=0, description="Surfaces with their own drift windows.")
+    audit_share: float = Field(
+        default=0.01, ge=0, le=1, description="Share of automatic verdicts also sent to review as audits."
+    )
+    audit_window: int = Field(default=500, gt=0, description="Audited blocks the live precision estimate keeps.")
 
     # Human review (`cascade review serve`, docs/review.md). The URL may hold a password: a secret.
     review_db_url: SecretStr | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir.")

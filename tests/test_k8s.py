@@ -52,6 +52,7 @@ CUSTOM_KINDS = {
     ("keda.sh/v1alpha1", "ScaledObject"),
     ("kafka.strimzi.io/v1", "KafkaTopic"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),  # tests/test_monitoring.py
 }
 SECRET_LIKE_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
 SECRET_LIKE_VALUE = [
@@ -288,7 +289,10 @@ def test_workers_mount_config_and_data_where_the_image_expects_them(manifests: M
 def test_config_maps_carry_the_repository_files_and_load_in_the_app(manifests: Manifests, tmp_path: Path) -> None:
     thresholds = manifests.config_map("cascade-thresholds")["data"]
     policies = manifests.config_map("cascade-policies")["data"]
-    assert thresholds == {p.name: p.read_text(encoding="utf-8") for p in sorted((ROOT / "thresholds").glob("*.yaml"))}
+    assert thresholds == {
+        p.name: p.read_text(encoding="utf-8")
+        for p in sorted((ROOT / "cascade" / "defaults" / "thresholds").glob("*.yaml"))
+    }
     # Every file the workers read (policy.yaml, the LLM's <category>.md); seeds/ stays baked.
     policy_dir = ROOT / "cascade" / "policies"
     assert policies == {p.name: p.read_text(encoding="utf-8") for p in sorted(policy_dir.iterdir()) if p.is_file()}

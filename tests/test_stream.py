@@ -70,6 +70,7 @@ def test_topic_names_in_one_place() -> None:
         "moderation.verdicts.block",
         "moderation.verdicts.review",
         "moderation.deadletter",
+        "moderation.audit",
     ]
 
 

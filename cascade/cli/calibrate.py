@@ -31,6 +31,7 @@ from cascade.calibration import (
 from cascade.cli.app import app, fail
 from cascade.contract import ContentItem, Verdict
 from cascade.data import FLAGGED, DataError, LabelledItem, Split, file_digest, load_labelled, split_of
+from cascade.drift import Reference
 from cascade.evaluation import build_report, cost_f1_frontier, guarantee_metrics, render_report
 from cascade.pipeline import CascadeRunner, new_context
 from cascade.plots import cost_f1_frontier as plot_frontier
@@ -193,6 +194,8 @@ def calibrate(
         achieved,
         command,
     )
+    # What live traffic is compared with (cascade.drift; docs/drift.md).
+    thresholds.provenance["reference"] = Reference.of(cal_table, thresholds).to_doc()
     output.parent.mkdir(parents=True, exist_ok=True)
     thresholds.dump(output)
     _render_calibration(thresholds, achieved, chosen.accepted, chosen.candidates, Console())

@@ -132,7 +132,7 @@ def moderate(
         Path | None,
         typer.Option("--dead-letter", help="Dead-letter JSONL (default: OUTPUT.deadletter.jsonl, or stderr)."),
     ] = None,
-    thresholds: Annotated[Path | None, typer.Option(help="Threshold set (default: thresholds/default.yaml).")] = None,
+    thresholds: Annotated[Path | None, typer.Option(help="Threshold set (default: the packaged default set).")] = None,
     shadow_thresholds: Annotated[
         Path | None, typer.Option(help="A second threshold set, recorded in each verdict, never acted on.")
     ] = None,

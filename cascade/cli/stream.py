@@ -124,7 +124,7 @@ def run(
         bool, typer.Option("--until-drained", help="Exit once every published record has a verdict or dead letter.")
     ] = False,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes, each running every stage.")] = 1,
-    thresholds: Annotated[Path | None, typer.Option(help="Threshold set (default: thresholds/default.yaml).")] = None,
+    thresholds: Annotated[Path | None, typer.Option(help="Threshold set (default: the packaged default set).")] = None,
     timeout: Annotated[float, typer.Option(help="With --until-drained: give up after this many seconds.")] = 900.0,
     loglevel: Annotated[str, typer.Option(help="Workers' log level (their logs: DATA_DIR/stream/).")] = "info",
 ) -> None:

@@ -92,8 +92,8 @@ async def read_topics(url: str, topics: Sequence[str], poll_ms: int = 200) -> As
         auto_offset_reset="earliest",
         client_id="cascade-read",
     )
-    await consumer.start()
     try:
+        await consumer.start()  # inside the try: a consumer that failed to connect must still be closed
         await consumer.topics()  # fetch metadata so partitions are known
         partitions = [
             TopicPartition(topic, p) for topic in topics for p in sorted(consumer.partitions_for_topic(topic) or ())

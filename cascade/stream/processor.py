@@ -16,7 +16,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cascade.contract import DeadLetter, DeadLetterCode, Verdict
+from cascade.contract import DeadLetter, DeadLetterCode, Decision, Verdict
+from cascade.drift import audited
 from cascade.intake import dead_letter, parse_record
 from cascade.pipeline import CascadeRunner, new_context
 from cascade.settings import Settings
@@ -110,8 +111,8 @@ class StageProcessor:
             for record in originals:
                 messages.extend(await self._judge_one(record))
             return messages
-        metrics.record_batch(self.stage, outputs, time.perf_counter() - started)
-        return [self._route(out) for out in outputs]
+        metrics.record_batch(self.stage, contexts, outputs, time.perf_counter() - started)
+        return self._routes(outputs)
 
     async def _judge_one(self, record: Record) -> list[Message]:
         started = time.perf_counter()
@@ -131,8 +132,21 @@ class StageProcessor:
                 fresh.item.id,
             )
             return [self._dead_letter_message(letter, record.key)]
-        metrics.record_batch(self.stage, outputs, time.perf_counter() - started)
-        return [self._route(out) for out in outputs]
+        metrics.record_batch(self.stage, [fresh], outputs, time.perf_counter() - started)
+        return self._routes(outputs)
+
+    def _routes(self, outputs: Sequence[Verdict | ItemContext]) -> list[Message]:
+        """Each output to its topic, plus an audit copy of the sampled automatic verdicts (docs/drift.md)."""
+        messages = [self._route(out) for out in outputs]
+        for out in outputs:
+            if (
+                isinstance(out, Verdict)
+                and out.decision is not Decision.REVIEW
+                and audited(out.id, self.settings.audit_share)
+            ):
+                metrics.AUDIT_SENT.labels(out.decision.value).inc()
+                messages.append(Message(self.topics.audit, _key(out.id, None), out.model_dump_json().encode()))
+        return messages
 
     def _route(self, out: Verdict | ItemContext) -> Message:
         if isinstance(out, Verdict):

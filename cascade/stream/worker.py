@@ -14,6 +14,7 @@ import typer
 from cascade.assembly import STAGE_ORDER, build_runner
 from cascade.pipeline import CascadeRunner
 from cascade.settings import Settings
+from cascade.stream import metrics
 from cascade.stream.app import create_app
 from cascade.stream.health import HealthServer, WorkerState
 from cascade.stream.kafka import ensure_topics
@@ -60,6 +61,7 @@ def run_worker(
             )
         )
     state = WorkerState(selected)
+    metrics.watch_guards([stage for stage in runner.stages if stage.name in selected])
     app = create_app(settings, runner, selected, state, broker_url)
 
     @app.on_before_shutdown.connect
@@ -81,7 +83,7 @@ def worker_command(
     cascade: Annotated[
         str, typer.Option(help="The whole cascade, in order; the same for every worker of a deployment.")
     ] = ",".join(STAGE_ORDER),
-    thresholds: Annotated[Path | None, typer.Option(help="Threshold set (default: thresholds/default.yaml).")] = None,
+    thresholds: Annotated[Path | None, typer.Option(help="Threshold set (default: the packaged default set).")] = None,
     shadow_thresholds: Annotated[Path | None, typer.Option(help="Shadow threshold set, never acted on.")] = None,
     health_port: Annotated[
         int | None, typer.Option(help="Port of /healthz, /readyz, /metrics (default CASCADE_HEALTH_PORT; 0: off).")
@@ -103,6 +105,9 @@ def worker_command(
         unknown = [name for name in names if name not in runner.stage_names]
         if unknown:
             raise ValueError(f"stages {unknown} are not in the cascade {runner.stage_names}")
+        metrics.start_drift(
+            runner.thresholds, settings.drift_window, settings.drift_min_items, settings.drift_max_surfaces
+        )
     except Exception as exc:  # any stage that cannot be built (missing model, bad thresholds): say so, exit
         typer.secho(f"error: cannot build the cascade: {type(exc).__name__}: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
