@@ -109,8 +109,7 @@ class Verdict(BaseModel):
     processed_at: datetime = Field(default_factory=utc_now)
     shadow: ShadowDecision | None = Field(default=None, description="Decision under shadow thresholds; never acted on.")
     item: ContentItem | None = Field(
-        default=None,
-        description="The item judged, on review and block verdicts only: what human review and appeals show.",
+        default=None, description="The item judged: what human review, appeals and audits show."
     )
     evidence: dict[str, Any] | None = Field(
         default=None, description="Evidence gathered on the way (retrieval neighbours), on review verdicts only."
@@ -144,6 +143,7 @@ class ReviewDecision(BaseModel):
     policy_version: str
     appeal: bool = Field(default=False, description="True when this decides an appeal.")
     appeal_outcome: AppealOutcome | None = Field(default=None, description="Upheld or overturned, for appeals.")
+    audit: bool = Field(default=False, description="True when this decides an audit sample (moderation.audit).")
     settles: Verdict = Field(description="The cascade (or earlier human) verdict this decision settles.")
 
 

@@ -190,8 +190,7 @@ class CascadeRunner:
             policy_version=self.policy_version,
             thresholds_version=self.thresholds.version,
             shadow=self._shadow(ctx.trace),
-            # Reviewers (review) and appeals (block) need the content; the other verdicts stay small.
-            item=ctx.item if decision is not Decision.ALLOW else None,
+            item=ctx.item,  # reviewers, appeals and audits show what was judged
             evidence=(ctx.evidence or None) if decision is Decision.REVIEW else None,
         )
 

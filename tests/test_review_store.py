@@ -19,7 +19,8 @@ from cascade.contract import HUMAN, Appeal, AppealOutcome, Decision
 from cascade.data import read_labelled
 from cascade.hashbank import EntryInput, HashBank, Polarity, entry_from_record
 from cascade.review.feedback import BankFeedback, bank_entry_id, labelled_rows
-from cascade.review.store import Filters, ReviewError, ReviewStore, human_verdict
+from cascade.review.metrics import audit_precision
+from cascade.review.store import Audit, Filters, ReviewError, ReviewStore, human_verdict
 from cascade.settings import Settings
 from cascade.vectorindex import open_vector_index
 
@@ -186,6 +187,29 @@ def test_appeal_of_a_block_is_prioritised_then_overturned_and_counted(store: Rev
     assert store.ingest_verdict(late_block) is False
     with pytest.raises(ReviewError):
         store.ingest_appeal(Appeal(id="blk", reason="again"))
+
+
+def test_audit_samples_become_audit_tasks_and_measure_block_precision(store: ReviewStore) -> None:
+    blocks = [cascade_verdict(f"au-{n}", f"audited {n}", Decision.BLOCK) for n in range(3)]
+    allowed = cascade_verdict("au-ok", "fine", Decision.ALLOW)
+    assert store.ingest([Audit(v) for v in [*blocks, allowed]]) == [None] * 4
+    refused = store.ingest([Audit(cascade_verdict("au-r", "x"))])[0]
+    assert isinstance(refused, ReviewError)  # review verdicts are not audit samples
+    tasks, total = store.queue()
+    assert total == 4 and {t.kind for t in tasks} == {"audit"}
+    assert {t.stage for t in tasks} == {"llm"} and tasks[0].verdict.item is not None
+    humans = {"au-0": Decision.BLOCK, "au-1": Decision.BLOCK, "au-2": Decision.ALLOW, "au-ok": Decision.ALLOW}
+    for task in tasks:
+        store.claim(task.id, "ann")
+        record = store.decide(task.id, "ann", humans[task.item_id], ["toxic"])
+        assert record.audit and not record.appeal
+    pairs = store.audit_pairs(10)
+    assert sorted(pairs) == sorted(
+        [(Decision.BLOCK, Decision.BLOCK)] * 2 + [(Decision.BLOCK, Decision.ALLOW), (Decision.ALLOW, Decision.ALLOW)]
+    )
+    precision = audit_precision(store, 10)
+    assert (precision.audited_blocks, precision.estimate) == (3, pytest.approx(2 / 3))
+    assert len(store.audit_pairs(2)) == 2  # the latest decided audits only
 
 
 def test_stats_count_queue_reviewers_and_per_stage_precision(store: ReviewStore) -> None:

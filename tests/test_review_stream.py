@@ -220,6 +220,26 @@ def test_appeal_round_trip_overturned_published_as_allow_and_counted(deployment:
     decision = ReviewDecision.model_validate_json(value)
     assert decision.appeal and decision.appeal_outcome is AppealOutcome.OVERTURNED and decision.settles == blocked
     assert "cascade_review_overturn_ratio 1.0" in metrics
+
+    # An audit sample (docs/drift.md): an automatic block copied to moderation.audit, judged wrong.
+    audited = cascade_verdict("au-1", "an automatic block", Decision.BLOCK)
+    deployment.publish(deployment.topics.audit, [audited.model_dump_json()])
+    deployment.wait_for("the audit task", lambda: store.queue()[1] == 1)
+    audit_task = store.queue()[0][0]
+    assert (audit_task.kind, audit_task.verdict) == ("audit", audited)
+    with httpx.Client(base_url=review.url, timeout=10) as client:
+        client.post(
+            "/login", data={"name": "bob", "password": PASSWORD, "csrf_token": csrf_of(client.get("/login").text)}
+        )
+        page = client.get(f"/tasks/{audit_task.id}").text
+        assert "Audit sample of an automatic verdict" in page
+        token = csrf_of(page)
+        client.post(f"/tasks/{audit_task.id}/claim", data={"csrf_token": token})
+        client.post(f"/tasks/{audit_task.id}/decide", data={"csrf_token": token, "decision": "allow"})
+        metrics = _wait_metric(client, 'cascade_audit_block_precision{bound="estimate"} 0.0')
+    assert "cascade_audit_blocks 1.0" in metrics
+    _, value = deployment.read([deployment.topics.decisions], item_id_is("au-1"))
+    assert ReviewDecision.model_validate_json(value).audit
     stats = deployment.cli("review", "stats")
     assert "appeals decided 1, overturned 1 (100.0 %)" in stats
     # The two appeals that cannot become tasks each got one dead letter, with the reason.

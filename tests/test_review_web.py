@@ -185,7 +185,8 @@ def test_stats_page_and_metrics(page: Page) -> None:
         stats = client.get("/stats").text
         metrics = client.get("/metrics").text
     assert 'id="queue-depth">1<' in stats and "<td>ann</td><td>0</td><td>1</td>" in stats
-    assert 'cascade_review_queue_depth{kind="review"} 1.0' in metrics
+    assert 'cascade_review_open_tasks{kind="review"} 1.0' in metrics
+    assert "cascade_review_pending_items 1.0" in metrics
     assert 'cascade_review_decisions_total{decision="block",reviewer="ann"} 1.0' in metrics
     assert 'cascade_review_stage_precision{stage="llm"} 1.0' in metrics
-    assert "cascade_review_oldest_task_age_seconds" in metrics
+    assert "cascade_review_oldest_pending_seconds" in metrics

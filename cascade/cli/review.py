@@ -19,8 +19,10 @@ from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
 from cascade.cli.app import app, fail
+from cascade.drift import AuditPrecision
 from cascade.policy import load_policy
 from cascade.review.feedback import labelled_rows
+from cascade.review.metrics import audit_precision
 from cascade.review.service import port_free, serve
 from cascade.review.store import ReviewError, ReviewStore, Stats
 from cascade.settings import Settings
@@ -158,14 +160,15 @@ def export(
 @review_app.command("stats")
 def stats_command() -> None:
     """Print the queue figures: depth, oldest task, decisions per reviewer, appeals, per-stage agreement."""
-    store = open_store(load_settings())
+    settings = load_settings()
+    store = open_store(settings)
     try:
-        render_stats(store.stats(), Console())
+        render_stats(store.stats(), audit_precision(store, settings.audit_window), Console())
     finally:
         store.close()
 
 
-def render_stats(stats: Stats, console: Console) -> None:
+def render_stats(stats: Stats, audit: AuditPrecision, console: Console) -> None:
     oldest = "none" if stats.oldest_open_age_s is None else f"{stats.oldest_open_age_s:.0f} s"
     console.print(
         f"queue depth {stats.queue_depth} (appeals {stats.open_tasks.get('appeal', 0)}, claimed {stats.claimed}); "
@@ -173,6 +176,12 @@ def render_stats(stats: Stats, console: Console) -> None:
     )
     rate = "" if stats.overturn_rate is None else f" ({100 * stats.overturn_rate:.1f} %)"
     console.print(f"appeals decided {stats.appeals_decided}, overturned {stats.overturned}{rate}")
+    if audit.estimate is not None and audit.interval is not None:
+        low, high = audit.interval
+        console.print(
+            f"audit precision of automatic blocks {100 * audit.estimate:.1f} % [{100 * low:.1f}, {100 * high:.1f}]"
+            f" over {audit.audited_blocks} audited blocks"
+        )
     reviewers = Table("reviewer", "allow", "block", title="decisions per reviewer")
     for name, counts in sorted(stats.decisions_by_reviewer.items()):
         reviewers.add_row(name, str(counts.get("allow", 0)), str(counts.get("block", 0)))

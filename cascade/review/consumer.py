@@ -1,4 +1,4 @@
-"""Review verdicts, block verdicts and appeals from Kafka into the review store; at-least-once.
+"""Review verdicts, block verdicts, appeals and audit samples from Kafka into the review store; at-least-once.
 
 Offsets are committed only after the store holds a batch, so a crash redelivers it, and the store
 is idempotent by item id (a redelivered verdict never makes a second task). A record that is not
@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from cascade.contract import Appeal, DeadLetter, DeadLetterCode, Decision, Verdict
 from cascade.intake import dead_letter
 from cascade.review import metrics
-from cascade.review.store import ReviewStore
+from cascade.review.store import Audit, ReviewStore
 from cascade.settings import Settings
 from cascade.stream.kafka import bootstrap_servers
 from cascade.stream.processor import record_source
@@ -31,15 +31,17 @@ RETRY_S = 1.0  # after a store failure: wait, rewind to the committed offsets, t
 
 
 def input_topics(topics: Topics) -> list[str]:
-    return [topics.verdicts(Decision.REVIEW), topics.verdicts(Decision.BLOCK), topics.appeals]
+    return [topics.verdicts(Decision.REVIEW), topics.verdicts(Decision.BLOCK), topics.appeals, topics.audit]
 
 
-def parse(record: ConsumerRecord, topics: Topics, settings: Settings) -> Verdict | Appeal | DeadLetter:
-    """The verdict or appeal a record holds, or its dead letter."""
+def parse(record: ConsumerRecord, topics: Topics, settings: Settings) -> Verdict | Appeal | Audit | DeadLetter:
+    """The verdict, appeal or audit sample a record holds, or its dead letter."""
     value: bytes = record.value or b""
     try:
         if record.topic == topics.appeals:
             return Appeal.model_validate_json(value)
+        if record.topic == topics.audit:
+            return Audit(Verdict.model_validate_json(value))
         return Verdict.model_validate_json(value)
     except ValidationError as exc:
         kind = "an appeal" if record.topic == topics.appeals else "a verdict"

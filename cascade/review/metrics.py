@@ -1,18 +1,22 @@
 """Prometheus metrics of the review app: counters of what it moved, and the stats view's figures.
 
-The figures come from the store at scrape time (a custom collector), so every replica reports
-the same shared queue; aggregate them with `max`, not `sum`.
+The figures come from the store at scrape time, so every replica reports the same shared queue;
+aggregate them with `max`, not `sum`. Queue depth and age, and the audit precision, are the
+series that docs/drift.md defines (`cascade.stream.metrics`), set here from the store.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from cascade.review.store import ReviewStore
+from cascade.drift import AuditPrecision
+from cascade.review.store import ReviewStore, Stats
+from cascade.stream import metrics as stream_metrics
 
 REGISTRY = CollectorRegistry()
 CONSUMED = Counter(
@@ -31,22 +35,26 @@ PUBLISHED = Counter(
 )
 
 
+# The series of docs/drift.md (dashboards and alerts) that the review app sets.
+DRIFT_SERIES = (
+    "cascade_review_pending_items",
+    "cascade_review_oldest_pending_seconds",
+    "cascade_audit_blocks",
+    "cascade_audit_block_precision",
+)
+
+
 class StoreCollector(Collector):
-    def __init__(self, store: ReviewStore) -> None:
-        self.store = store
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        stats = self.store.stats()
-        depth = GaugeMetricFamily("cascade_review_queue_depth", "Open review tasks, by kind.", labels=["kind"])
-        for kind in ("review", "appeal"):
+        stats = self.stats
+        depth = GaugeMetricFamily("cascade_review_open_tasks", "Open review tasks, by kind.", labels=["kind"])
+        for kind in ("review", "appeal", "audit"):
             depth.add_metric([kind], stats.open_tasks.get(kind, 0))
         yield depth
         yield GaugeMetricFamily("cascade_review_claimed_tasks", "Open tasks under a live claim.", value=stats.claimed)
-        yield GaugeMetricFamily(
-            "cascade_review_oldest_task_age_seconds",
-            "Age of the oldest open task (0 when none).",
-            value=stats.oldest_open_age_s or 0.0,
-        )
         decisions = CounterMetricFamily(
             "cascade_review_decisions",
             "Decisions in the store, by reviewer and decision.",
@@ -84,8 +92,21 @@ class StoreCollector(Collector):
         yield precision
 
 
-def exposition(store: ReviewStore) -> bytes:
-    """The /metrics body: this process's counters and the store's figures."""
+def audit_precision(store: ReviewStore, window: int) -> AuditPrecision:
+    """Precision of automatic blocks from the latest `window` decided audits (docs/drift.md)."""
+    audit = AuditPrecision(size=window)
+    audit.extend(store.audit_pairs(window))
+    return audit
+
+
+def exposition(store: ReviewStore, audit_window: int) -> bytes:
+    """The /metrics body: this process's counters, the store's figures, and the drift series."""
+    stats = store.stats()
+    stream_metrics.export_review_queue(stats.queue_depth, stats.oldest_open_age_s or 0.0)
+    stream_metrics.export_audit(audit_precision(store, audit_window))
     registry = CollectorRegistry()
-    registry.register(StoreCollector(store))
-    return generate_latest(REGISTRY) + generate_latest(registry)
+    registry.register(StoreCollector(stats))
+    drift = DEFAULT_REGISTRY.restricted_registry(
+        [f"{name}{suffix}" for name in DRIFT_SERIES for suffix in ("", "_total")]
+    )
+    return generate_latest(REGISTRY) + generate_latest(registry) + generate_latest(drift)

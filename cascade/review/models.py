@@ -15,6 +15,7 @@ class Base(DeclarativeBase):
 class TaskKind:
     REVIEW = "review"  # the cascade could not settle the item
     APPEAL = "appeal"  # an appealed block
+    AUDIT = "audit"  # a sampled automatic verdict (moderation.audit, docs/drift.md)
 
 
 class TaskStatus:

@@ -104,6 +104,13 @@ def check_password(password: str, stored: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Audit:
+    """An automatic verdict sampled for review (read from moderation.audit)."""
+
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
 class Filters:
     category: str | None = None
     surface: str | None = None
@@ -209,7 +216,7 @@ def human_verdict(record: ReviewDecision) -> Verdict:
         policy_version=record.policy_version,
         thresholds_version=settled.thresholds_version,
         processed_at=record.decided_at,
-        item=settled.item if decision is Decision.BLOCK else None,
+        item=settled.item,
     )
 
 
@@ -240,7 +247,9 @@ class ReviewStore:
 
     # --- intake (the consumer) ---
 
-    def ingest(self, records: Sequence[Verdict | Appeal], now: datetime | None = None) -> list[ReviewError | None]:
+    def ingest(
+        self, records: Sequence[Verdict | Appeal | Audit], now: datetime | None = None
+    ) -> list[ReviewError | None]:
         """Store a batch in one transaction; per record None, or why it cannot become a task."""
         now = now or utc_now()
         outcomes: list[ReviewError | None] = []
@@ -249,6 +258,8 @@ class ReviewStore:
                 try:
                     if isinstance(record, Appeal):
                         self._appeal(session, record, now)
+                    elif isinstance(record, Audit):
+                        self._audit(session, record.verdict, now)
                     else:
                         self._verdict(session, record, now)
                     outcomes.append(None)
@@ -277,44 +288,22 @@ class ReviewStore:
             return True
         if verdict.decision is not Decision.REVIEW:
             return False
-        return _add_task(
-            session,
-            Task(
-                item_id=verdict.id,
-                kind=TaskKind.REVIEW,
-                status=TaskStatus.OPEN,
-                priority=_max_score(verdict),
-                category=_top_category(verdict),
-                surface=verdict.item.surface if verdict.item else None,
-                stage=verdict.trace[-1].stage if verdict.trace else None,
-                text=verdict.item.text if verdict.item else "",
-                verdict_json=verdict.model_dump_json(),
-                created_at=now,
-            ),
-        )
+        stage = verdict.trace[-1].stage if verdict.trace else None
+        return _add_task(session, _task(verdict, TaskKind.REVIEW, _max_score(verdict), stage, now))
+
+    def _audit(self, session: Session, verdict: Verdict, now: datetime) -> bool:
+        if verdict.decision is Decision.REVIEW:
+            raise ReviewError("an audit copies an automatic verdict (allow or block), not a review verdict")
+        return _add_task(session, _task(verdict, TaskKind.AUDIT, _max_score(verdict), verdict.decided_by, now))
 
     def _appeal(self, session: Session, appeal: Appeal, now: datetime) -> bool:
         blocked = session.get(BlockedVerdict, appeal.id)
         if blocked is None:
             raise ReviewError(f"no block verdict is known for item {appeal.id!r}: nothing to appeal")
         verdict = Verdict.model_validate_json(blocked.verdict_json)
-        return _add_task(
-            session,
-            Task(
-                item_id=appeal.id,
-                kind=TaskKind.APPEAL,
-                status=TaskStatus.OPEN,
-                priority=APPEAL_PRIORITY_BOOST + _max_score(verdict),
-                category=(verdict.flagged_categories or [_top_category(verdict)])[0],
-                surface=verdict.item.surface if verdict.item else None,
-                stage=verdict.decided_by,
-                text=verdict.item.text if verdict.item else "",
-                verdict_json=verdict.model_dump_json(),
-                appeal_reason=appeal.reason,
-                appeal_author=appeal.author,
-                created_at=now,
-            ),
-        )
+        task = _task(verdict, TaskKind.APPEAL, APPEAL_PRIORITY_BOOST + _max_score(verdict), verdict.decided_by, now)
+        task.appeal_reason, task.appeal_author = appeal.reason, appeal.author
+        return _add_task(session, task)
 
     # --- the queue and claims ---
 
@@ -423,6 +412,7 @@ class ReviewStore:
                 policy_version=settled.policy_version,
                 appeal=appeal,
                 appeal_outcome=outcome,
+                audit=task.kind == TaskKind.AUDIT,
                 settles=settled,
             )
             session.add(
@@ -568,6 +558,19 @@ class ReviewStore:
                 )
         return stats
 
+    def audit_pairs(self, limit: int) -> list[tuple[Decision, Decision]]:
+        """(automatic, human) decisions of the latest decided audits, oldest first (for AuditPrecision)."""
+        with self._session() as session:
+            rows = session.scalars(
+                select(DecisionRow.record_json)
+                .join(Task, Task.id == DecisionRow.task_id)
+                .where(Task.kind == TaskKind.AUDIT)
+                .order_by(DecisionRow.decided_at.desc())
+                .limit(limit)
+            ).all()
+        records = [ReviewDecision.model_validate_json(row) for row in reversed(rows)]
+        return [(r.settles.decision, Decision(r.decision)) for r in records]
+
     # --- accounts ---
 
     def add_account(self, name: str, password: str, now: datetime | None = None) -> bool:
@@ -601,6 +604,23 @@ class ReviewStore:
 
 
 _DUMMY_HASH = hash_password("not a password", salt=b"\0" * 16)
+
+
+def _task(verdict: Verdict, kind: str, priority: float, stage: str | None, now: datetime) -> Task:
+    # A block is filed under the category it was blocked for; otherwise the highest-scoring one.
+    category = verdict.flagged_categories[0] if verdict.flagged_categories else _top_category(verdict)
+    return Task(
+        item_id=verdict.id,
+        kind=kind,
+        status=TaskStatus.OPEN,
+        priority=priority,
+        category=category,
+        surface=verdict.item.surface if verdict.item else None,
+        stage=stage,
+        text=verdict.item.text if verdict.item else "",
+        verdict_json=verdict.model_dump_json(),
+        created_at=now,
+    )
 
 
 def _add_task(session: Session, task: Task) -> bool:

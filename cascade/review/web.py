@@ -24,7 +24,7 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from cascade.contract import Decision
 from cascade.policy import load_policy
-from cascade.review.metrics import exposition
+from cascade.review.metrics import audit_precision, exposition
 from cascade.review.store import Filters, ReviewError, ReviewStore, TaskView, utc_now
 from cascade.settings import Settings
 from cascade.thresholds import ThresholdError, ThresholdSet
@@ -146,7 +146,7 @@ def create_app(state: AppState) -> FastAPI:
 
     @app.get("/metrics")
     def metrics() -> Response:
-        return Response(exposition(store), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(store, settings.audit_window), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/login", response_class=HTMLResponse)
     def login_page(request: Request) -> Response:
@@ -244,7 +244,8 @@ def create_app(state: AppState) -> FastAPI:
     @app.get("/stats", response_class=HTMLResponse)
     def stats_page(request: Request) -> Response:
         reviewer = reviewer_of(request)
-        return render(request, "stats.html", reviewer=reviewer, stats=store.stats())
+        audit = audit_precision(store, settings.audit_window)
+        return render(request, "stats.html", reviewer=reviewer, stats=store.stats(), audit=audit)
 
     return app
 
