@@ -272,13 +272,12 @@ def _hand_to_review(err: Console, verdicts: list[Verdict]) -> None:
         return
     store = ReviewStore.from_settings(settings)
     try:
-        added = sum(store.ingest_verdict(v) for v in verdicts if v.decision is Decision.REVIEW)
-        for verdict in verdicts:
-            if verdict.decision is Decision.BLOCK:
-                store.ingest_verdict(verdict)
+        before = store.stats().queue_depth
+        store.ingest([v for v in verdicts if v.decision is not Decision.ALLOW])  # one transaction
         waiting = store.stats().queue_depth
     finally:
         store.close()
+    added = waiting - before
     err.print(
         f"human review: {added} new tasks, {waiting} waiting. Open them with `make review` (or `cascade review serve`)"
         f" at http://{settings.review_host}:{settings.review_port}/ ; add an account first with"
