@@ -67,6 +67,13 @@ def test_a_batch_is_stored_whole_with_its_refusals_named(store: ReviewStore) -> 
     assert isinstance(outcomes[3], ReviewError) and "unknown" in str(outcomes[3])
     tasks, total = store.queue()
     assert total == 2 and [(t.item_id, t.kind) for t in tasks] == [("b-2", "appeal"), ("b-1", "review")]
+    # Records no cascade would make (over-long id, names wider than the columns) never block a batch.
+    foreign = cascade_verdict("x", "text").model_copy(update={"id": "x" * 600})
+    wide = cascade_verdict("wide", "text", scores={"c" * 100: 0.9})
+    long_block = cascade_verdict("y", "text", Decision.BLOCK).model_copy(update={"id": "y" * 600})
+    refused, stored, refused_block = store.ingest([foreign, wide, long_block])
+    assert isinstance(refused, ReviewError) and isinstance(refused_block, ReviewError) and stored is None
+    assert store.queue(Filters(category="c" * 64))[1] == 1
 
 
 def test_allow_verdicts_make_no_task_and_migrations_are_idempotent(store: ReviewStore) -> None:

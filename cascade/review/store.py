@@ -23,7 +23,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, case, create_engine, delete, event, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cascade.contract import (
@@ -52,6 +52,7 @@ from cascade.settings import Settings
 APPEAL_PRIORITY_BOOST = 1.0  # violation scores are in [0, 1]: appeals sort above every review task
 LEANS_VIOLATING = 0.5  # a stage whose highest score reaches this leaned to "violating" (for live precision)
 HUMAN_STAGE_VERSION = "review-1"
+MAX_ID_CHARS = 512  # as ContentItem.id
 
 
 class ReviewError(ValueError):
@@ -284,6 +285,8 @@ class ReviewStore:
             decided = _aware(session.scalar(latest))
             if decided is not None and decided > verdict.processed_at:
                 return False
+            if len(verdict.id) > MAX_ID_CHARS:
+                raise ReviewError(f"item id longer than {MAX_ID_CHARS} characters")
             session.merge(BlockedVerdict(item_id=verdict.id, verdict_json=verdict.model_dump_json(), received_at=now))
             return True
         if verdict.decision is not Decision.REVIEW:
@@ -609,14 +612,16 @@ _DUMMY_HASH = hash_password("not a password", salt=b"\0" * 16)
 def _task(verdict: Verdict, kind: str, priority: float, stage: str | None, now: datetime) -> Task:
     # A block is filed under the category it was blocked for; otherwise the highest-scoring one.
     category = verdict.flagged_categories[0] if verdict.flagged_categories else _top_category(verdict)
+    if len(verdict.id) > MAX_ID_CHARS:
+        raise ReviewError(f"item id longer than {MAX_ID_CHARS} characters")
     return Task(
         item_id=verdict.id,
         kind=kind,
         status=TaskStatus.OPEN,
         priority=priority,
-        category=category,
+        category=category[:64] if category else None,  # column widths: foreign names are cut, not fatal
         surface=verdict.item.surface if verdict.item else None,
-        stage=stage,
+        stage=stage[:64] if stage else None,
         text=verdict.item.text if verdict.item else "",
         verdict_json=verdict.model_dump_json(),
         created_at=now,
@@ -630,6 +635,8 @@ def _add_task(session: Session, task: Task) -> bool:
             session.add(task)
     except IntegrityError:
         return False
+    except DataError as exc:  # e.g. an over-long id from a foreign producer: refuse it, never block the stream
+        raise ReviewError(f"cannot store the task: {exc.orig}") from None
     return True
 
 
