@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cascade.contract import Decision, ReviewDecision
 from cascade.data import FLAGGED, LabelledItem
 from cascade.review.store import ReviewStore
 from cascade.settings import Settings
+
+if TYPE_CHECKING:  # the embedder (onnxruntime) loads only when exemplar feedback is on
+    from cascade.embedding import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +43,7 @@ def labelled_rows(
         latest.pop(record.id, None)  # re-insert: order by the latest decision
         latest[record.id] = (record, text)
     for record, text in latest.values():
-        yield labelled_row(record, text, known).__dict__ | {"source": REVIEW_SOURCE}
+        yield asdict(labelled_row(record, text, known))
 
 
 def labelled_row(record: ReviewDecision, text: str, categories: Iterable[str]) -> LabelledItem:
@@ -64,6 +68,14 @@ class BankFeedback:
         self.store = store
         self.settings = settings
         self.exemplars = exemplars
+        self._embedder: Embedder | None = None  # loaded on the first exemplar, then kept
+
+    def _get_embedder(self) -> Embedder:
+        if self._embedder is None:
+            from cascade.embedding import Embedder
+
+            self._embedder = Embedder.from_settings(self.settings)
+        return self._embedder
 
     def apply_pending(self) -> int:
         done = 0
@@ -104,7 +116,6 @@ class BankFeedback:
         return "hash", f"{outcome} {polarity.value} entry {entry_id}"
 
     def _exemplar(self, record: ReviewDecision, text: str, blocked: bool) -> tuple[str, str]:
-        from cascade.embedding import Embedder
         from cascade.exemplars import add_exemplars
         from cascade.vectorindex import open_vector_index
 
@@ -116,7 +127,7 @@ class BankFeedback:
             log.warning("exemplar feedback for %s skipped: %s", record.id, exc)
             return "exemplars", f"not added: {exc}"
         try:
-            add_exemplars(index, Embedder.from_settings(self.settings), [row], f"review:{record.reviewer}")
+            add_exemplars(index, self._get_embedder(), [row], f"review:{record.reviewer}")
         finally:
             index.close()
         return "exemplars", f"upserted {'violating' if blocked else 'benign'} exemplar {row.id}"
