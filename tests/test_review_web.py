@@ -185,6 +185,7 @@ def test_stats_page_and_metrics(page: Page) -> None:
         stats = client.get("/stats").text
         metrics = client.get("/metrics").text
     assert 'id="queue-depth">1<' in stats and "<td>ann</td><td>0</td><td>1</td>" in stats
+    assert "bank feedback is off" in stats
     assert 'cascade_review_open_tasks{kind="review"} 1.0' in metrics
     assert "cascade_review_pending_items 1.0" in metrics
     assert 'cascade_review_decisions_total{decision="block",reviewer="ann"} 1.0' in metrics

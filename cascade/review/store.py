@@ -504,9 +504,10 @@ class ReviewStore:
                 )
             session.execute(update(DecisionRow).where(DecisionRow.id == record.decision_id).values(feedback_done=True))
 
-    def bank_audit(self) -> list[BankAudit]:
+    def bank_audit(self, limit: int = 1000) -> list[BankAudit]:
+        """The latest bank changes that decisions caused, newest first."""
         with self._session() as session:
-            return list(session.scalars(select(BankAudit).order_by(BankAudit.id)).all())
+            return list(session.scalars(select(BankAudit).order_by(BankAudit.id.desc()).limit(limit)).all())
 
     # --- feedback and figures ---
 

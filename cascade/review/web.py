@@ -245,7 +245,15 @@ def create_app(state: AppState) -> FastAPI:
     def stats_page(request: Request) -> Response:
         reviewer = reviewer_of(request)
         audit = audit_precision(store, settings.audit_window)
-        return render(request, "stats.html", reviewer=reviewer, stats=store.stats(), audit=audit)
+        return render(
+            request,
+            "stats.html",
+            reviewer=reviewer,
+            stats=store.stats(),
+            audit=audit,
+            bank_changes=store.bank_audit(20),
+            feedback=settings.review_bank_feedback,
+        )
 
     return app
 
