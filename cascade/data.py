@@ -17,6 +17,9 @@ from pathlib import Path
 import xxhash
 
 FLAGGED = "flagged"
+# The labelled data sets sit next to the checkout (the Makefile's SHARED_DATA); relative to the
+# working directory, so an installed package finds them from the project root as well.
+DEFAULT_DATA_DIR = Path("../shared/data")
 
 
 class Split(StrEnum):
@@ -77,6 +80,11 @@ def read_labelled(path: Path) -> Iterator[LabelledItem]:
 def load_labelled(paths: Iterable[Path], split: Split | None = None) -> list[LabelledItem]:
     rows = [row for path in paths for row in read_labelled(path)]
     return rows if split is None else [row for row in rows if split_of(row.id) is split]
+
+
+def labelled_files(directory: Path = DEFAULT_DATA_DIR) -> list[Path]:
+    """The labelled JSONL files of a data directory, in a stable order."""
+    return sorted(Path(directory).glob("*.jsonl"))
 
 
 def categories_of(rows: Iterable[LabelledItem]) -> list[str]:

@@ -100,6 +100,14 @@ class StageResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+class StageUnavailable(RuntimeError):
+    """A stage cannot be built in this installation or configuration; the message says why and what to do.
+
+    The cascade still runs: the stage is replaced by one that reports this reason, so its items
+    escalate to the next stage (or go to review) instead of being decided without it.
+    """
+
+
 class Stage(ABC):
     """A cascade stage. Subclasses set `name` and `version` and implement `score`.
 
