@@ -64,10 +64,9 @@ pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed (
 
 @functools.cache
 def render(target: str) -> tuple[dict[str, Any], ...]:
-    """`kubectl kustomize` of k8s/<target>, parsed. The load restrictor is off because the
-    thresholds and policy ConfigMaps are generated from the repository's own files."""
+    """Plain `kubectl kustomize` of k8s/<target> (what `kubectl apply -k` and GitOps tools run), parsed."""
     out = subprocess.run(
-        [str(KUBECTL), "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(K8S / target)],
+        [str(KUBECTL), "kustomize", str(K8S / target)],
         check=True,
         capture_output=True,
         text=True,
@@ -280,13 +279,18 @@ def test_workers_mount_config_and_data_where_the_image_expects_them(manifests: M
 def test_config_maps_carry_the_repository_files_and_load_in_the_app(manifests: Manifests, tmp_path: Path) -> None:
     thresholds = manifests.config_map("cascade-thresholds")["data"]
     policies = manifests.config_map("cascade-policies")["data"]
+    # k8s/base/config/ holds copies (kustomize reads nothing outside k8s/); they must be the package's.
+    stale = "k8s/base/config/ differs: cp cascade/defaults/thresholds/*.yaml k8s/base/config/thresholds/"
     assert thresholds == {
         p.name: p.read_text(encoding="utf-8")
         for p in sorted((ROOT / "cascade" / "defaults" / "thresholds").glob("*.yaml"))
-    }
-    # Every file the workers read (policy.yaml, the LLM's <category>.md); seeds/ stays baked.
+    }, stale
+    # Every file the workers read (policy.yaml, the LLM's <category>.md); seeds/ stays in the image.
     policy_dir = ROOT / "cascade" / "policies"
-    assert policies == {p.name: p.read_text(encoding="utf-8") for p in sorted(policy_dir.iterdir()) if p.is_file()}
+    assert policies == {p.name: p.read_text(encoding="utf-8") for p in sorted(policy_dir.iterdir()) if p.is_file()}, (
+        "k8s/base/config/policies/ differs from the package: cp cascade/policies/*.md cascade/policies/policy.yaml "
+        "k8s/base/config/policies/"
+    )
     # What a worker does at start with the mounted files.
     for name, text in policies.items():
         (tmp_path / name).write_text(text, encoding="utf-8")
