@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import AliasChoices, Field, SecretStr
@@ -109,6 +109,17 @@ class Settings(BaseSettings):
 
     # Stream layer.
     kafka_url: str | None = None
+    # Kafka security (cascade/stream/security.py), for every client: workers, publish, tail, admin.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    kafka_ssl_cafile: Path | None = Field(default=None, description="CA bundle that signed the brokers' certificates.")
+    kafka_ssl_certfile: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
+    kafka_ssl_keyfile: Path | None = Field(default=None, description="Client certificate's private key.")
+    kafka_ssl_check_hostname: bool = True
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_password_file: Path | None = Field(default=None, description="Read at connect: a mounted Secret.")
+    kafka_sasl_oauth_token_file: Path | None = Field(default=None, description="OAUTHBEARER token, read at connect.")
     topic_prefix: str = ""
     stream_group: str = Field(default="cascade", min_length=1, description="Consumer group of the stage workers.")
     stream_partitions: int = Field(default=4, gt=0, description="Partitions of topics the workers create.")

@@ -23,6 +23,7 @@ from cascade.stream.broker import BrokerError, EmbeddedBroker
 from cascade.stream.client import Outcomes, Published, publish, read_topics
 from cascade.stream.kafka import ensure_topics
 from cascade.stream.local import WorkerError, WorkerProcess, collect
+from cascade.stream.security import KafkaSecurity, KafkaSecurityError
 from cascade.stream.topics import Topics
 from cascade.stream.worker import worker_command
 
@@ -40,6 +41,13 @@ def _broker(option: str | None, settings: Settings) -> str:
     if not url:
         raise fail("no broker: pass --broker HOST:PORT or set CASCADE_KAFKA_URL")
     return url
+
+
+def _security(settings: Settings) -> KafkaSecurity:
+    try:
+        return KafkaSecurity.from_settings(settings)
+    except KafkaSecurityError as exc:
+        raise fail(str(exc)) from exc
 
 
 def _lines(path: Path, limit: int | None) -> Iterator[bytes]:
@@ -72,8 +80,10 @@ def publish_command(
     if not input.is_file():
         raise fail(f"input file not found: {input}")
     url = _broker(broker, settings)
+    security = _security(settings)
     started = time.perf_counter()
-    published = asyncio.run(publish(url, Topics(settings.topic_prefix).content, _lines(input, limit), rate))
+    lines = _lines(input, limit)
+    published = asyncio.run(publish(url, Topics(settings.topic_prefix).content, lines, rate, security=security))
     elapsed = time.perf_counter() - started
     Console(stderr=True).print(f"published {len(published)} records to {url} in {elapsed:.1f} s")
 
@@ -92,10 +102,11 @@ def tail(
     topics = Topics(settings.topic_prefix)
     names = [topics.deadletter] if dead_letters else [topics.verdicts(d) for d in (decision or list(Decision))]
     url = _broker(broker, settings)
+    security = _security(settings)
 
     async def run() -> None:
         printed, quiet_since = 0, time.monotonic()
-        async for topic, value in read_topics(url, names):
+        async for topic, value in read_topics(url, names, security=security):
             if not topic:
                 if not follow and time.monotonic() - quiet_since > idle:
                     return
@@ -142,8 +153,11 @@ def run(
     exit_code = 0
     # SIGTERM (e.g. from a supervisor) must still stop the workers and the broker below.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    url = broker or settings.kafka_url
+    security = _security(settings)
+    if not url and security.protocol != "PLAINTEXT":
+        raise fail("the embedded broker speaks plaintext only: pass --broker, or unset CASCADE_KAFKA_SECURITY_PROTOCOL")
     try:
-        url = broker or settings.kafka_url
         if not url:
             embedded = EmbeddedBroker(log_path=logs / "broker.log").start()
             url = embedded.url
@@ -156,6 +170,7 @@ def run(
                 [topics.content, *topics.all_verdicts, topics.deadletter],
                 settings.stream_partitions,
                 settings.stream_replication_factor,
+                security,
             )
         )
         cascade = _names(stages)
@@ -168,7 +183,9 @@ def run(
             ready_s = max(p.wait_ready() for p in processes)
         err.print(f"{workers} worker(s) ready in {ready_s:.1f} s; logs in {logs}")
         exit_code = asyncio.run(
-            _publish_and_watch(err, url, topics, publish_file, limit, rate, until_drained, timeout, processes, cascade)
+            _publish_and_watch(
+                err, url, security, topics, publish_file, limit, rate, until_drained, timeout, processes, cascade
+            )
         )
     except (BrokerError, WorkerError) as exc:
         err.print(f"[red]error:[/] {exc}")
@@ -186,6 +203,7 @@ def run(
 async def _publish_and_watch(
     err: Console,
     url: str,
+    security: KafkaSecurity,
     topics: Topics,
     publish_file: Path | None,
     limit: int | None,
@@ -200,7 +218,7 @@ async def _publish_and_watch(
 
     async def produce() -> None:
         if publish_file is not None:
-            published.extend(await publish(url, topics.content, _lines(publish_file, limit), rate))
+            published.extend(await publish(url, topics.content, _lines(publish_file, limit), rate, security=security))
             err.print(f"published {len(published)} records in {time.perf_counter() - started:.1f} s")
 
     def progress(outcomes: Outcomes) -> None:
@@ -233,6 +251,7 @@ async def _publish_and_watch(
             on_update=progress,
             alive=lambda: all(p.alive for p in processes),
             until_drained=until_drained,
+            security=security,
         )
     except TimeoutError as exc:
         err.print(f"\n[red]timed out:[/] {exc}")

@@ -25,6 +25,7 @@ from cascade.stream import metrics
 from cascade.stream.health import WorkerState
 from cascade.stream.kafka import bootstrap_servers
 from cascade.stream.processor import Message, Record, StageProcessor, record_source
+from cascade.stream.security import KafkaSecurity
 from cascade.stream.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def create_app(
         broker_commit_interval=1.0,
         stream_wait_empty=True,
         web_enabled=False,
+        broker_credentials=KafkaSecurity.from_settings(settings).faust_credentials() if url else None,
     )
     _track_state(app, state)
     topics = Topics(settings.topic_prefix)

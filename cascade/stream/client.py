@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from cascade.contract import DeadLetter, Verdict
 from cascade.stream.kafka import bootstrap_servers
 from cascade.stream.processor import record_source
+from cascade.stream.security import PLAINTEXT, KafkaSecurity
 from cascade.stream.topics import Topics
 
 PUBLISH_WINDOW = 500  # sends awaited together; bounds memory, keeps the pipe full
@@ -44,15 +45,24 @@ class Published:
 
 
 async def publish(
-    url: str, topic: str, lines: Iterable[bytes], rate: float | None = None, linger_ms: int = 5
+    url: str,
+    topic: str,
+    lines: Iterable[bytes],
+    rate: float | None = None,
+    linger_ms: int = 5,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> list[Published]:
     """Produce each line as one message keyed by its id; at most `rate` messages/s when given."""
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap_servers(url), acks="all", linger_ms=linger_ms, client_id="cascade-publish"
+        bootstrap_servers=bootstrap_servers(url),
+        acks="all",
+        linger_ms=linger_ms,
+        client_id="cascade-publish",
+        **security.aiokafka_options(),
     )
-    await producer.start()
     published: list[Published] = []
     try:
+        await producer.start()  # inside the try: a failed bootstrap must still release the client
         started = time.monotonic()
         window: list[tuple[bytes | None, asyncio.Future]] = []
         for count, line in enumerate(lines):
@@ -79,7 +89,9 @@ async def _settle(window: Sequence[tuple[bytes | None, asyncio.Future]]) -> list
     ]
 
 
-async def read_topics(url: str, topics: Sequence[str], poll_ms: int = 200) -> AsyncIterator[tuple[str, bytes]]:
+async def read_topics(
+    url: str, topics: Sequence[str], poll_ms: int = 200, security: KafkaSecurity = PLAINTEXT
+) -> AsyncIterator[tuple[str, bytes]]:
     """Every message of `topics` from the beginning, then new ones as they come; (topic, value).
 
     No consumer group: it assigns every partition itself, so it joins nothing and commits nothing.
@@ -91,6 +103,7 @@ async def read_topics(url: str, topics: Sequence[str], poll_ms: int = 200) -> As
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         client_id="cascade-read",
+        **security.aiokafka_options(),
     )
     await consumer.start()
     try:

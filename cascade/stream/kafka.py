@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from cascade.stream.security import PLAINTEXT, KafkaSecurity
+
 log = logging.getLogger(__name__)
 
 
@@ -26,9 +28,18 @@ def bootstrap_servers(url: str) -> list[str]:
     return servers
 
 
-async def ensure_topics(url: str, names: Sequence[str], partitions: int, replication_factor: int) -> list[str]:
+async def ensure_topics(
+    url: str,
+    names: Sequence[str],
+    partitions: int,
+    replication_factor: int,
+    security: KafkaSecurity = PLAINTEXT,
+    configs: dict[str, str] | None = None,
+) -> list[str]:
     """Create the topics that do not exist yet; returns the ones created. Existing topics are left as they are."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(url), client_id="cascade-admin")
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap_servers(url), client_id="cascade-admin", **security.aiokafka_options()
+    )
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -37,7 +48,7 @@ async def ensure_topics(url: str, names: Sequence[str], partitions: int, replica
             return []
         with contextlib.suppress(TopicAlreadyExistsError):  # another worker won the race
             await admin.create_topics(
-                [NewTopic(name, num_partitions=partitions, replication_factor=replication_factor) for name in missing]
+                [NewTopic(name, partitions, replication_factor, topic_configs=configs or {}) for name in missing]
             )
         log.info("created topics %s", ", ".join(missing))
         return missing

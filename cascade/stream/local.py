@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cascade.stream.broker import free_port
 from cascade.stream.client import Outcomes, Published, read_topics
+from cascade.stream.security import PLAINTEXT, KafkaSecurity
 from cascade.stream.topics import Topics
 
 
@@ -117,6 +118,7 @@ async def collect(
     on_update: Callable[[Outcomes], None] | None = None,
     alive: Callable[[], bool] = lambda: True,
     until_drained: bool = True,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> Outcomes:
     """Read verdicts and dead letters until every published record has one (or forever).
 
@@ -126,7 +128,7 @@ async def collect(
     outcomes = Outcomes(topics)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last_update = 0.0
-    async for topic, value in read_topics(url, [*topics.all_verdicts, topics.deadletter]):
+    async for topic, value in read_topics(url, [*topics.all_verdicts, topics.deadletter], security=security):
         if topic:
             outcomes.add(topic, value)
         now = time.monotonic()

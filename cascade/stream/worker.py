@@ -17,6 +17,7 @@ from cascade.settings import Settings
 from cascade.stream.app import create_app
 from cascade.stream.health import HealthServer, WorkerState
 from cascade.stream.kafka import ensure_topics
+from cascade.stream.security import KafkaSecurity, KafkaSecurityError
 from cascade.stream.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def run_worker(
                 Topics(settings.topic_prefix).all_topics(runner.stage_names),
                 settings.stream_partitions,
                 settings.stream_replication_factor,
+                KafkaSecurity.from_settings(settings),
             )
         )
     state = WorkerState(selected)
@@ -96,6 +98,11 @@ def worker_command(
     if not url:
         typer.secho("error: no broker: pass --broker HOST:PORT or set CASCADE_KAFKA_URL", fg="red", err=True)
         raise typer.Exit(2)
+    try:
+        KafkaSecurity.from_settings(settings)
+    except KafkaSecurityError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
     names = [s.strip() for s in (stages or "").split(",") if s.strip()]
     order = [s.strip() for s in cascade.split(",") if s.strip()]
     try:
