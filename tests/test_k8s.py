@@ -49,6 +49,8 @@ CUSTOM_KINDS = {
     ("keda.sh/v1alpha1", "ScaledObject"),
     ("kafka.strimzi.io/v1", "KafkaTopic"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("kafka.strimzi.io/v1beta2", "KafkaUser"),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"),
 }
 SECRET_LIKE_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
 SECRET_LIKE_VALUE = [
@@ -305,6 +307,36 @@ def test_config_maps_carry_the_repository_files_and_load_in_the_app(manifests: M
         ThresholdSet.load(path).check_names(STAGE_ORDER, policy.names)
 
 
+def test_prod_kafka_is_tls_with_scram_for_workers_and_keda(monkeypatch: pytest.MonkeyPatch) -> None:
+    prod = Manifests("prod")
+    (auth,) = prod.of_kind("TriggerAuthentication")
+    auth_secrets = {ref["parameter"]: ref["name"] for ref in auth["spec"]["secretTargetRef"]}
+    (user,) = prod.of_kind("KafkaUser")
+    assert user["spec"]["authentication"]["type"] == "scram-sha-512"
+    for stage in STAGE_ORDER:
+        settings = worker_settings(prod, stage, monkeypatch)
+        assert settings.kafka_security_protocol == "SASL_SSL" and settings.kafka_sasl_mechanism == "SCRAM-SHA-512"
+        assert settings.kafka_sasl_username == user["metadata"]["name"]  # Strimzi: user name = KafkaUser name
+        assert settings.kafka_sasl_password is None  # only the mounted file, never a value in the env
+        deployment = prod.worker(stage)
+        mounts = {m["mountPath"]: m["name"] for m in worker_container(deployment)["volumeMounts"]}
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        for path, parameter in ((settings.kafka_sasl_password_file, "password"), (settings.kafka_ssl_cafile, "ca")):
+            assert path is not None
+            secret = volumes[mounts[str(path.parent)]]["secret"]
+            assert secret["secretName"] == auth_secrets[parameter]  # KEDA reads the same Secret
+            assert [item["path"] for item in secret["items"]] == [path.name]
+    (username,) = auth["spec"]["env"]
+    assert username["name"] == "CASCADE_KAFKA_SASL_USERNAME" and username["containerName"] == "worker"
+    for scaled in prod.of_kind("ScaledObject"):
+        (trigger,) = scaled["spec"]["triggers"]
+        assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+        assert trigger["metadata"]["sasl"] == "scram_sha512" and trigger["metadata"]["tls"] == "enable"
+    dev = Manifests("dev")
+    assert "CASCADE_KAFKA_SECURITY_PROTOCOL" not in dev.shared_env()  # dev: plaintext, the default
+    assert not dev.of_kind("TriggerAuthentication")
+
+
 def worker_settings(manifests: Manifests, stage: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """The `Settings` a worker of `stage` builds from its environment (secrets stand in as dummies)."""
     for name in list(Settings.model_fields):
@@ -467,7 +499,8 @@ def test_no_secret_value_appears_in_the_manifests(manifests: Manifests) -> None:
     assert not find_secret_like_values(yaml.safe_dump_all(manifests.docs))
     for config_map in manifests.of_kind("ConfigMap"):
         for key in config_map.get("data", {}):
-            if config_map["metadata"]["name"].startswith("cascade-env"):
+            # A *_FILE setting is the path of a mounted Secret, not a secret.
+            if config_map["metadata"]["name"].startswith("cascade-env") and not key.endswith("_FILE"):
                 assert not SECRET_LIKE_NAME.search(key), key
     for workload in [*manifests.of_kind("Deployment"), *manifests.of_kind("StatefulSet")]:
         for container in all_containers(workload):
