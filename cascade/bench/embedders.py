@@ -5,6 +5,7 @@ path: each call is cut into the same length-sorted model batches (`length_batche
 64 texts and 4096 padded tokens each), so the ratio compares the two runtimes and not two
 batching strategies. `SentenceTransformer.encode(texts, batch_size=64)` as usually called pads
 each call of 64 to its longest text; on mixed lengths that alone cost torch a large factor.
+Torch's OpenMP threads wait passively (see `torch_embedder`), as a shared machine needs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ Embed = Callable[[Sequence[str]], np.ndarray]
 def torch_embedder(threads: int, max_batch: int = 64) -> Embed:
     """sentence-transformers on torch (the `train` extra), batched like `cascade.embedding.Embedder`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # OpenMP threads that busy-wait between kernels collapse when the cores are shared: on this
+    # 2-core machine under load, torch with 2 threads ran batch 1 at ~1-2 sentences/s busy-waiting
+    # and 12-23 passive (docs/bench.md). libgomp reads the policy once, when torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
     from sentence_transformers import SentenceTransformer
 
