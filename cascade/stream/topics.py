@@ -3,7 +3,8 @@
 `{prefix}moderation.content` is the input (ContentItem JSON, key = item id). Between two
 consecutive stages runs `{prefix}moderation.escalate.<stage>`, named after the stage it feeds.
 Verdicts go to `{prefix}moderation.verdicts.<allow|block|review>`, unusable input to
-`{prefix}moderation.deadletter`. Keys are item ids on every topic. The prefix is prepended
+`{prefix}moderation.deadletter`. Keys are item ids on every topic. The hash banks' changes
+go to the compacted `{prefix}moderation.banks` (key: entry id; `cascade.banktopic`). The prefix is prepended
 verbatim (e.g. `staging.`), so one cluster can host several deployments.
 """
 
@@ -18,6 +19,7 @@ CONTENT = "moderation.content"
 ESCALATE = "moderation.escalate."
 VERDICTS = "moderation.verdicts."
 DEADLETTER = "moderation.deadletter"
+BANKS = "moderation.banks"
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,10 @@ class Topics:
     @property
     def deadletter(self) -> str:
         return f"{self.prefix}{DEADLETTER}"
+
+    @property
+    def banks(self) -> str:
+        return f"{self.prefix}{BANKS}"
 
     def escalate(self, stage: str) -> str:
         """The input topic of `stage` when it is not the first stage of the cascade."""

@@ -12,8 +12,10 @@ import faust
 import typer
 
 from cascade.assembly import STAGE_ORDER, build_runner
+from cascade.banktopic import BankTopic
 from cascade.pipeline import CascadeRunner
 from cascade.settings import Settings
+from cascade.stages.hash import HashStage
 from cascade.stream.app import create_app
 from cascade.stream.health import HealthServer, WorkerState
 from cascade.stream.kafka import ensure_topics
@@ -63,6 +65,7 @@ def run_worker(
         )
     state = WorkerState(selected)
     app = create_app(settings, runner, selected, state, broker_url)
+    _follow_banks(app, settings, broker_url, runner, selected)
 
     @app.on_before_shutdown.connect
     async def _release_stages(sender: faust.App, **kwargs: Any) -> None:
@@ -73,6 +76,25 @@ def run_worker(
     log.info("worker for stages %s of cascade %s", ",".join(selected), ",".join(runner.stage_names))
     worker = StageWorker(app, *services, state=state, loop=loop, loglevel=loglevel, redirect_stdouts=False, quiet=True)
     worker.execute_from_commandline()
+
+
+def _follow_banks(
+    app: faust.App, settings: Settings, broker_url: str, runner: CascadeRunner, selected: Sequence[str]
+) -> None:
+    """A worker that runs the hash stage replays the shared banks topic into its store, then follows it."""
+    hash_stage = next((s for s in runner.stages if isinstance(s, HashStage) and s.name in selected), None)
+    if hash_stage is None:
+        return
+    bank = hash_stage.bank
+    topic = BankTopic(
+        broker_url, settings.topic_prefix, KafkaSecurity.from_settings(settings), settings.stream_replication_factor
+    )
+
+    @app.task
+    async def follow_banks() -> None:
+        if settings.stream_create_topics:
+            await topic.ensure()
+        await topic.follow(bank)
 
 
 def worker_command(
