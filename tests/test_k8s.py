@@ -390,7 +390,9 @@ def test_topics_match_the_app(manifests: Manifests) -> None:
     assert len(set(groups.values())) == len(STAGE_ORDER), "one consumer group per stage"
     leader_topics = {LeaderAssignor(faust.App(group))._leader_topic_name for group in groups.values()}
     kafka_topics = {t["spec"]["topicName"]: t for t in manifests.of_kind("KafkaTopic")}
-    assert set(kafka_topics) == set(topics.all_topics(STAGE_ORDER)) | leader_topics
+    assert set(kafka_topics) == set(topics.all_topics(STAGE_ORDER)) | leader_topics | {topics.banks}
+    banks = kafka_topics[topics.banks]["spec"]
+    assert banks["config"]["cleanup.policy"] == "compact" and banks["partitions"] == 1  # cascade.banktopic
 
     cluster = {t["metadata"]["labels"]["strimzi.io/cluster"] for t in kafka_topics.values()}
     assert len(cluster) == 1

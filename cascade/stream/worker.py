@@ -94,7 +94,10 @@ def _follow_banks(
     async def follow_banks() -> None:
         if settings.stream_create_topics:
             await topic.ensure()
-        await topic.follow(bank)
+        try:
+            await topic.follow(bank)
+        except RuntimeError as exc:  # no banks topic: this replica keeps serving its local banks
+            log.error("banks: %s; bank changes made elsewhere will not reach this worker", exc)
 
 
 def worker_command(
