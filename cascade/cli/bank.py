@@ -24,7 +24,7 @@ from rich.table import Table
 
 from cascade.banktopic import BankTopic, change_shared
 from cascade.cli.app import bank_app, fail
-from cascade.data import LabelledItem, Split, split_of
+from cascade.data import LabelledItem, SplitChoice, labelled_from_record
 from cascade.hashbank import BankError, EntryInput, HashBank, Polarity, entry_from_record
 from cascade.normalize import normalize, text_key
 from cascade.policy import load_policy
@@ -42,16 +42,6 @@ T = TypeVar("T")
 class BankKind(StrEnum):
     HASH = "hash"
     EXEMPLARS = "exemplars"
-
-
-class SplitChoice(StrEnum):
-    ALL = "all"
-    TRAIN = Split.TRAIN.value
-    CALIBRATION = Split.CALIBRATION.value
-    TEST = Split.TEST.value
-
-    def keeps(self, item_id: str) -> bool:
-        return self is SplitChoice.ALL or split_of(item_id).value == self.value
 
 
 @dataclass
@@ -200,7 +190,7 @@ def _import_hash(path: Path, settings: Settings, split: SplitChoice, batch_size:
 
 def _import_exemplars(path: Path, settings: Settings, split: SplitChoice, batch_size: int) -> ImportReport:
     from cascade.embedding import Embedder
-    from cascade.exemplars import add_exemplars, labelled_from_record
+    from cascade.exemplars import add_exemplars
     from cascade.vectorindex import StoreInUseError, open_vector_index
 
     report = ImportReport()
