@@ -124,7 +124,8 @@ class BankTopic:
                 continue
             idle = 0
             try:
-                EntryState.from_wire(value).apply(bank)
+                # SQLite writes block: off the event loop the worker's consumers and probes run on.
+                await asyncio.to_thread(EntryState.from_wire(value).apply, bank)
             except (ValueError, TypeError) as exc:
                 log.warning("banks: skipped a malformed state on %s: %s", self.name, exc)
                 continue

@@ -15,6 +15,7 @@ have matched them escalate with a note naming them.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -48,6 +49,11 @@ class HashStage(Stage):
         return cls(bank, guard)
 
     async def score(self, batch: Sequence[ItemContext]) -> list[StageResult]:
+        # SQLite reads (and flood-guard quarantines) block: off the event loop, which also serves
+        # the worker's consumer heartbeats and health probes.
+        return await asyncio.to_thread(self._score_batch, batch)
+
+    def _score_batch(self, batch: Sequence[ItemContext]) -> list[StageResult]:
         # One pragma per batch picks up entries added or quarantined by other processes.
         self.bank.refresh()
         return [self._score_one(ctx) for ctx in batch]
