@@ -8,8 +8,9 @@ print in logs or reprs.
 from __future__ import annotations
 
 import os
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import AliasChoices, Field, SecretStr
@@ -17,6 +18,22 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 PACKAGE_DIR = Path(__file__).resolve().parent  # package data: policy, default thresholds and model
 PROJECT_ROOT = PACKAGE_DIR.parent
+
+
+class SecurityProtocol(StrEnum):
+    """Kafka's `security.protocol` (cascade/stream/security.py applies it to every client)."""
+
+    PLAINTEXT = "PLAINTEXT"
+    SSL = "SSL"
+    SASL_PLAINTEXT = "SASL_PLAINTEXT"
+    SASL_SSL = "SASL_SSL"
+
+
+class SaslMechanism(StrEnum):
+    PLAIN = "PLAIN"
+    SCRAM_SHA_256 = "SCRAM-SHA-256"
+    SCRAM_SHA_512 = "SCRAM-SHA-512"
+    OAUTHBEARER = "OAUTHBEARER"
 
 
 class _YamlFileSource(PydanticBaseSettingsSource):
@@ -110,8 +127,8 @@ class Settings(BaseSettings):
     # Stream layer.
     kafka_url: str | None = None
     # Kafka security (cascade/stream/security.py), for every client: workers, publish, tail, admin.
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    kafka_security_protocol: SecurityProtocol = SecurityProtocol.PLAINTEXT
+    kafka_sasl_mechanism: SaslMechanism | None = None
     kafka_ssl_cafile: Path | None = Field(default=None, description="CA bundle that signed the brokers' certificates.")
     kafka_ssl_certfile: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
     kafka_ssl_keyfile: Path | None = Field(default=None, description="Client certificate's private key.")

@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 from aiokafka.errors import KafkaConnectionError
 
-from cascade.settings import Settings
+from cascade.settings import SaslMechanism, SecurityProtocol, Settings
 from cascade.stream.broker import EmbeddedBroker, free_port
 from cascade.stream.client import Published, publish
 from cascade.stream.kafka import ensure_topics
 from cascade.stream.local import WorkerProcess, collect
-from cascade.stream.security import KafkaSecurity, KafkaSecurityError, SaslMechanism, SecurityProtocol
+from cascade.stream.security import KafkaSecurity, KafkaSecurityError
 from cascade.stream.topics import Topics
 
 STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel")

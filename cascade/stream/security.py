@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,24 +18,12 @@ from aiokafka.abc import AbstractTokenProvider
 from aiokafka.helpers import create_ssl_context
 from pydantic import SecretStr
 
+from cascade.settings import SaslMechanism, SecurityProtocol
+
 if TYPE_CHECKING:
     from faust.types.auth import CredentialsT
 
     from cascade.settings import Settings
-
-
-class SecurityProtocol(StrEnum):
-    PLAINTEXT = "PLAINTEXT"
-    SSL = "SSL"
-    SASL_PLAINTEXT = "SASL_PLAINTEXT"
-    SASL_SSL = "SASL_SSL"
-
-
-class SaslMechanism(StrEnum):
-    PLAIN = "PLAIN"
-    SCRAM_SHA_256 = "SCRAM-SHA-256"
-    SCRAM_SHA_512 = "SCRAM-SHA-512"
-    OAUTHBEARER = "OAUTHBEARER"
 
 
 class KafkaSecurityError(ValueError):
@@ -87,8 +74,8 @@ class KafkaSecurity:
     @classmethod
     def from_settings(cls, settings: Settings) -> KafkaSecurity:
         security = cls(
-            protocol=SecurityProtocol(settings.kafka_security_protocol),
-            mechanism=SaslMechanism(settings.kafka_sasl_mechanism) if settings.kafka_sasl_mechanism else None,
+            protocol=settings.kafka_security_protocol,
+            mechanism=settings.kafka_sasl_mechanism,
             cafile=settings.kafka_ssl_cafile,
             certfile=settings.kafka_ssl_certfile,
             keyfile=settings.kafka_ssl_keyfile,
