@@ -6,37 +6,17 @@ import logging
 from collections.abc import Callable, Collection, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cascade.pipeline import CascadeRunner
 from cascade.policy import load_policy
 from cascade.settings import Settings
-from cascade.stages.base import ItemContext, Stage, StageResult, StageUnavailable
+from cascade.stages.base import ItemContext, Resources, Stage, StageResult, StageUnavailable
 from cascade.thresholds import ThresholdSet
-
-if TYPE_CHECKING:
-    from cascade.embedding import Embedder
 
 log = logging.getLogger(__name__)
 
 # Every stage this project knows, cheapest first. Threshold files may name only these.
 STAGE_ORDER: tuple[str, ...] = ("hash", "retrieval", "classifier", "llm")
-
-
-class Resources:
-    """Heavy objects that several stages share within one process (one embedder, loaded lazily)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._embedder: Embedder | None = None
-
-    @property
-    def embedder(self) -> Embedder:
-        if self._embedder is None:
-            from cascade.embedding import Embedder
-
-            self._embedder = Embedder.from_settings(self.settings)
-        return self._embedder
 
 
 StageFactory = Callable[[Settings, Resources], Stage]

@@ -9,12 +9,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xxhash
 
 from cascade.contract import ContentItem, Decision, TraceEntry
+from cascade.settings import Settings
+
+if TYPE_CHECKING:
+    from cascade.embedding import Embedder
 
 
 @dataclass
@@ -98,6 +102,26 @@ class StageResult:
     note: str | None = None
     cost_usd: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+
+
+class Resources:
+    """Heavy objects that several stages share within one process (one embedder, loaded lazily).
+
+    Next to the interface, not in `cascade.assembly`: every stage takes it, and the assembly
+    imports every stage, so it living there made an import cycle.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._embedder: Embedder | None = None
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            from cascade.embedding import Embedder
+
+            self._embedder = Embedder.from_settings(self.settings)
+        return self._embedder
 
 
 class StageUnavailable(RuntimeError):

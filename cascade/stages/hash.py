@@ -27,7 +27,7 @@ from cascade.settings import Settings
 from cascade.stages.base import ItemContext, Match, Stage, StageResult
 
 if TYPE_CHECKING:
-    from cascade.assembly import Resources
+    from cascade.stages.base import Resources
 
 # Category reported for a bad entry that was added without one.
 FALLBACK_CATEGORY = "flagged"

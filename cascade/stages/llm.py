@@ -31,7 +31,7 @@ from cascade.settings import Settings
 from cascade.stages.base import ItemContext, Stage, StageResult
 
 if TYPE_CHECKING:
-    from cascade.assembly import Resources
+    from cascade.stages.base import Resources
 
 log = logging.getLogger(__name__)
 
