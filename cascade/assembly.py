@@ -22,18 +22,19 @@ STAGE_ORDER: tuple[str, ...] = ("hash", "retrieval", "classifier", "llm")
 StageFactory = Callable[[Settings, Resources], Stage]
 
 
-def _factories() -> dict[str, StageFactory]:
+def stage_classes() -> dict[str, type[Stage]]:
+    """The registry: every stage class this project knows, by name, in cascade order."""
     from cascade.stages.classifier import ClassifierStage
     from cascade.stages.hash import HashStage
     from cascade.stages.llm import LLMStage
     from cascade.stages.retrieval import RetrievalStage
 
-    return {
-        "hash": HashStage.from_settings,
-        "retrieval": RetrievalStage.from_settings,
-        "classifier": ClassifierStage.from_settings,
-        "llm": LLMStage.from_settings,
-    }
+    return {cls.name: cls for cls in (HashStage, RetrievalStage, ClassifierStage, LLMStage)}
+
+
+def unbilled_stages() -> tuple[str, ...]:
+    """The stages whose calls cost nothing (all but those calling a paid API), in cascade order."""
+    return tuple(name for name, cls in stage_classes().items() if not cls.billed)
 
 
 class UnavailableStage(Stage):
@@ -113,13 +114,13 @@ def build_stages(
     unknown = set(names) - set(STAGE_ORDER)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; known: {', '.join(STAGE_ORDER)}")
-    factories = _factories()
+    classes = stage_classes()
     resources = Resources(settings)
     stages: list[Stage] = []
     for name in STAGE_ORDER:
         if name not in names:
             continue
-        factory = factories[name]
+        factory = classes[name].from_settings
         build = partial(_build, name, factory, settings, resources)
         stages.append(build() if load is None or name in load else DeferredStage(name, build))
     _warn_unavailable(stages)

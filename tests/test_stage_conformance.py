@@ -15,7 +15,7 @@ import pytest
 from llm_server import serve
 from pydantic import SecretStr
 
-from cascade.assembly import STAGE_ORDER, UnavailableStage, build_stages
+from cascade.assembly import STAGE_ORDER, UnavailableStage, build_stages, stage_classes, unbilled_stages
 from cascade.contract import ContentItem
 from cascade.data import FLAGGED, LabelledItem
 from cascade.exemplars import add_exemplars
@@ -108,6 +108,11 @@ def test_every_stage_conforms(name: str, stage_settings: Settings) -> None:
     finally:
         asyncio.run(stage.aclose())
         asyncio.run(stage.aclose())  # closing twice is harmless
+
+
+def test_the_registry_is_the_cascade_order_and_knows_what_bills() -> None:
+    assert tuple(stage_classes()) == STAGE_ORDER
+    assert unbilled_stages() == tuple(name for name in STAGE_ORDER if name != "llm")
 
 
 def test_a_stage_this_install_cannot_build_escalates_every_item() -> None:

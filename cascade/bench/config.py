@@ -8,9 +8,6 @@ from pathlib import Path
 from cascade.settings import Settings
 
 SECTIONS = ("throughput", "quality", "scaling")
-# Stages the bench runs in-process. The LLM stage is never called: no real LLM is reachable
-# here, and a configured one would bill every benchmark item.
-CHEAP_STAGES = ("hash", "retrieval", "classifier")
 
 
 @dataclass(frozen=True)

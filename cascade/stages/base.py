@@ -141,6 +141,16 @@ class Stage(ABC):
 
     name: str
     version: str
+    # Each call costs money (a paid API): evaluation runs and the bench never call such a stage.
+    billed: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, resources: Resources) -> Stage:
+        """Build the stage as the cascade does (`cascade.assembly.build_stages`); StageUnavailable if it cannot be.
+
+        Every registered stage implements it; stand-ins built otherwise (deferred, unavailable) do not.
+        """
+        raise NotImplementedError(f"{cls.__name__} is not built from settings")
 
     @property
     def unavailable_reason(self) -> str | None:

@@ -45,6 +45,7 @@ CacheKey = tuple[str, str, str, str]
 
 class LLMStage(Stage):
     name = "llm"
+    billed = True
 
     def __init__(self, settings: Settings, prompt: PromptBuilder, clock: Clock = time.monotonic) -> None:
         self.settings = settings
