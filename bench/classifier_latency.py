@@ -16,11 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+from cascade.data import DEFAULT_DATA_DIR
 from cascade.embedding import Embedder
-from cascade.settings import PROJECT_ROOT, Settings
+from cascade.settings import Settings
 from cascade.stages.classifier import ClassifierModel
 
-DATA = PROJECT_ROOT.parent / "shared" / "data" / "toxicchat_train.jsonl"
+DATA = DEFAULT_DATA_DIR / "toxicchat_train.jsonl"  # run from the repository root
 
 
 def main() -> None:

@@ -11,19 +11,18 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from pathlib import Path
 
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
 from sklearn.neural_network import MLPClassifier
 
-from cascade.data import Split, load_labelled
+from cascade.data import Split, labelled_files, load_labelled
 from cascade.embedding import Embedder
 from cascade.settings import Settings
 from cascade.train import SEED, TrainOptions, cached_embeddings, head_data, policy_seed_rows
 
-DATA = sorted(Path("/work/shared/data").glob("*.jsonl"))
+DATA = labelled_files()  # ../shared/data: run from the repository root
 WEIGHTS = {"davidson2017": 0.25, "toxicchat0124": 2.0, "policy-seed": 1.0}
 DESIGNS = {
     "logreg": lambda: LogisticRegression(C=1.0, max_iter=3000),

@@ -1,7 +1,8 @@
 """Embedding throughput and int8 quality, measured in one run on this machine.
 
-Throughput: sentence-transformers (torch) vs the ONNX serving path (`cascade.embedding`,
-fp32 and int8), at batch 1 and batch 64, on real texts of the shared data, in interleaved
+Throughput: sentence-transformers (torch, batched like the serving path:
+`cascade.bench.embedders`) vs the ONNX serving path (`cascade.embedding`, fp32 and int8), at
+batch 1 and batch 64, on real texts of the shared data, in interleaved
 rounds so that load from other work hits every path alike. Reports the best and the median
 round in sentences/s, and ratios to torch.
 
@@ -18,48 +19,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from cascade.data import Split, categories_of, load_labelled, split_of
-from cascade.embedding import Embedder, source_model_dir
+from cascade.bench.embedders import Embed, rate, torch_embedder
+from cascade.data import DEFAULT_DATA_DIR, Split, categories_of, labelled_files, load_labelled, split_of
+from cascade.embedding import Embedder
 from cascade.settings import Settings
 from cascade.train import cached_embeddings
 
-SHARED = Path("/work/shared/data")
-Embed = Callable[[Sequence[str]], np.ndarray]
 
-
-def sample_texts(n: int, seed: int = 3) -> list[str]:
-    rows = load_labelled(sorted(SHARED.glob("*.jsonl")))
+def sample_texts(data_dir: Path, n: int, seed: int = 3) -> list[str]:
+    rows = load_labelled(labelled_files(data_dir))
     picked = np.random.default_rng(seed).choice(len(rows), n, replace=False)
     return [rows[i].text for i in picked]
-
-
-def torch_embedder(threads: int) -> Embed:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    torch.set_num_threads(threads)
-    model = SentenceTransformer(str(source_model_dir()), device="cpu")
-
-    def embed(texts: Sequence[str]) -> np.ndarray:
-        return model.encode(list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-
-    return embed
-
-
-def rate(embed: Embed, texts: list[str], batch: int) -> float:
-    started = time.perf_counter()
-    for i in range(0, len(texts), batch):
-        embed(texts[i : i + batch])
-    return len(texts) / (time.perf_counter() - started)
 
 
 def throughput(paths: dict[str, Embed], rounds: int, texts: list[str]) -> dict[str, dict[str, float]]:
@@ -90,10 +65,10 @@ def auprc(y: np.ndarray, score: np.ndarray) -> float:
     return float(average_precision_score(y, score))
 
 
-def quality(settings: Settings, max_rows: int) -> dict[str, object]:
+def quality(settings: Settings, data_dir: Path, max_rows: int) -> dict[str, object]:
     from sklearn.linear_model import LogisticRegression
 
-    rows = load_labelled(sorted(SHARED.glob("*.jsonl")))
+    rows = load_labelled(labelled_files(data_dir))
     if max_rows < len(rows):  # a fixed random subset: int8 vectors of every row cost minutes
         keep = np.sort(np.random.default_rng(11).choice(len(rows), max_rows, replace=False))
         rows = [rows[i] for i in keep]
@@ -134,6 +109,7 @@ def main() -> None:
     parser.add_argument("--quality", action="store_true", help="also measure int8 vs fp32 quality")
     parser.add_argument("--quality-rows", type=int, default=12_000, help="random subset of the shared rows")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help="directory of labelled JSONL files")
     args = parser.parse_args()
 
     settings = Settings(embedding_threads=args.threads)
@@ -144,9 +120,9 @@ def main() -> None:
             "onnx fp32": Embedder.from_settings(settings).embed,
             "onnx int8": Embedder.from_settings(settings.model_copy(update={"embedding_int8": True})).embed,
         }
-        results["throughput"] = throughput(paths, args.rounds, sample_texts(args.texts))
+        results["throughput"] = throughput(paths, args.rounds, sample_texts(args.data, args.texts))
     if args.quality:
-        results["quality"] = quality(settings, args.quality_rows)
+        results["quality"] = quality(settings, args.data, args.quality_rows)
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

@@ -22,13 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cascade.contract import ContentItem, Decision
-from cascade.data import LabelledItem, Split, load_labelled, split_of
+from cascade.data import DEFAULT_DATA_DIR, LabelledItem, Split, load_labelled, split_of
 from cascade.hashbank import EntryInput, FloodGuard, HashBank, MatchKind, Polarity, Shingler
 from cascade.normalize import has_content, normalize, text_key
 from cascade.pipeline import new_context
 from cascade.stages.hash import HashStage
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+DATA = DEFAULT_DATA_DIR  # run from the repository root
 FILES = ("davidson_tweets.jsonl", "toxicchat_train.jsonl", "sms_spam.jsonl")
 _WS = re.compile(r"\s+")
 

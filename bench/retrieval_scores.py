@@ -15,20 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import average_precision_score
 
-from cascade.data import Split, categories_of, load_labelled, split_of
+from cascade.data import Split, categories_of, labelled_files, load_labelled, split_of
 from cascade.embedding import Embedder
 from cascade.exemplars import exemplar_payload
 from cascade.settings import Settings
 from cascade.stages.retrieval import score_item
 from cascade.train import cached_embeddings
 from cascade.vectorindex import Neighbour
-
-SHARED = Path("/work/shared/data")
 
 
 def main() -> None:
@@ -40,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
 
     settings = Settings()
-    rows = load_labelled(sorted(SHARED.glob("*.jsonl")))
+    rows = load_labelled(labelled_files())  # ../shared/data: run from the repository root
     embedder = Embedder.from_settings(settings)
     vectors = cached_embeddings(
         [r.text for r in rows], embedder.embed, settings.data_path("train-cache", f"{embedder.identity}.npz")

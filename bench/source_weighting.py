@@ -21,20 +21,19 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
-from cascade.data import Split, load_labelled
+from cascade.data import Split, labelled_files, load_labelled
 from cascade.embedding import Embedder
 from cascade.exemplars import load_seed_sets
 from cascade.settings import Settings
 from cascade.train import TrainOptions, cached_embeddings, head_data
 
-DATA = sorted(Path("/work/shared/data").glob("*.jsonl"))
+DATA = labelled_files()  # ../shared/data: run from the repository root
 SOURCES = ("davidson2017", "sms_spam_collection", "toxicchat0124")
 
 

@@ -1,11 +1,10 @@
 """Vector index benchmark at bank scale on real MiniLM embeddings of the shared data.
 
-Data: every row of /work/shared/data embedded by `cascade.embedding.Embedder` (cached per
-embedder identity in `data_dir/train-cache`, shared with `cascade train`). Queries are
-test-split rows; the bank is the other rows plus synthetic neighbours of them up to
-`--points`: each copy is normalise(v_i + a·v_j) for a random other row j and a ~ U(0.2, 0.5),
-i.e. points between real embeddings (no new text had to be embedded), with the source row's
-payload. Ground truth is numpy brute force over the same matrix.
+Data: every row of the labelled files in `--data` (default ../shared/data) embedded by
+`cascade.embedding.Embedder` (cached per embedder identity in `data_dir/train-cache`, shared
+with `cascade train`). Queries are test-split rows; the bank is the other rows plus synthetic neighbours of them up to
+`--points` (`cascade.bench.vectorbank.build_bank`, shared with `cascade bench`). Ground truth
+is numpy brute force over the same matrix.
 
     .venv/bin/python bench/vector_index.py --points 100000 --backends edge,local
 
@@ -23,84 +22,23 @@ import tempfile
 import time
 import warnings
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from cascade.data import LabelledItem, Split, load_labelled, split_of
+from cascade.bench.vectorbank import build_bank, fill, measure_queries
+from cascade.data import DEFAULT_DATA_DIR, LabelledItem, labelled_files, load_labelled
 from cascade.embedding import Embedder
-from cascade.exemplars import exemplar_payload
 from cascade.settings import Settings
 from cascade.train import cached_embeddings
-from cascade.vectorindex import EdgeIndex, HnswTuning, QdrantClientIndex, VectorIndex
-
-SHARED = Path("/work/shared/data")
+from cascade.vectorindex import EdgeIndex, HnswTuning, QdrantClientIndex
 
 
-def real_vectors(settings: Settings) -> tuple[list[LabelledItem], np.ndarray]:
-    rows = load_labelled(sorted(SHARED.glob("*.jsonl")))
+def real_vectors(settings: Settings, data_dir: Path) -> tuple[list[LabelledItem], np.ndarray]:
+    rows = load_labelled(labelled_files(data_dir))
     embedder = Embedder.from_settings(settings)
     path = settings.data_path("train-cache", f"{embedder.identity}.npz")
     return rows, cached_embeddings([r.text for r in rows], embedder.embed, path)
-
-
-def build_bank(rows: list, vectors: np.ndarray, points: int, seed: int = 7) -> tuple[list, np.ndarray, np.ndarray]:
-    """(bank rows, bank vectors, query vectors): real non-test rows plus synthetic neighbours."""
-    is_test = np.array([split_of(r.id) is Split.TEST for r in rows])
-    base_rows = [r for r, t in zip(rows, is_test, strict=True) if not t]
-    base = vectors[~is_test]
-    rng = np.random.default_rng(seed)
-    extra = max(0, points - len(base))
-    src = rng.integers(0, len(base), extra)
-    partner = rng.integers(0, len(base), extra)
-    mixed = base[src] + rng.uniform(0.2, 0.5, (extra, 1)).astype(np.float32) * base[partner]
-    mixed /= np.linalg.norm(mixed, axis=1, keepdims=True)
-    bank_vectors = np.vstack([base, mixed])[:points].astype(np.float32)
-    bank_rows = base_rows + [replace(base_rows[i], id=f"{base_rows[i].id}~{n}") for n, i in enumerate(src)]
-    return bank_rows[:points], bank_vectors, vectors[is_test]
-
-
-def fill(index: VectorIndex, rows: list, vectors: np.ndarray, batch: int = 2000) -> float:
-    now = datetime.now(UTC)
-    started = time.perf_counter()
-    for i in range(0, len(rows), batch):
-        part = rows[i : i + batch]
-        index.upsert([r.id for r in part], vectors[i : i + batch], [exemplar_payload(r, "bench", now) for r in part])
-    return time.perf_counter() - started
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    arr = np.array(samples) * 1000
-    return {"p50_ms": round(float(np.percentile(arr, 50)), 3), "p95_ms": round(float(np.percentile(arr, 95)), 3)}
-
-
-def measure_queries(index: VectorIndex, queries: np.ndarray, truth: np.ndarray, ids: np.ndarray) -> dict:
-    single, hits = [], []
-    for q, t in zip(queries, truth, strict=True):
-        started = time.perf_counter()
-        (found,) = index.search(q[None, :], 10)
-        single.append(time.perf_counter() - started)
-        hits.append(len({n.id for n in found} & set(ids[t].tolist())) / 10)
-    batch = queries[:64]
-    started = time.perf_counter()
-    index.search(batch, 10)
-    per_query_batched = (time.perf_counter() - started) / len(batch)
-    flagged, hate = [], []
-    for q in queries[:200]:
-        started = time.perf_counter()
-        index.search(q[None, :], 1, where={"flagged": 1})
-        flagged.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        index.search(q[None, :], 10, where={"violates": "hate"})
-        hate.append(time.perf_counter() - started)
-    return {
-        "query": percentiles(single),
-        "recall@10": round(float(np.mean(hits)), 4),
-        "batched64_per_query_ms": round(per_query_batched * 1000, 3),
-        "filtered_flagged_top1": percentiles(flagged),
-        "filtered_hate_top10": percentiles(hate),
-    }
 
 
 def run_edge(path: Path, tuning: HnswTuning, rows, vectors, queries, truth, ids, efs: list[int]) -> list[dict]:
@@ -166,10 +104,11 @@ def main() -> None:
     parser.add_argument("--configs", default="16:128,32:256", help="m:ef_construct pairs for qdrant-edge")
     parser.add_argument("--efs", default="64,128,256", help="search ef values for qdrant-edge")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help="directory of labelled JSONL files")
     args = parser.parse_args()
 
     settings = Settings()
-    rows, vectors = real_vectors(settings)
+    rows, vectors = real_vectors(settings, args.data)
     bank_rows, bank_vectors, queries = build_bank(rows, vectors, args.points)
     queries = queries[np.random.default_rng(1).permutation(len(queries))[: args.queries]]
     truth = np.argsort(-(queries @ bank_vectors.T), axis=1)[:, :10]

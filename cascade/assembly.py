@@ -2,54 +2,72 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection, Sequence
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cascade.pipeline import CascadeRunner
 from cascade.policy import load_policy
 from cascade.settings import Settings
-from cascade.stages.base import ItemContext, Stage, StageResult
+from cascade.stages.base import ItemContext, Resources, Stage, StageResult, StageUnavailable
 from cascade.thresholds import ThresholdSet
 
-if TYPE_CHECKING:
-    from cascade.embedding import Embedder
+log = logging.getLogger(__name__)
 
 # Every stage this project knows, cheapest first. Threshold files may name only these.
 STAGE_ORDER: tuple[str, ...] = ("hash", "retrieval", "classifier", "llm")
 
 
-class Resources:
-    """Heavy objects that several stages share within one process (one embedder, loaded lazily)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._embedder: Embedder | None = None
-
-    @property
-    def embedder(self) -> Embedder:
-        if self._embedder is None:
-            from cascade.embedding import Embedder
-
-            self._embedder = Embedder.from_settings(self.settings)
-        return self._embedder
-
-
 StageFactory = Callable[[Settings, Resources], Stage]
 
 
-def _factories() -> dict[str, StageFactory]:
+def stage_classes() -> dict[str, type[Stage]]:
+    """The registry: every stage class this project knows, by name, in cascade order."""
     from cascade.stages.classifier import ClassifierStage
     from cascade.stages.hash import HashStage
     from cascade.stages.llm import LLMStage
     from cascade.stages.retrieval import RetrievalStage
 
-    return {
-        "hash": HashStage.from_settings,
-        "retrieval": RetrievalStage.from_settings,
-        "classifier": ClassifierStage.from_settings,
-        "llm": LLMStage.from_settings,
-    }
+    return {cls.name: cls for cls in (HashStage, RetrievalStage, ClassifierStage, LLMStage)}
+
+
+def unbilled_stages() -> tuple[str, ...]:
+    """The stages whose calls cost nothing (all but those calling a paid API), in cascade order."""
+    return tuple(name for name, cls in stage_classes().items() if not cls.billed)
+
+
+class UnavailableStage(Stage):
+    """Stands in for a stage this installation cannot build: every item it sees escalates."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.version = "unavailable"
+        self._reason = reason
+
+    @property
+    def unavailable_reason(self) -> str:
+        return self._reason
+
+    async def score(self, batch: Sequence[ItemContext]) -> list[StageResult]:
+        return [StageResult(error=f"stage unavailable: {self._reason}") for _ in batch]
+
+
+def _build(name: str, factory: StageFactory, settings: Settings, resources: Resources) -> Stage:
+    try:
+        return factory(settings, resources)
+    except StageUnavailable as exc:
+        return UnavailableStage(name, str(exc))
+
+
+def _warn_unavailable(stages: Sequence[Stage]) -> None:
+    """One line per reason: stages that share a missing piece (the encoder) are named together."""
+    by_reason: dict[str, list[str]] = {}
+    for stage in stages:
+        if isinstance(stage, UnavailableStage):
+            by_reason.setdefault(stage.unavailable_reason, []).append(stage.name)
+    for reason, names in by_reason.items():
+        log.warning("stage%s %s unavailable: %s", "s" if len(names) > 1 else "", ", ".join(names), reason)
 
 
 class DeferredStage(Stage):
@@ -118,15 +136,14 @@ def build_stages(
     `load` names the stages to build now (default: all); the others are `DeferredStage`s.
     """
     check_stage_names(names)
-    factories = _factories()
+    classes = stage_classes()
     resources = Resources(settings)
     stages: list[Stage] = []
     for name in names:
-        factory = factories[name]
-        if load is None or name in load:
-            stages.append(factory(settings, resources))
-        else:
-            stages.append(DeferredStage(name, lambda factory=factory: factory(settings, resources)))
+        factory = classes[name].from_settings
+        build = partial(_build, name, factory, settings, resources)
+        stages.append(build() if load is None or name in load else DeferredStage(name, build))
+    _warn_unavailable(stages)
     return stages
 
 

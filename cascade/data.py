@@ -17,6 +17,9 @@ from pathlib import Path
 import xxhash
 
 FLAGGED = "flagged"
+# The labelled data sets sit next to the checkout (the Makefile's SHARED_DATA); relative to the
+# working directory, so an installed package finds them from the project root as well.
+DEFAULT_DATA_DIR = Path("../shared/data")
 
 
 class Split(StrEnum):
@@ -56,27 +59,66 @@ class DataError(ValueError):
     pass
 
 
+def _is_bit(value: object) -> bool:
+    # Strictly the integers 0 and 1: `True == 1` and `1.0 == 1` in Python, and neither is a label.
+    return type(value) is int and value in (0, 1)
+
+
+def labelled_from_record(record: object, default_source: str = "") -> LabelledItem:
+    """The one parser of a labelled row (parsed JSON); a DataError says what is wrong."""
+    if not isinstance(record, dict):
+        raise DataError("not a JSON object")
+    item_id, text, flagged = record.get("id"), record.get("text"), record.get("flagged")
+    labels = record.get("labels") or {}
+    if not isinstance(item_id, str | int) or isinstance(item_id, bool) or str(item_id) == "":
+        raise DataError("missing or empty 'id'")
+    if not isinstance(text, str) or not text.strip():
+        raise DataError("missing or empty 'text'")
+    if not _is_bit(flagged):
+        raise DataError("'flagged' must be 0 or 1")
+    if not isinstance(labels, dict) or not all(_is_bit(v) for v in labels.values()):
+        raise DataError("'labels' must map category names to 0 or 1")
+    source = record.get("source")
+    return LabelledItem(
+        id=str(item_id),
+        text=text,
+        flagged=flagged,
+        labels={str(k): v for k, v in labels.items()},
+        source=str(source) if source else default_source,
+    )
+
+
 def read_labelled(path: Path) -> Iterator[LabelledItem]:
     with Path(path).open("r", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-                yield LabelledItem(
-                    id=str(row["id"]),
-                    text=str(row["text"]),
-                    flagged=int(row["flagged"]),
-                    labels={str(k): int(v) for k, v in (row.get("labels") or {}).items()},
-                    source=str(row.get("source", "")),
-                )
-            except (ValueError, KeyError, TypeError) as exc:
+                yield labelled_from_record(json.loads(line))
+            except ValueError as exc:  # DataError and JSONDecodeError
                 raise DataError(f"{path}:{lineno}: not a labelled row ({exc})") from exc
+
+
+class SplitChoice(StrEnum):
+    """A split, or all rows: what the commands that filter labelled data by split accept."""
+
+    ALL = "all"
+    TRAIN = Split.TRAIN.value
+    CALIBRATION = Split.CALIBRATION.value
+    TEST = Split.TEST.value
+
+    def keeps(self, item_id: str) -> bool:
+        return self is SplitChoice.ALL or split_of(item_id).value == self.value
 
 
 def load_labelled(paths: Iterable[Path], split: Split | None = None) -> list[LabelledItem]:
     rows = [row for path in paths for row in read_labelled(path)]
     return rows if split is None else [row for row in rows if split_of(row.id) is split]
+
+
+def labelled_files(directory: Path = DEFAULT_DATA_DIR) -> list[Path]:
+    """The labelled JSONL files of a data directory, in a stable order."""
+    return sorted(Path(directory).glob("*.jsonl"))
 
 
 def categories_of(rows: Iterable[LabelledItem]) -> list[str]:

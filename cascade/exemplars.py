@@ -78,30 +78,6 @@ def add_exemplars(
     return total
 
 
-def labelled_from_record(record: object, default_source: str) -> LabelledItem:
-    """One labelled row (shared/data/README.md format) from parsed JSON; ValueError says what is wrong."""
-    if not isinstance(record, dict):
-        raise ValueError("not a JSON object")
-    item_id, text, flagged = record.get("id"), record.get("text"), record.get("flagged")
-    labels = record.get("labels") or {}
-    if not isinstance(item_id, str | int) or str(item_id) == "":
-        raise ValueError("missing or empty 'id'")
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("missing or empty 'text'")
-    if flagged not in (0, 1) or isinstance(flagged, float):
-        raise ValueError("'flagged' must be 0 or 1")
-    if not isinstance(labels, dict) or any(v not in (0, 1) or isinstance(v, float) for v in labels.values()):
-        raise ValueError("'labels' must map category names to 0 or 1")
-    source = record.get("source")
-    return LabelledItem(
-        id=str(item_id),
-        text=text,
-        flagged=int(flagged),
-        labels={str(k): int(v) for k, v in labels.items()},
-        source=str(source) if source else default_source,
-    )
-
-
 @dataclass(frozen=True)
 class SeedSet:
     category: str

@@ -8,6 +8,7 @@ print in logs or reprs.
 from __future__ import annotations
 
 import os
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +26,22 @@ MESSAGE_FRAMING_BYTES = 4096
 
 class SettingsError(ValueError):
     """A setting (environment variable or config file) the operator must fix; the message says which."""
+
+
+class SecurityProtocol(StrEnum):
+    """Kafka's `security.protocol` (cascade/stream/security.py applies it to every client)."""
+
+    PLAINTEXT = "PLAINTEXT"
+    SSL = "SSL"
+    SASL_PLAINTEXT = "SASL_PLAINTEXT"
+    SASL_SSL = "SASL_SSL"
+
+
+class SaslMechanism(StrEnum):
+    PLAIN = "PLAIN"
+    SCRAM_SHA_256 = "SCRAM-SHA-256"
+    SCRAM_SHA_512 = "SCRAM-SHA-512"
+    OAUTHBEARER = "OAUTHBEARER"
 
 
 class _YamlFileSource(PydanticBaseSettingsSource):
@@ -143,6 +160,17 @@ class Settings(BaseSettings):
 
     # Stream layer.
     kafka_url: str | None = None
+    # Kafka security (cascade/stream/security.py), for every client: workers, publish, tail, admin.
+    kafka_security_protocol: SecurityProtocol = SecurityProtocol.PLAINTEXT
+    kafka_sasl_mechanism: SaslMechanism | None = None
+    kafka_ssl_cafile: Path | None = Field(default=None, description="CA bundle that signed the brokers' certificates.")
+    kafka_ssl_certfile: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
+    kafka_ssl_keyfile: Path | None = Field(default=None, description="Client certificate's private key.")
+    kafka_ssl_check_hostname: bool = True
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_password_file: Path | None = Field(default=None, description="Read at connect: a mounted Secret.")
+    kafka_sasl_oauth_token_file: Path | None = Field(default=None, description="OAUTHBEARER token, read at connect.")
     topic_prefix: str = ""
     stream_group: str = Field(default="cascade", min_length=1, description="Consumer group of the stage workers.")
     stream_partitions: int = Field(default=4, gt=0, description="Partitions of topics the workers create.")

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import sys
 from pathlib import Path
 
-from aiokafka import AIOKafkaProducer
-
 from cascade.contract import ContentItem, Decision, Outcome, StageOutcome, TraceEntry, Verdict
-from cascade.stream.client import key_of
-from cascade.stream.kafka import bootstrap_servers
 from cascade.stream.local import WorkerProcess
 
 XSS_PAYLOAD = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\"> & \"quotes\""
@@ -90,16 +85,3 @@ def csrf_of(body: str) -> str:
     match = re.search(r'name="csrf_token" value="([^"]+)"', body)
     assert match, "no CSRF field on the page"
     return match.group(1)
-
-
-async def produce(url: str, topic: str, values: list[bytes], rate: float | None = None) -> None:
-    """Produce raw records to any topic (verdicts, appeals, audits), keyed by their id, at most `rate` per second."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(url), acks="all")
-    await producer.start()
-    try:
-        for value in values:
-            await producer.send_and_wait(topic, value, key=key_of(value))
-            if rate:
-                await asyncio.sleep(1 / rate)
-    finally:
-        await producer.stop()

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from model_cache import embedder, model_cache_dir, settings  # noqa: F401  (fixtures)
 
-from cascade.assembly import Resources, build_stages
+from cascade.assembly import build_stages
 from cascade.contract import ContentItem, Decision
 from cascade.data import load_labelled
 from cascade.embedding import Embedder
 from cascade.pipeline import CascadeRunner, new_context
 from cascade.settings import Settings
+from cascade.stages.base import Resources
 from cascade.stages.classifier import ClassifierModel, ClassifierStage, ModelError
 from cascade.thresholds import Band, ThresholdSet
 from cascade.train import TrainOptions, export_onnx, fit_head, head_data, train, write_model

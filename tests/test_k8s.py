@@ -53,6 +53,8 @@ CUSTOM_KINDS = {
     ("kafka.strimzi.io/v1", "KafkaTopic"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),  # tests/test_monitoring.py
+    ("kafka.strimzi.io/v1beta2", "KafkaUser"),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"),
 }
 SECRET_LIKE_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
 SECRET_LIKE_VALUE = [
@@ -69,10 +71,9 @@ pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed (
 
 @functools.cache
 def render(target: str) -> tuple[dict[str, Any], ...]:
-    """`kubectl kustomize` of k8s/<target>, parsed. The load restrictor is off because the
-    thresholds and policy ConfigMaps are generated from the repository's own files."""
+    """Plain `kubectl kustomize` of k8s/<target> (what `kubectl apply -k` and GitOps tools run), parsed."""
     out = subprocess.run(
-        [str(KUBECTL), "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(K8S / target)],
+        [str(KUBECTL), "kustomize", str(K8S / target)],
         check=True,
         capture_output=True,
         text=True,
@@ -289,13 +290,18 @@ def test_workers_mount_config_and_data_where_the_image_expects_them(manifests: M
 def test_config_maps_carry_the_repository_files_and_load_in_the_app(manifests: Manifests, tmp_path: Path) -> None:
     thresholds = manifests.config_map("cascade-thresholds")["data"]
     policies = manifests.config_map("cascade-policies")["data"]
+    # k8s/base/config/ holds copies (kustomize reads nothing outside k8s/); they must be the package's.
+    stale = "k8s/base/config/ differs: cp cascade/defaults/thresholds/*.yaml k8s/base/config/thresholds/"
     assert thresholds == {
         p.name: p.read_text(encoding="utf-8")
         for p in sorted((ROOT / "cascade" / "defaults" / "thresholds").glob("*.yaml"))
-    }
-    # Every file the workers read (policy.yaml, the LLM's <category>.md); seeds/ stays baked.
+    }, stale
+    # Every file the workers read (policy.yaml, the LLM's <category>.md); seeds/ stays in the image.
     policy_dir = ROOT / "cascade" / "policies"
-    assert policies == {p.name: p.read_text(encoding="utf-8") for p in sorted(policy_dir.iterdir()) if p.is_file()}
+    assert policies == {p.name: p.read_text(encoding="utf-8") for p in sorted(policy_dir.iterdir()) if p.is_file()}, (
+        "k8s/base/config/policies/ differs from the package: cp cascade/policies/*.md cascade/policies/policy.yaml "
+        "k8s/base/config/policies/"
+    )
     # What a worker does at start with the mounted files.
     for name, text in policies.items():
         (tmp_path / name).write_text(text, encoding="utf-8")
@@ -308,6 +314,36 @@ def test_config_maps_carry_the_repository_files_and_load_in_the_app(manifests: M
         path = tmp_path / f"thresholds-{name}"
         path.write_text(text, encoding="utf-8")
         ThresholdSet.load(path).check_names(STAGE_ORDER, policy.names)
+
+
+def test_prod_kafka_is_tls_with_scram_for_workers_and_keda(monkeypatch: pytest.MonkeyPatch) -> None:
+    prod = Manifests("prod")
+    (auth,) = prod.of_kind("TriggerAuthentication")
+    auth_secrets = {ref["parameter"]: ref["name"] for ref in auth["spec"]["secretTargetRef"]}
+    (user,) = prod.of_kind("KafkaUser")
+    assert user["spec"]["authentication"]["type"] == "scram-sha-512"
+    for stage in STAGE_ORDER:
+        settings = worker_settings(prod, stage, monkeypatch)
+        assert settings.kafka_security_protocol == "SASL_SSL" and settings.kafka_sasl_mechanism == "SCRAM-SHA-512"
+        assert settings.kafka_sasl_username == user["metadata"]["name"]  # Strimzi: user name = KafkaUser name
+        assert settings.kafka_sasl_password is None  # only the mounted file, never a value in the env
+        deployment = prod.worker(stage)
+        mounts = {m["mountPath"]: m["name"] for m in worker_container(deployment)["volumeMounts"]}
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        for path, parameter in ((settings.kafka_sasl_password_file, "password"), (settings.kafka_ssl_cafile, "ca")):
+            assert path is not None
+            secret = volumes[mounts[str(path.parent)]]["secret"]
+            assert secret["secretName"] == auth_secrets[parameter]  # KEDA reads the same Secret
+            assert [item["path"] for item in secret["items"]] == [path.name]
+    (username,) = auth["spec"]["env"]
+    assert username["name"] == "CASCADE_KAFKA_SASL_USERNAME" and username["containerName"] == "worker"
+    for scaled in prod.of_kind("ScaledObject"):
+        (trigger,) = scaled["spec"]["triggers"]
+        assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+        assert trigger["metadata"]["sasl"] == "scram_sha512" and trigger["metadata"]["tls"] == "enable"
+    dev = Manifests("dev")
+    assert "CASCADE_KAFKA_SECURITY_PROTOCOL" not in dev.shared_env()  # dev: plaintext, the default
+    assert not dev.of_kind("TriggerAuthentication")
 
 
 def worker_settings(manifests: Manifests, stage: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
@@ -363,7 +399,11 @@ def test_topics_match_the_app(manifests: Manifests) -> None:
     assert len(set(groups.values())) == len(STAGE_ORDER), "one consumer group per stage"
     leader_topics = {LeaderAssignor(faust.App(group))._leader_topic_name for group in groups.values()}
     kafka_topics = {t["spec"]["topicName"]: t for t in manifests.of_kind("KafkaTopic")}
-    assert set(kafka_topics) == set(topics.all_topics(STAGE_ORDER)) | leader_topics | set(review_topics(topics))
+    assert set(kafka_topics) == set(topics.all_topics(STAGE_ORDER)) | leader_topics | set(review_topics(topics)) | {
+        topics.banks
+    }
+    banks = kafka_topics[topics.banks]["spec"]
+    assert banks["config"]["cleanup.policy"] == "compact" and banks["partitions"] == 1  # cascade.banktopic
 
     cluster = {t["metadata"]["labels"]["strimzi.io/cluster"] for t in kafka_topics.values()}
     assert len(cluster) == 1
@@ -472,7 +512,8 @@ def test_no_secret_value_appears_in_the_manifests(manifests: Manifests) -> None:
     assert not find_secret_like_values(yaml.safe_dump_all(manifests.docs))
     for config_map in manifests.of_kind("ConfigMap"):
         for key in config_map.get("data", {}):
-            if config_map["metadata"]["name"].startswith("cascade-env"):
+            # A *_FILE setting is the path of a mounted Secret, not a secret.
+            if config_map["metadata"]["name"].startswith("cascade-env") and not key.endswith("_FILE"):
                 assert not SECRET_LIKE_NAME.search(key), key
     for workload in [*manifests.of_kind("Deployment"), *manifests.of_kind("StatefulSet")]:
         for container in all_containers(workload):

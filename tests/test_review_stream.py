@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from review_support import XSS_PAYLOAD, ReviewProcess, cascade_verdict, csrf_of, produce
+from review_support import XSS_PAYLOAD, ReviewProcess, cascade_verdict, csrf_of
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -27,7 +27,7 @@ from cascade.contract import HUMAN, Appeal, AppealOutcome, DeadLetter, Decision,
 from cascade.review.store import ReviewStore
 from cascade.settings import Settings
 from cascade.stream.broker import EmbeddedBroker
-from cascade.stream.client import read_topics
+from cascade.stream.client import produce, read_topics
 from cascade.stream.topics import Topics
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -279,8 +279,14 @@ def test_no_review_task_is_lost_when_the_app_is_killed_and_restarted_mid_stream(
     topic = deployment.topics.verdicts(Decision.REVIEW)
     review = deployment.start()
     store = deployment.store()
+
     # A live stream: 50 records/s for 4 s, killed with SIGKILL as soon as the first task is stored.
-    stream = threading.Thread(target=lambda: asyncio.run(produce(deployment.url, topic, records, rate=50)))
+    async def live_stream() -> None:
+        for start in range(0, count, 10):
+            await produce(deployment.url, topic, records[start : start + 10])
+            await asyncio.sleep(0.2)
+
+    stream = threading.Thread(target=lambda: asyncio.run(live_stream()))
     stream.start()
     deployment.wait_for("the first stored task", lambda: store.queue()[1] > 0, timeout_s=30)
     review.kill()  # no shutdown, no commit of the batch in hand

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
-from cascade.settings import PROJECT_ROOT, Settings
+from cascade.settings import Settings
 
 SECTIONS = ("throughput", "quality", "scaling")
-# Stages the bench runs in-process. The LLM stage is never called: no real LLM is reachable
-# here, and a configured one would bill every benchmark item.
-CHEAP_STAGES = ("hash", "retrieval", "classifier")
-BENCH_SCRIPTS = PROJECT_ROOT / "bench"
 
 
 @dataclass(frozen=True)
@@ -64,23 +57,3 @@ def bench_settings(settings: Settings) -> Settings:
     No flood-guard quarantine: rounds repeat texts, and the bench must not write to the banks.
     """
     return settings.model_copy(update={"embedding_cache_size": 0, "flood_min_items": 10**9})
-
-
-class ScriptMissing(RuntimeError):
-    pass
-
-
-def bench_script(name: str) -> ModuleType:
-    """A measurement script of `bench/` (its functions are reused, not copied); needs a source checkout."""
-    module_name = f"_cascade_bench_scripts.{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    path = BENCH_SCRIPTS / f"{name}.py"
-    if not path.is_file():
-        raise ScriptMissing(f"{path} not found (run from a source checkout)")
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module

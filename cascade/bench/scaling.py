@@ -1,7 +1,7 @@
 """Scaling: kNN latency, throughput and memory against exemplar bank size; embedding against batch size.
 
-The bank is built by bench/vector_index.py's own machinery (`build_bank`, `fill`,
-`measure_queries`): real MiniLM embeddings of the data's non-test rows, topped up with
+The bank is built by `cascade.bench.vectorbank` (`build_bank`, `fill`, `measure_queries`, shared
+with the study bench/vector_index.py): real MiniLM embeddings of the data's non-test rows, topped up with
 synthetic neighbours of them to the asked size; queries are test-split rows, ground truth
 is numpy brute force. Each bank size runs in a fresh process, so its RSS is the index's and
 nothing else's: `index_rss_mb` is resident memory after building and querying the index
@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cascade.bench.config import BenchConfig, ScriptMissing, bench_script
+from cascade.bench.config import BenchConfig
+from cascade.bench.embedders import rate
 from cascade.bench.measure import Row, interleave, measured, not_available
 from cascade.bench.quality import sample
+from cascade.bench.vectorbank import build_bank, fill, measure_queries
 from cascade.data import LabelledItem
-from cascade.embedding import Embedder
+from cascade.embedding import Embedder, EncoderUnavailable
 from cascade.settings import Settings
-from cascade.train import cached_embeddings
 from cascade.vectorindex import EdgeIndex, HnswTuning
 
 K = 10
@@ -42,8 +43,7 @@ def rss_mb() -> float:
 
 def knn_at_size(rows: list[LabelledItem], vectors: np.ndarray, size: int, queries: int, seed: int) -> dict:
     """One bank size, measured in the calling process (run it in a fresh one)."""
-    script = bench_script("vector_index")
-    bank_rows, bank_vectors, query_vectors = script.build_bank(rows, vectors, size)
+    bank_rows, bank_vectors, query_vectors = build_bank(rows, vectors, size)
     query_vectors = query_vectors[np.random.default_rng(seed).permutation(len(query_vectors))[:queries]]
     truth = np.argsort(-(query_vectors @ bank_vectors.T), axis=1)[:, :K]
     ids = np.array([r.id for r in bank_rows])
@@ -52,11 +52,11 @@ def knn_at_size(rows: list[LabelledItem], vectors: np.ndarray, size: int, querie
         before = rss_mb()
         tuning = HnswTuning()
         index = EdgeIndex(workdir / "edge", tuning)
-        upsert_s = script.fill(index, bank_rows, bank_vectors)
+        upsert_s = fill(index, bank_rows, bank_vectors)
         started = time.perf_counter()
         index.optimize()
         optimize_s = time.perf_counter() - started
-        queried = script.measure_queries(index, query_vectors, truth, ids)
+        queried = measure_queries(index, query_vectors, truth, ids)
         after = rss_mb()
         index.close()
     finally:
@@ -84,6 +84,9 @@ def knn_at_size(rows: list[LabelledItem], vectors: np.ndarray, size: int, querie
 def _base(config: BenchConfig, settings: Settings, rows: Sequence[LabelledItem]) -> tuple[list, np.ndarray]:
     chosen = sample(rows, config.scaling_rows, config.seed)
     embedder = Embedder.from_settings(settings)
+    # cascade.train imports onnx (the `train` extra): only reached once an encoder could load.
+    from cascade.train import cached_embeddings
+
     path = settings.data_path("train-cache", f"{embedder.identity}.npz")  # shared with `cascade train`
     return chosen, cached_embeddings([r.text for r in chosen], embedder.embed, path)
 
@@ -91,12 +94,11 @@ def _base(config: BenchConfig, settings: Settings, rows: Sequence[LabelledItem])
 def measure_knn(
     config: BenchConfig, settings: Settings, rows: Sequence[LabelledItem], log: Callable[[str], None]
 ) -> dict[str, object]:
-    try:
-        bench_script("vector_index")
-    except ScriptMissing as exc:
-        return {"available": False, "reason": str(exc)}
     log(f"scaling: embedding up to {config.scaling_rows or len(rows)} real rows for the bank (cached)")
-    base_rows, base_vectors = _base(config, settings, rows)
+    try:
+        base_rows, base_vectors = _base(config, settings, rows)
+    except EncoderUnavailable as exc:
+        return {"available": False, "reason": str(exc)}
     results: list[Row] = []
     spawn = multiprocessing.get_context("spawn")
     for size in config.bank_sizes:
@@ -115,16 +117,15 @@ def measure_batch_sizes(
 ) -> dict[str, object]:
     log(f"scaling: ONNX embedding at batch sizes {', '.join(map(str, config.batch_sizes))}")
     try:
-        script = bench_script("embedding")
-    except ScriptMissing as exc:
+        embed = Embedder.from_settings(settings).embed
+    except EncoderUnavailable as exc:
         return {"available": False, "reason": str(exc)}
-    embed = Embedder.from_settings(settings).embed
     embed(texts[:64])  # warm-up
 
     def run(batch: int) -> Callable[[], float]:
         # Enough texts for several calls at every size, without a batch-1 run taking minutes.
         chosen = texts[: max(config.single_items, min(len(texts), 8 * batch))]
-        return lambda: script.rate(embed, chosen, batch)
+        return lambda: rate(embed, chosen, batch)
 
     samples = interleave({str(b): run(b) for b in config.batch_sizes}, config.rounds)
     rows = [measured(f"ONNX embedding, batch {b}", "sentences/s", samples[str(b)], batch=b) for b in config.batch_sizes]

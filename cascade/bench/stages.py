@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cascade.assembly import build_stages
-from cascade.bench.config import CHEAP_STAGES
+from cascade.assembly import build_stages, unbilled_stages
 from cascade.contract import ContentItem
 from cascade.pipeline import new_context
 from cascade.settings import Settings
@@ -28,8 +27,13 @@ class BenchStages:
             await stage.aclose()
 
 
-async def open_stages(settings: Settings, names: tuple[str, ...] = CHEAP_STAGES) -> BenchStages:
-    """Every stage of `names` that can be built and reports itself available, sharing one embedder."""
+async def open_stages(settings: Settings, names: tuple[str, ...] | None = None) -> BenchStages:
+    """Every stage of `names` that can be built and reports itself available, sharing one embedder.
+
+    Default: the unbilled stages. A billed one (the LLM) is never run by the bench: no real LLM is
+    reachable here, and a configured one would bill every benchmark item.
+    """
+    names = unbilled_stages() if names is None else names
     missing: dict[str, str] = {}
     buildable = list(names)
     try:

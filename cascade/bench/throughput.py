@@ -13,12 +13,13 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cascade.bench.config import BenchConfig, ScriptMissing, bench_script
+from cascade.bench.config import BenchConfig
+from cascade.bench.embedders import rate, torch_embedder
 from cascade.bench.measure import Row, cascade_breakdown, interleave, items_per_s, measured, not_available, ratio
 from cascade.bench.stages import BenchStages, open_stages
 from cascade.bench.stream import measure_stream
 from cascade.contract import ContentItem, Verdict
-from cascade.embedding import Embedder
+from cascade.embedding import Embedder, EncoderUnavailable
 from cascade.pipeline import CascadeRunner, new_context
 from cascade.settings import Settings
 from cascade.stages.base import Stage
@@ -32,7 +33,7 @@ ROW_LABELS = {
     "hash_stage": "hash stage (normalise + exact/near bank lookups)",
     "embedding_onnx_b64": "embedding, ONNX serving path, batch 64",
     "embedding_onnx_b1": "embedding, ONNX serving path, batch 1",
-    "embedding_torch_b64": "embedding, sentence-transformers torch, batch 64",
+    "embedding_torch_b64": "embedding, sentence-transformers torch, batch 64 (same model batches as ONNX)",
     "embedding_torch_b1": "embedding, sentence-transformers torch, batch 1",
 }
 
@@ -64,18 +65,17 @@ def _hash_round(runner: asyncio.Runner, stage: Stage, items: Sequence[ContentIte
 def _embedding_runs(
     config: BenchConfig, settings: Settings, texts: list[str], rows: dict[str, Row], log: Log
 ) -> dict[str, Callable[[], float]]:
+    singles = texts[: config.single_items]
     try:
-        script = bench_script("embedding")
-    except ScriptMissing as exc:
+        paths: dict[str, Callable[[Sequence[str]], object]] = {"onnx": Embedder.from_settings(settings).embed}
+    except EncoderUnavailable as exc:
         for name in ("embedding_onnx_b64", "embedding_onnx_b1", "embedding_torch_b64", "embedding_torch_b1"):
             rows[name] = not_available(ROW_LABELS[name], str(exc))
         return {}
-    singles = texts[: config.single_items]
-    paths: dict[str, Callable[[Sequence[str]], object]] = {"onnx": Embedder.from_settings(settings).embed}
     if config.torch:
         log("loading sentence-transformers (torch) for the comparison")
         try:
-            paths["torch"] = script.torch_embedder(settings.embedding_threads or os.cpu_count() or 1)
+            paths["torch"] = torch_embedder(settings.embedding_threads or os.cpu_count() or 1)
         except Exception as exc:  # torch is the `train` extra: a serving install may lack it
             for name in ("embedding_torch_b64", "embedding_torch_b1"):
                 rows[name] = not_available(ROW_LABELS[name], f"torch could not load: {type(exc).__name__}: {exc}")
@@ -84,9 +84,12 @@ def _embedding_runs(
             rows[name] = not_available(ROW_LABELS[name], "disabled (--no-torch)")
     runs: dict[str, Callable[[], float]] = {}
     for path, embed in paths.items():
-        embed(texts[:64])  # warm-up: first calls allocate
-        runs[f"embedding_{path}_b64"] = lambda embed=embed: script.rate(embed, texts, 64)
-        runs[f"embedding_{path}_b1"] = lambda embed=embed: script.rate(embed, singles, 1)
+        # Warm-up over every text once: both runtimes prepare kernels per input shape on first use,
+        # and the rounds must time steady state, not which path met a shape first.
+        rate(embed, texts, 64)
+        rate(embed, singles, 1)
+        runs[f"embedding_{path}_b64"] = lambda embed=embed: rate(embed, texts, 64)
+        runs[f"embedding_{path}_b1"] = lambda embed=embed: rate(embed, singles, 1)
     return runs
 
 

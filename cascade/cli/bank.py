@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import json
 from collections.abc import Callable, Iterable, Iterator
@@ -16,17 +17,20 @@ from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
+from aiokafka.errors import KafkaError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from cascade.banktopic import BankTopic, change_shared
 from cascade.cli.app import bank_app, fail
-from cascade.data import LabelledItem, Split, split_of
+from cascade.data import LabelledItem, SplitChoice, labelled_from_record
 from cascade.hashbank import BankError, EntryInput, HashBank, Polarity, entry_from_record
 from cascade.normalize import normalize, text_key
 from cascade.policy import load_policy
 from cascade.settings import Settings
+from cascade.stream.security import KafkaSecurity, KafkaSecurityError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -34,21 +38,12 @@ err_console = Console(stderr=True)
 _SHOWN_ERRORS = 20
 _SHOWN_QUARANTINES = 20
 RowT = TypeVar("RowT", EntryInput, LabelledItem)
+T = TypeVar("T")
 
 
 class BankKind(StrEnum):
     HASH = "hash"
     EXEMPLARS = "exemplars"
-
-
-class SplitChoice(StrEnum):
-    ALL = "all"
-    TRAIN = Split.TRAIN.value
-    CALIBRATION = Split.CALIBRATION.value
-    TEST = Split.TEST.value
-
-    def keeps(self, item_id: str) -> bool:
-        return self is SplitChoice.ALL or split_of(item_id).value == self.value
 
 
 @dataclass
@@ -120,6 +115,25 @@ def _open_bank(settings: Settings) -> HashBank:
     return HashBank.open(settings.data_dir, settings.near_dup_threshold)
 
 
+def _shared_topic(settings: Settings) -> BankTopic | None:
+    """The banks topic every replica follows, when a broker is configured (CASCADE_KAFKA_URL)."""
+    if not settings.kafka_url:
+        return None
+    try:
+        security = KafkaSecurity.from_settings(settings)
+    except KafkaSecurityError as exc:
+        raise fail(str(exc)) from None
+    return BankTopic(settings.kafka_url, settings.topic_prefix, security, settings.stream_replication_factor)
+
+
+def _change(settings: Settings, bank: HashBank, entry_id: str, change: Callable[[], T]) -> T:
+    topic = _shared_topic(settings)
+    try:
+        return asyncio.run(change_shared(bank, topic, entry_id, change))
+    except KafkaError as exc:
+        raise fail(f"cannot reach the banks topic on {settings.kafka_url}: {type(exc).__name__}: {exc}") from None
+
+
 def parsed_batches(
     path: Path,
     split: SplitChoice,
@@ -180,7 +194,7 @@ def _import_exemplars(
     path: Path, settings: Settings, split: SplitChoice, batch_size: int, confirm: bool
 ) -> ImportReport:
     from cascade.embedding import Embedder
-    from cascade.exemplars import add_exemplars, labelled_from_record
+    from cascade.exemplars import add_exemplars
     from cascade.vectorindex import StoreInUseError, open_vector_index
 
     report = ImportReport()
@@ -244,7 +258,7 @@ def add(
     try:
         # An operator typed this one entry: it is confirmed, so no flood of copies can quarantine it.
         entry = EntryInput(entry_id or _derived_id(polarity, text), text, polarity, categories, source, confirmed=True)
-        report = bank.upsert([entry], _operator())
+        report = _change(settings, bank, entry.id, lambda: bank.upsert([entry], _operator()))
     except BankError as exc:
         raise fail(str(exc)) from None
     finally:
@@ -289,9 +303,10 @@ def import_(
 @bank_app.command("remove")
 def remove(entry_id: Annotated[str, typer.Argument(help="Entry id.")]) -> None:
     """Remove an entry: it stops matching in every process at their next batch."""
-    bank = _open_bank(Settings())
+    settings = Settings()
+    bank = _open_bank(settings)
     try:
-        if not bank.remove(entry_id):
+        if not _change(settings, bank, entry_id, lambda: bank.remove(entry_id)):
             raise fail(f"no bank entry with id {entry_id!r}")
     finally:
         bank.close()
@@ -301,12 +316,13 @@ def remove(entry_id: Annotated[str, typer.Argument(help="Entry id.")]) -> None:
 @bank_app.command("confirm")
 def confirm(entry_id: Annotated[str, typer.Argument(help="Entry id.")]) -> None:
     """Vouch for an entry: lift its quarantine; the flood guard will not quarantine it again."""
-    bank = _open_bank(Settings())
+    settings = Settings()
+    bank = _open_bank(settings)
     try:
-        entry = bank.get(entry_id)
+        # Read inside the change: with a shared topic the entry is known only after the replay.
+        entry = _change(settings, bank, entry_id, lambda: (bank.get(entry_id), bank.confirm(entry_id))[0])
         if entry is None:
             raise fail(f"no bank entry with id {entry_id!r}")
-        bank.confirm(entry_id)
     finally:
         bank.close()
     was = "was quarantined" if entry.quarantined else "was not quarantined"

@@ -9,9 +9,8 @@ import typer
 from rich.console import Console
 
 from cascade.cli.app import app, fail
-from cascade.settings import PROJECT_ROOT, Settings
-
-SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+from cascade.data import DEFAULT_DATA_DIR, labelled_files
+from cascade.settings import Settings
 
 
 @app.command()
@@ -20,7 +19,7 @@ def bench(
         list[Path] | None, typer.Argument(help="Labelled JSONL files (also accepted after --data).")
     ] = None,
     data: Annotated[
-        list[Path] | None, typer.Option("--data", help=f"Labelled JSONL files (default: {SHARED_DATA}/*.jsonl).")
+        list[Path] | None, typer.Option("--data", help=f"Labelled JSONL files (default: {DEFAULT_DATA_DIR}/*.jsonl).")
     ] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Small samples and fewer rounds: under a minute.")] = False,
     json_out: Annotated[
@@ -45,9 +44,9 @@ def bench(
     from cascade.bench.config import SECTIONS, BenchConfig
     from cascade.bench.report import render, write_json, write_plots
 
-    paths = [*(data or []), *(files or [])] or sorted(SHARED_DATA.glob("*.jsonl"))
+    paths = [*(data or []), *(files or [])] or labelled_files()
     if not paths:
-        raise fail(f"no data: pass labelled JSONL files (none found in {SHARED_DATA})")
+        raise fail(f"no data: pass labelled JSONL files (none found in {DEFAULT_DATA_DIR})")
     for path in paths:
         if not path.is_file():
             raise fail(f"data file not found: {path}")

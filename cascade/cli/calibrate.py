@@ -7,7 +7,6 @@ import json
 import shlex
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -30,7 +29,7 @@ from cascade.calibration import (
 )
 from cascade.cli.app import app, fail
 from cascade.contract import ContentItem, Verdict
-from cascade.data import FLAGGED, DataError, LabelledItem, Split, file_digest, load_labelled, split_of
+from cascade.data import FLAGGED, DataError, LabelledItem, Split, SplitChoice, file_digest, load_labelled, split_of
 from cascade.drift import Reference
 from cascade.evaluation import build_report, cost_f1_frontier, guarantee_metrics, leakage_warnings, render_report
 from cascade.pipeline import CascadeRunner, new_context
@@ -50,13 +49,6 @@ from cascade.stages.base import Stage
 from cascade.thresholds import ThresholdError, ThresholdSet
 
 T = TypeVar("T")
-
-
-class SplitChoice(StrEnum):
-    ALL = "all"
-    TRAIN = "train"
-    CALIBRATION = "calibration"
-    TEST = "test"
 
 
 StagesOption = Annotated[str, typer.Option(help="Comma-separated stages to run, in cascade order.")]

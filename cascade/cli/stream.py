@@ -25,6 +25,7 @@ from cascade.stream.broker import BrokerError
 from cascade.stream.client import NoTopicsError, Outcomes, Published, publish, read_topics
 from cascade.stream.kafka import bootstrap_servers, client_logs_quiet, unreachable_message
 from cascade.stream.local import LocalDeployment, WorkerError, collect, worker_stages
+from cascade.stream.security import KafkaSecurity, KafkaSecurityError
 from cascade.stream.topics import Topics
 from cascade.stream.worker import worker_command
 
@@ -50,6 +51,13 @@ def _broker(option: str | None, settings: Settings) -> str:
 
 def _unreachable(url: str, exc: BaseException) -> typer.Exit:
     return fail(unreachable_message(url, exc))
+
+
+def _security(settings: Settings) -> KafkaSecurity:
+    try:
+        return KafkaSecurity.from_settings(settings)
+    except KafkaSecurityError as exc:
+        raise fail(str(exc)) from exc
 
 
 def _lines(path: Path, limit: int | None) -> Iterator[bytes]:
@@ -82,12 +90,15 @@ def publish_command(
     if not input.is_file():
         raise fail(f"input file not found: {input}")
     url = _broker(broker, settings)
+    security = _security(settings)
     started = time.perf_counter()
     topics = Topics(settings.topic_prefix)
     try:
         with client_logs_quiet():
             published = asyncio.run(
-                publish(url, topics, _lines(input, limit), rate, settings=settings, origin=str(input))
+                publish(
+                    url, topics, _lines(input, limit), rate, settings=settings, origin=str(input), security=security
+                )
             )
     except (KafkaError, OSError) as exc:
         raise _unreachable(url, exc) from None
@@ -119,10 +130,11 @@ def tail(
     topics = Topics(settings.topic_prefix)
     names = [topics.deadletter] if dead_letters else [topics.verdicts(d) for d in (decision or list(Decision))]
     url = _broker(broker, settings)
+    security = _security(settings)
 
     async def run() -> None:
         printed, quiet_since = 0, time.monotonic()
-        async for topic, value in read_topics(url, names):
+        async for topic, value in read_topics(url, names, security=security):
             if not topic:
                 if not follow and time.monotonic() - quiet_since > idle:
                     return
@@ -182,9 +194,14 @@ def run(
     except ValueError as exc:  # ThresholdError is one
         raise fail(str(exc)) from None
     url = _broker(broker, settings) if broker is not None or settings.kafka_url else None
+    security = _security(settings)
+    if not url and security.protocol != "PLAINTEXT":
+        raise fail("the embedded broker speaks plaintext only: pass --broker, or unset CASCADE_KAFKA_SECURITY_PROTOCOL")
     err = Console(stderr=True)
     logs = settings.data_path("stream")
-    deployment = LocalDeployment(settings, cascade, logs, url, thresholds=thresholds, loglevel=loglevel)
+    deployment = LocalDeployment(
+        settings, cascade, logs, url, thresholds=thresholds, loglevel=loglevel, security=security
+    )
     exit_code = 0
     # SIGTERM (e.g. from a supervisor) must still stop the workers and the broker below.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -238,7 +255,13 @@ async def _publish_and_watch(
         if publish_file is not None:
             published.extend(
                 await publish(
-                    url, topics, _lines(publish_file, limit), rate, settings=settings, origin=str(publish_file)
+                    url,
+                    topics,
+                    _lines(publish_file, limit),
+                    rate,
+                    settings=settings,
+                    origin=str(publish_file),
+                    security=deployment.security,
                 )
             )
             _report_published(err, published, url, time.perf_counter() - started)
@@ -273,6 +296,7 @@ async def _publish_and_watch(
             on_update=progress,
             alive=lambda: deployment.alive,
             until_drained=until_drained,
+            security=deployment.security,
         )
     except TimeoutError as exc:
         err.print(f"\n[red]timed out:[/] {exc}")

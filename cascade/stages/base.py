@@ -9,12 +9,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xxhash
 
 from cascade.contract import ContentItem, Decision, TraceEntry
+from cascade.settings import Settings
+
+if TYPE_CHECKING:
+    from cascade.embedding import Embedder
 
 
 @dataclass
@@ -100,6 +104,34 @@ class StageResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+class Resources:
+    """Heavy objects that several stages share within one process (one embedder, loaded lazily).
+
+    Next to the interface, not in `cascade.assembly`: every stage takes it, and the assembly
+    imports every stage, so it living there made an import cycle.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._embedder: Embedder | None = None
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            from cascade.embedding import Embedder
+
+            self._embedder = Embedder.from_settings(self.settings)
+        return self._embedder
+
+
+class StageUnavailable(RuntimeError):
+    """A stage cannot be built in this installation or configuration; the message says why and what to do.
+
+    The cascade still runs: the stage is replaced by one that reports this reason, so its items
+    escalate to the next stage (or go to review) instead of being decided without it.
+    """
+
+
 class Stage(ABC):
     """A cascade stage. Subclasses set `name` and `version` and implement `score`.
 
@@ -109,6 +141,16 @@ class Stage(ABC):
 
     name: str
     version: str
+    # Each call costs money (a paid API): evaluation runs and the bench never call such a stage.
+    billed: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, resources: Resources) -> Stage:
+        """Build the stage as the cascade does (`cascade.assembly.build_stages`); StageUnavailable if it cannot be.
+
+        Every registered stage implements it; stand-ins built otherwise (deferred, unavailable) do not.
+        """
+        raise NotImplementedError(f"{cls.__name__} is not built from settings")
 
     @property
     def unavailable_reason(self) -> str | None:

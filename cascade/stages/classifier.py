@@ -26,8 +26,8 @@ from cascade.embedding import DIMENSIONS, Embedder
 from cascade.stages.base import ItemContext, Stage, StageResult
 
 if TYPE_CHECKING:
-    from cascade.assembly import Resources
     from cascade.settings import Settings
+    from cascade.stages.base import Resources
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ quarantined, for `CASCADE_FLOOD_QUARANTINE_S`; a confirmed entry keeps deciding.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -27,7 +28,7 @@ from cascade.settings import Settings
 from cascade.stages.base import ItemContext, Match, Stage, StageResult
 
 if TYPE_CHECKING:
-    from cascade.assembly import Resources
+    from cascade.stages.base import Resources
 
 # Category reported for a bad entry that was added without one.
 FALLBACK_CATEGORY = "flagged"
@@ -50,6 +51,11 @@ class HashStage(Stage):
         return cls(bank, guard, settings.flood_quarantine_s)
 
     async def score(self, batch: Sequence[ItemContext]) -> list[StageResult]:
+        # SQLite reads (and flood-guard quarantines) block: off the event loop, which also serves
+        # the worker's consumer heartbeats and health probes.
+        return await asyncio.to_thread(self._score_batch, batch)
+
+    def _score_batch(self, batch: Sequence[ItemContext]) -> list[StageResult]:
         # One pragma per batch picks up entries added or quarantined by other processes.
         self.bank.refresh()
         return [self._score_one(ctx) for ctx in batch]

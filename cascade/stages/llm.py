@@ -31,7 +31,7 @@ from cascade.settings import Settings
 from cascade.stages.base import ItemContext, Stage, StageResult
 
 if TYPE_CHECKING:
-    from cascade.assembly import Resources
+    from cascade.stages.base import Resources
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ CacheKey = tuple[str, str, str, str]
 
 class LLMStage(Stage):
     name = "llm"
+    billed = True
 
     def __init__(self, settings: Settings, prompt: PromptBuilder, clock: Clock = time.monotonic) -> None:
         self.settings = settings

@@ -49,8 +49,8 @@ from cascade.stages.base import ItemContext, Stage, StageResult
 from cascade.vectorindex import Neighbour, VectorIndex, index_identity, open_vector_index
 
 if TYPE_CHECKING:
-    from cascade.assembly import Resources
     from cascade.embedding import Embedder
+    from cascade.stages.base import Resources
 
 log = logging.getLogger(__name__)
 

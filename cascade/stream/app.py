@@ -33,6 +33,7 @@ from cascade.stream import metrics
 from cascade.stream.health import WorkerState
 from cascade.stream.kafka import bootstrap_servers, refusal_code
 from cascade.stream.processor import Message, Record, StageProcessor, record_source
+from cascade.stream.security import KafkaSecurity
 from cascade.stream.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def create_app(
         # faust's own wait has no limit, so one stuck batch would make SIGTERM hang.
         stream_wait_empty=False,
         web_enabled=False,
+        broker_credentials=KafkaSecurity.from_settings(settings).faust_credentials() if url else None,
     )
     _track_state(app, state)
     topics = Topics(settings.topic_prefix)

@@ -47,10 +47,19 @@ def _accepts_connections(host: str, port: int) -> bool:
 class EmbeddedBroker:
     """A tansu broker process; use as a context manager or call `start()` / `stop()`."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        log_path: Path | None = None,
+        advertised_port: int | None = None,
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.log_path = log_path
+        # Clients reconnect to the advertised address from the metadata: behind a TLS terminator
+        # (the TLS test's stunnel) it is the terminator's port, so no client ever reaches the plain one.
+        self.advertised_port = advertised_port or self.port
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -72,7 +81,7 @@ class EmbeddedBroker:
             "--listener-url",
             listener,
             "--advertised-listener-url",
-            listener,
+            f"tcp://{self.host}:{self.advertised_port}",
             "--storage-engine",
             "memory://tansu/",
         ]

@@ -21,6 +21,7 @@ from cascade.intake import dead_letter
 from cascade.settings import Settings
 from cascade.stream.kafka import bootstrap_servers
 from cascade.stream.processor import record_source
+from cascade.stream.security import PLAINTEXT, KafkaSecurity
 from cascade.stream.topics import Topics
 
 PUBLISH_WINDOW = 500  # sends awaited together; bounds memory, keeps the pipe full
@@ -53,6 +54,22 @@ class Published:
         return self.key.decode("utf-8", "surrogatepass") if self.key else None
 
 
+async def produce(url: str, topic: str, values: Iterable[bytes], security: KafkaSecurity = PLAINTEXT) -> None:
+    """Produce each JSON value to `topic`, keyed by its `id` (`key_of`), and wait for the broker's acks.
+
+    For the app's own records (bank changes, verdicts, appeals); user content goes through `publish`.
+    """
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers(url), acks="all", client_id="cascade-produce", **security.aiokafka_options()
+    )
+    try:
+        await producer.start()  # inside the try: a failed bootstrap must still release the client
+        sent = [await producer.send(topic, value=value, key=key_of(value)) for value in values]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+
+
 async def publish(
     url: str,
     topics: Topics,
@@ -61,6 +78,7 @@ async def publish(
     linger_ms: int = 5,
     settings: Settings | None = None,
     origin: str = "publish",
+    security: KafkaSecurity = PLAINTEXT,
 ) -> list[Published]:
     """Produce each line to the content topic as one message keyed by its id; at most `rate` messages/s.
 
@@ -75,10 +93,11 @@ async def publish(
         linger_ms=linger_ms,
         max_request_size=settings.stream_max_message_bytes,
         client_id="cascade-publish",
+        **security.aiokafka_options(),
     )
     published: list[Published] = []
     try:
-        await producer.start()
+        await producer.start()  # inside the try: a failed bootstrap must still release the client
         started = time.monotonic()
         # (key, send future, the dead letter's source when the line was dead-lettered instead)
         window: list[tuple[bytes | None, asyncio.Future, str | None]] = []
@@ -122,7 +141,9 @@ async def _settle(window: Sequence[tuple[bytes | None, asyncio.Future, str | Non
     ]
 
 
-async def read_topics(url: str, topics: Sequence[str], poll_ms: int = 200) -> AsyncIterator[tuple[str, bytes]]:
+async def read_topics(
+    url: str, topics: Sequence[str], poll_ms: int = 200, security: KafkaSecurity = PLAINTEXT
+) -> AsyncIterator[tuple[str, bytes]]:
     """Every message of `topics` from the beginning, then new ones as they come; (topic, value).
 
     No consumer group: it assigns every partition itself, so it joins nothing and commits nothing.
@@ -134,6 +155,7 @@ async def read_topics(url: str, topics: Sequence[str], poll_ms: int = 200) -> As
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         client_id="cascade-read",
+        **security.aiokafka_options(),
     )
     try:
         await consumer.start()  # inside the try: a consumer that failed to connect must still be closed

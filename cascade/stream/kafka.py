@@ -17,6 +17,7 @@ from aiokafka.errors import (
 )
 
 from cascade.contract import DeadLetterCode
+from cascade.stream.security import PLAINTEXT, KafkaSecurity
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +86,27 @@ async def ensure_topics(
     partitions: int,
     replication_factor: int,
     max_message_bytes: int | None = None,
+    security: KafkaSecurity = PLAINTEXT,
+    configs: dict[str, str] | None = None,
 ) -> list[str]:
     """Create the topics that do not exist yet; returns the ones created. Existing topics are left as they are.
 
     `max_message_bytes` sets the topics' `max.message.bytes`, so the broker accepts what the
-    producers (`max_request_size`, the same setting) may send.
+    producers (`max_request_size`, the same setting) may send; `configs` adds topic configs
+    (e.g. `cleanup.policy=compact`).
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(url), client_id="cascade-admin")
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap_servers(url), client_id="cascade-admin", **security.aiokafka_options()
+    )
     try:
         await admin.start()
         existing = set(await admin.list_topics())
         missing = [name for name in dict.fromkeys(names) if name not in existing]
         if not missing:
             return []
-        config = {} if max_message_bytes is None else {"max.message.bytes": str(max_message_bytes)}
+        config = dict(configs or {})
+        if max_message_bytes is not None:
+            config["max.message.bytes"] = str(max_message_bytes)
         with contextlib.suppress(TopicAlreadyExistsError):  # another worker won the race
             await admin.create_topics(
                 [

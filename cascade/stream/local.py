@@ -22,6 +22,7 @@ from cascade.settings import Settings
 from cascade.stream.broker import EmbeddedBroker, free_port
 from cascade.stream.client import Outcomes, Published, read_topics
 from cascade.stream.kafka import ensure_topics
+from cascade.stream.security import PLAINTEXT, KafkaSecurity
 from cascade.stream.topics import Topics
 
 LOG_TAIL_LINES = 12
@@ -165,6 +166,7 @@ class LocalDeployment:
         thresholds: Path | None = None,
         env: dict[str, str] | None = None,
         loglevel: str = "warning",
+        security: KafkaSecurity = PLAINTEXT,
     ) -> None:
         self.settings = settings
         self.cascade = list(cascade)
@@ -174,6 +176,7 @@ class LocalDeployment:
         self.thresholds = thresholds
         self.env = dict(env or {})
         self.loglevel = loglevel
+        self.security = security
         self.workers: list[WorkerProcess] = []
         self.embedded: EmbeddedBroker | None = None
 
@@ -190,6 +193,7 @@ class LocalDeployment:
                 self.settings.stream_partitions,
                 self.settings.stream_replication_factor,
                 self.settings.stream_max_message_bytes,
+                security=self.security,
             )
         )
         return self
@@ -247,6 +251,7 @@ async def collect(
     on_update: Callable[[Outcomes], None] | None = None,
     alive: Callable[[], bool] = lambda: True,
     until_drained: bool = True,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> Outcomes:
     """Read verdicts and dead letters until every published record has one (or forever).
 
@@ -256,7 +261,7 @@ async def collect(
     outcomes = Outcomes(topics)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last_update = 0.0
-    async for topic, value in read_topics(url, [*topics.all_verdicts, topics.deadletter]):
+    async for topic, value in read_topics(url, [*topics.all_verdicts, topics.deadletter], security=security):
         if topic:
             outcomes.add(topic, value)
         now = time.monotonic()

@@ -5,7 +5,9 @@ consecutive stages runs `{prefix}moderation.escalate.<stage>`, named after the s
 Verdicts go to `{prefix}moderation.verdicts.<allow|block|review>`, unusable input to
 `{prefix}moderation.deadletter`. A sampled share of automatic verdicts is copied to
 `{prefix}moderation.audit` for human review (docs/drift.md); the review app reads it and
-`moderation.appeals`, and writes `moderation.decisions`. Keys are item ids on every topic. The prefix is prepended
+`moderation.appeals`, and writes `moderation.decisions`. The hash banks' changes go to the
+compacted `{prefix}moderation.banks` (key: entry id; `cascade.banktopic`). Keys are item ids on every
+other topic. The prefix is prepended
 verbatim (e.g. `staging.`), so one cluster can host several deployments.
 """
 
@@ -23,6 +25,7 @@ DEADLETTER = "moderation.deadletter"
 AUDIT = "moderation.audit"
 DECISIONS = "moderation.decisions"  # human review decisions (cascade.review)
 APPEALS = "moderation.appeals"  # appeals against blocks, read by the review app
+BANKS = "moderation.banks"
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,10 @@ class Topics:
     @property
     def appeals(self) -> str:
         return f"{self.prefix}{APPEALS}"
+
+    @property
+    def banks(self) -> str:
+        return f"{self.prefix}{BANKS}"
 
     def escalate(self, stage: str) -> str:
         """The input topic of `stage` when it is not the first stage of the cascade."""

@@ -15,12 +15,16 @@ import typer
 from aiokafka.errors import KafkaError
 
 from cascade.assembly import STAGE_ORDER, build_runner
+from cascade.banktopic import BankTopic
+from cascade.drift import Reference
 from cascade.pipeline import CascadeRunner
 from cascade.settings import Settings, SettingsError
+from cascade.stages.hash import HashStage
 from cascade.stream import metrics
 from cascade.stream.app import create_app
 from cascade.stream.health import HealthServer, WorkerState
 from cascade.stream.kafka import bootstrap_servers, client_logs_quiet, ensure_topics, unreachable_message
+from cascade.stream.security import KafkaSecurity, KafkaSecurityError
 from cascade.stream.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -84,11 +88,14 @@ def run_worker(
                     settings.stream_partitions,
                     settings.stream_replication_factor,
                     settings.stream_max_message_bytes,
+                    security=KafkaSecurity.from_settings(settings),
                 )
             )
     state = WorkerState(selected, settings.stream_batch_deadline_s)
     metrics.watch_guards([stage for stage in runner.stages if stage.name in selected])
+    metrics.start_drift(runner.thresholds, settings.drift_window, settings.drift_min_items, settings.drift_max_surfaces)
     app = create_app(settings, runner, selected, state, broker_url)
+    _follow_banks(app, settings, broker_url, runner, selected)
 
     @app.on_before_shutdown.connect
     async def _release_stages(sender: faust.App, **kwargs: Any) -> None:
@@ -108,6 +115,28 @@ def run_worker(
         quiet=True,
     )
     worker.execute_from_commandline()
+
+
+def _follow_banks(
+    app: faust.App, settings: Settings, broker_url: str, runner: CascadeRunner, selected: Sequence[str]
+) -> None:
+    """A worker that runs the hash stage replays the shared banks topic into its store, then follows it."""
+    hash_stage = next((s for s in runner.stages if isinstance(s, HashStage) and s.name in selected), None)
+    if hash_stage is None:
+        return
+    bank = hash_stage.bank
+    topic = BankTopic(
+        broker_url, settings.topic_prefix, KafkaSecurity.from_settings(settings), settings.stream_replication_factor
+    )
+
+    @app.task
+    async def follow_banks() -> None:
+        if settings.stream_create_topics:
+            await topic.ensure()
+        try:
+            await topic.follow(bank)
+        except RuntimeError as exc:  # no banks topic: this replica keeps serving its local banks
+            log.error("banks: %s; bank changes made elsewhere will not reach this worker", exc)
 
 
 def worker_command(
@@ -139,6 +168,10 @@ def worker_command(
         bootstrap_servers(url)
     except ValueError as exc:
         _fail(f"{exc}: fix --broker or CASCADE_KAFKA_URL")
+    try:
+        KafkaSecurity.from_settings(settings)
+    except KafkaSecurityError as exc:
+        _fail(str(exc))
     names = [s.strip() for s in (stages or "").split(",") if s.strip()]
     order = [s.strip() for s in cascade.split(",") if s.strip()]
     try:
@@ -146,9 +179,7 @@ def worker_command(
         unknown = [name for name in names if name not in runner.stage_names]
         if unknown:
             raise ValueError(f"--stages {','.join(unknown)} are not in the cascade {','.join(runner.stage_names)}")
-        metrics.start_drift(
-            runner.thresholds, settings.drift_window, settings.drift_min_items, settings.drift_max_surfaces
-        )
+        Reference.from_thresholds(runner.thresholds)  # a malformed drift reference is the operator's to fix
     except Exception as exc:  # any stage that cannot be built (missing model, bad thresholds): say so, exit
         _fail(f"cannot build the cascade: {exc}")
     try:

@@ -1,0 +1,118 @@
+"""Hash banks shared by every replica through the compacted banks topic, on the real broker.
+
+Two hash workers, each with its own data directory (as two pods with their own `emptyDir`), and
+an operator with a third one. `cascade bank add` with a broker configured goes through the topic:
+the running worker follows it, the worker started afterwards replays it at start, and both then
+block the item. A removal travels the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from cascade.banktopic import EntryState
+from cascade.hashbank import HashBank
+from cascade.stream.broker import EmbeddedBroker
+from cascade.stream.client import publish
+from cascade.stream.kafka import ensure_topics
+from cascade.stream.local import WorkerProcess, collect
+from cascade.stream.topics import Topics
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+CLI = str(Path(sys.executable).parent / "cascade")
+CASCADE = ["hash"]
+BAD = "WINNER!! You have won a free cruise, text CLAIM to 80082 now"
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> float:
+    """Seconds until `condition()` held; fails the test after `timeout_s`."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout_s:.0f} s")
+
+
+def has_entry(data_dir: Path, entry_id: str) -> bool:
+    bank = HashBank.open(data_dir)
+    try:
+        return bank.get(entry_id) is not None
+    finally:
+        bank.close()
+
+
+def test_a_bank_change_reaches_every_replica(tmp_path: Path) -> None:
+    prefix = f"banks{uuid.uuid4().hex[:6]}."
+    topics = Topics(prefix)
+    with EmbeddedBroker() as broker:
+        env = {"CASCADE_TOPIC_PREFIX": prefix, "CASCADE_STREAM_GROUP": f"g{uuid.uuid4().hex[:6]}"}
+        asyncio.run(ensure_topics(broker.url, topics.all_topics(CASCADE), 2, 1))
+        workers = {
+            name: WorkerProcess(
+                broker.url,
+                cascade=CASCADE,
+                env={**env, "CASCADE_DATA_DIR": str(tmp_path / name)},
+                log_path=tmp_path / f"{name}.log",
+            )
+            for name in ("a", "b")
+        }
+        operator = {**os.environ, **env, "CASCADE_KAFKA_URL": broker.url, "CASCADE_DATA_DIR": str(tmp_path / "op")}
+        try:
+            workers["a"].start().wait_ready(120)
+            added = subprocess.run(
+                [CLI, "bank", "add", BAD, "--bad", "-c", "spam"],
+                env=operator,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert added.returncode == 0, added.stderr
+            entry_id = added.stdout.split()[1]  # "added: <id> (bad)"
+            workers["b"].start().wait_ready(120)  # started after the add: replays the topic
+            for name in workers:
+                seconds = wait_for(lambda name=name: has_entry(tmp_path / name, entry_id))
+                print(f"worker {name} holds {entry_id} {seconds:.1f} s after it was ready")
+            items = [json.dumps({"id": f"i{n}", "text": BAD.upper() + " " * n}).encode() for n in range(8)]
+            published = asyncio.run(publish(broker.url, topics, items))
+            outcomes = asyncio.run(collect(broker.url, topics, published, timeout_s=60))
+            # Keys spread the items over both partitions, hence over both workers.
+            assert {v.decision.value for v in outcomes.verdicts.values()} == {"block"}
+            assert {v.decided_by for v in outcomes.verdicts.values()} == {"hash"}
+
+            removed = subprocess.run(
+                [CLI, "bank", "remove", entry_id], env=operator, capture_output=True, text=True, timeout=120
+            )
+            assert removed.returncode == 0, removed.stderr
+            for name in workers:
+                wait_for(lambda name=name: not has_entry(tmp_path / name, entry_id))
+        finally:
+            for worker in workers.values():
+                worker.stop()
+
+
+def test_entry_states_replay_idempotently(tmp_path: Path) -> None:
+    bank = HashBank.open(tmp_path)
+    until = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    state = EntryState(
+        "e1", BAD, "bad", ("spam",), "test", "op", quarantined=True, quarantine_reason="flood", quarantined_until=until
+    )
+    for _ in range(2):  # a replayed topic delivers states again: same bank
+        EntryState.from_wire(state.to_wire()).apply(bank)
+    entry = bank.get("e1")
+    assert entry is not None and entry.quarantined and entry.categories == ("spam",)
+    EntryState.from_wire(EntryState.of(entry, removed=True).to_wire()).apply(bank)
+    assert bank.get("e1") is None
+    bank.close()
