@@ -22,13 +22,17 @@ from cascade.llm.answers import sample_rows
 from cascade.thresholds import ThresholdSet
 
 MODEL = "local-moderator-2026-01-01"
-VIOLATIONS = ("I will kill you, number {i}", "you are such an idiot {i}", "you have won a free prize {i}, click here")
+BANKED = "you have won a free prize, click here"  # a known-bad text the hash stage blocks (repeats in the data)
+VIOLATIONS = ("I will kill you, number {i}", "you are such an idiot {i}", BANKED)
 BENIGN = ("lunch at noon on day {i}?", "the train leaves at {i} o'clock", "thanks for the photos from trip {i}")
-TARGETS = ["--target-block-precision", "0.6", "--max-allow-miss", "0.4", "--max-llm-rate", "1.0"]
+TARGETS = ["--target-block-precision", "0.5", "--max-allow-miss", "0.5", "--max-llm-rate", "1.0", "--confidence", "0.8"]
 
 
 def write_rows(path: Path, n: int) -> Path:
-    """Rows the server's keyword rules judge right, with 8 % of labels flipped (so it is not trivial)."""
+    """Rows the server's keyword rules judge right, with 8 % of labels flipped (so it is not trivial).
+
+    One violation in six is the same banked text, so the hash stage settles some items before the LLM.
+    """
     rng = random.Random(7)
     lines = []
     for i in range(n):
@@ -66,28 +70,34 @@ def test_sample_is_capped_per_split_and_stable(tmp_path: Path) -> None:
 
 def test_calibrate_with_the_llm_stage_end_to_end(server: LocalLLMServer, tmp_path: Path) -> None:
     data = write_rows(tmp_path / "labelled.jsonl", 900)
+    banked = CliRunner().invoke(app, ["bank", "add", BANKED, "--bad", "-c", "spam"])
+    assert banked.exit_code == 0, banked.output
     out = tmp_path / "llm-band.yaml"
-    args = ["calibrate", str(data), "-o", str(out), "--stages", "llm", "--llm-sample", "90", *TARGETS]
+    args = ["calibrate", str(data), "-o", str(out), "--stages", "hash,llm", "--llm-sample", "90", *TARGETS]
+    scored = [r for r in sample_rows(load_labelled([data]), 90) if split_of(r.id) is not Split.TRAIN]
+    texts = {r.text for r in scored}
+    assert len(scored) == 180 and BANKED in texts and len(texts) < 180
 
-    # Before spending: the preview, and no call without a yes.
+    # Before spending: the preview (one call per distinct text), and no call without a yes.
     declined = CliRunner().invoke(app, args, input="n\n")
     assert declined.exit_code == 2 and "not confirmed: no llm call made" in declined.output
-    assert "180 items, 0 answered before; about 180 calls, expected cost $" in declined.output
+    assert f"180 items, 0 answered before; about {len(texts)} calls, expected cost $" in declined.output
     unattended = CliRunner().invoke(app, args)  # no stdin, as in a script
     assert unattended.exit_code == 2 and "pass --yes" in unattended.output
     assert server.state.request_count == 0 and not out.exists()
 
     ran = CliRunner().invoke(app, [*args, "--yes"])
     assert ran.exit_code == 0, ran.output
-    calls = server.state.request_count
-    assert calls == 180  # every sampled calibration and test item once; the keyword model needs no repair
+    assert server.state.request_count == len(texts)  # one call per distinct text; the keyword model needs no repair
     written = ThresholdSet.load(out)
     band = written.stages["llm"]["flagged"]
     assert 0 < band.allow_below <= band.block_at <= 1
-    llm = yaml.safe_load(out.read_text())["provenance"]["llm"]
+    prov = yaml.safe_load(out.read_text())["provenance"]
+    assert "llm" in prov["calibration_maps"]  # the band comes from the LLM's own scores, not set by hand
+    llm = prov["llm"]
     assert llm["backend"] == "chat" and llm["model"] == MODEL and llm["rows_per_split"] == 90
     assert llm["items"] == {"calibration": 90, "test": 90} and llm["errors"] == 0
-    assert llm["planned"]["calls"] == 180 and llm["planned"]["usd"] > 0
+    assert llm["planned"]["calls"] == len(texts) and llm["planned"]["usd"] > 0
     assert llm["spent_usd"] > 0 and llm["stage_version"].startswith(f"1+{MODEL}+prompt-")
     assert "local-key" not in out.read_text()
 
@@ -95,7 +105,7 @@ def test_calibrate_with_the_llm_stage_end_to_end(server: LocalLLMServer, tmp_pat
     again = CliRunner().invoke(app, [*args, "--yes", "--refresh-scores", "-o", str(tmp_path / "again.yaml")])
     assert again.exit_code == 0, again.output
     assert "180 answered before; about 0 calls, expected cost $0.0000" in again.output
-    assert server.state.request_count == calls
+    assert server.state.request_count == len(texts)
     rerun = yaml.safe_load((tmp_path / "again.yaml").read_text())["provenance"]["llm"]
     assert rerun["spent_usd"] == 0 and ThresholdSet.load(tmp_path / "again.yaml").stages["llm"] == written.stages["llm"]
 

@@ -218,7 +218,7 @@ def _confirm_llm_spend(
     sampled = sample_rows(rows, per_split) if per_split is not None else rows
     scored = [r for r in sampled if split_of(r.id) in (Split.CALIBRATION, Split.TEST)]
     plan = run.plan(admit(scored, settings)[1])
-    err.print(plan.describe(run.stage.primary.endpoint.model))
+    err.print(plan.describe(run.stage.primary.endpoint.model), soft_wrap=True)
     if plan.calls and not yes:
         try:
             agreed = typer.confirm("make these llm calls?", default=False, err=True)
