@@ -8,6 +8,9 @@ of OpenAI's moderation endpoint, Llama Guard and ShieldGemma. The chat backend h
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -311,3 +314,25 @@ async def test_concurrent_moderation_batches_are_all_answered(tmp_path: Path, se
         assert [r.scores["flagged"] > 0.5 for r in batch_results] == [bool(i % 2) for i in range(35)]
     assert all(len(r["input"]) <= 32 for r in server.state.requests)
     await stage.aclose()
+
+
+# --- operator errors -----------------------------------------------------------------------------
+
+
+def test_bad_llm_settings_are_one_line_each_and_exit_2(tmp_path: Path) -> None:
+    items = tmp_path / "items.jsonl"
+    items.write_text('{"id": "1", "text": "hello"}\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CASCADE_", "OPENAI_"))}
+    env |= {
+        "CASCADE_LLM_BACKEND": "guardian",
+        "CASCADE_LLM_FALLBACK": '{"backend": "chat", "api_key": "sk-leak-123456789"}',  # no model
+        "CASCADE_DATA_DIR": str(tmp_path),
+    }
+    cascade = Path(sys.executable).with_name("cascade")
+    command = [str(cascade), "moderate", str(items), "--stages", "llm"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2 and "setting llm_backend (CASCADE_LLM_BACKEND" in lines[0]
+    assert "setting llm_fallback.model (CASCADE_LLM_FALLBACK" in lines[1]
+    assert "sk-leak" not in done.stderr
