@@ -121,3 +121,30 @@ def test_calibrate_without_an_endpoint_asks_nothing(tmp_path: Path, monkeypatch:
     assert "expected cost" not in result.output and "make these llm calls" not in result.output
     # The unavailable stage sends everything to review: nothing to calibrate, said in one line.
     assert result.exit_code == 2 and "nothing to calibrate" in result.output
+
+
+def test_evaluate_live_reports_shadow_agreement(
+    server: LocalLLMServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with serve() as shadow:
+        route = {"backend": "guard", "model": "llama-guard3:1b", "base_url": shadow.base_url}
+        monkeypatch.setenv("CASCADE_LLM_SHADOW", json.dumps(route))
+        monkeypatch.setenv("CASCADE_LLM_SHADOW_SAMPLE", "1.0")
+        data = write_rows(tmp_path / "labelled.jsonl", 30)
+        bands = tmp_path / "bands.yaml"
+        ThresholdSet.model_validate(
+            {"version": "t", "stages": {"llm": {"flagged": {"allow_below": 0.5, "block_at": 0.5}}}}
+        ).dump(bands)
+        report = tmp_path / "report.json"
+        args = ["evaluate", str(data), "--live", "--stages", "llm", "--thresholds", str(bands), "--json", str(report)]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        agreement = json.loads(report.read_text())["llm_shadow_model"]
+        texts = {json.loads(line)["text"] for line in data.read_text().splitlines()}
+        # Every distinct text shadowed once (repeats are cache hits); the fake guard cites no code for
+        # insults ("idiot"), so those are the disagreements: flagged by the primary only.
+        insults = sum("idiot" in t for t in texts)
+        assert agreement["shadow"] == "shadow:guard:llama-guard3:1b" and agreement["shadowed"] == len(texts)
+        assert agreement["disagree"] == agreement["primary_only_flagged"] == insults > 0
+        assert agreement["agree"] == len(texts) - insults and shadow.state.request_count == len(texts)
+        assert f"{agreement['agreement_rate']:.1%}" in result.output and "shadow model" in result.output
