@@ -104,6 +104,16 @@ LLAMA_CPP_JSON_SCHEMA_500 = {
         "code": None,
     }
 }
+# What llama-cpp-python 0.3.x answers to a request with `logprobs` when the model was loaded
+# without `logits_all` (its default): a ValueError as HTTP 500.
+LLAMA_CPP_LOGPROBS_500 = {
+    "error": {
+        "message": "logprobs is not supported for models created with logits_all=False",
+        "type": "internal_server_error",
+        "param": None,
+        "code": None,
+    }
+}
 # A careless server's 500 whose message carries a Python traceback (never to reach a verdict).
 TRACEBACK_500 = {
     "error": {
@@ -130,6 +140,7 @@ class ServerState:
     script: deque[Mode] = field(default_factory=deque)
     reject_json_schema: bool = False
     reject_status: int = 500  # llama-cpp-python answers json_schema with 500; others with 400
+    reject_logprobs: bool = False  # llama-cpp-python without logits_all: 500 on any request for logprobs
     logprobs: bool = True
     verdict_probability: float = 0.9  # probability of the chosen true/false token
     slow_s: float = 1.0
@@ -341,6 +352,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(500, LLAMA_CPP_JSON_SCHEMA_500)
             else:
                 self._send(state.reject_status, {"error": {"message": "response_format json_schema is not supported"}})
+        elif state.reject_logprobs and body.get("logprobs"):
+            self._send(500, LLAMA_CPP_LOGPROBS_500)
         elif self._failed(mode, state):
             return
         else:

@@ -55,7 +55,7 @@ def settings_for(tmp_path: Path, server: LocalLLMServer, **overrides: Any) -> Se
         "data_dir": tmp_path,
         "llm_base_url": server.base_url,
         "llm_api_key": "local",
-        "llm_timeout_s": 0.5,
+        "llm_timeout_s": 5.0,  # generous: the machine is shared and loaded; no test here waits on it
         "llm_max_retries": 0,
         "llm_rate_per_s": 1000.0,
         "llm_rate_burst": 1000,
@@ -336,3 +336,12 @@ def test_bad_llm_settings_are_one_line_each_and_exit_2(tmp_path: Path) -> None:
     assert len(lines) == 2 and "setting llm_backend (CASCADE_LLM_BACKEND" in lines[0]
     assert "setting llm_fallback.model (CASCADE_LLM_FALLBACK" in lines[1]
     assert "sk-leak" not in done.stderr
+
+
+async def test_guard_learns_that_the_server_refuses_logprobs(tmp_path: Path, server: LocalLLMServer) -> None:
+    server.state.reject_logprobs = True
+    stage = make_stage(settings_for(tmp_path, server, llm_backend="guard", llm_model="llama-guard3:1b"))
+    violent, clean = await stage.score([ctx(VIOLENT)]), await stage.score([ctx(CLEAN)])
+    assert violent[0].details["score_source"] == "mapped" and violent[0].scores["violence"] == 0.95
+    assert violent[0].details["requests"] == 2 and clean[0].details["requests"] == 1
+    await stage.aclose()

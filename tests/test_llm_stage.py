@@ -524,3 +524,18 @@ def test_endpoint_settable_from_the_config_file_and_env_wins(tmp_path: Path, mon
     assert settings.llm_api_key is not None and settings.llm_api_key.get_secret_value() == "from-file"
     monkeypatch.setenv("OPENAI_BASE_URL", "http://from-env:2/v1")
     assert Settings().llm_base_url == "http://from-env:2/v1"
+
+
+async def test_a_server_refusing_logprobs_is_asked_without_them(tmp_path: Path, server: LocalLLMServer) -> None:
+    """llama-cpp-python's defaults: 500 on json_schema, 500 on logprobs; both learnt once, from the messages."""
+    server.state.reject_json_schema = True
+    server.state.reject_logprobs = True
+    stage = make_stage(make_settings(tmp_path, server))
+    (first,) = await stage.score([ctx(VIOLENT)])
+    assert first.error is None and first.details["requests"] == 3
+    assert first.details["score_source"] == "mapped" and first.scores["violence"] == 0.95
+    (second,) = await stage.score([ctx(CLEAN)])
+    assert second.error is None and second.details["requests"] == 1
+    sent = [(r["response_format"]["type"], bool(r.get("logprobs"))) for r in server.state.requests]
+    assert sent == [("json_schema", True), ("json_object", True), ("json_object", False), ("json_object", False)]
+    await stage.aclose()

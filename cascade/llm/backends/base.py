@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -30,7 +31,10 @@ from cascade.stages.base import ItemContext
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 BACKENDS_FILE = "backends.yaml"
+TOP_LOGPROBS = 5
 ERROR_CHARS = 200
 _KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_\-*]{6,}")
 # Words a server uses when it refuses the requested structured-output mode (llama-cpp-python:
@@ -85,6 +89,14 @@ def rejects_structured_output(exc: openai.OpenAIError) -> bool:
         return False
     message = server_message(exc).lower()
     return any(word in message for word in _FORMAT_WORDS)
+
+
+def rejects_logprobs(exc: openai.OpenAIError) -> bool:
+    """Did the server refuse to return logprobs? (llama-cpp-python without `logits_all`: HTTP 500
+    "logprobs is not supported for models created with logits_all=False"; others 400.)"""
+    if not isinstance(exc, openai.APIStatusError) or exc.status_code not in (400, 422, 500, 501):
+        return False
+    return "logprobs" in server_message(exc).lower()
 
 
 @dataclass
@@ -155,6 +167,7 @@ class Backend(ABC):
         """Expected dollars for one item (before any call), for the calibration's cost preview."""
 
     requests_per_item: float = 1.0
+    logprobs: bool = False  # ask for token logprobs; turned off for good when the server refuses them
 
     async def judge(self, conn: Connection, ctx: ItemContext) -> Adjudication:
         outcome = Adjudication(
@@ -180,6 +193,31 @@ class Backend(ABC):
         """One HTTP request (counted in the item's details, whether or not it succeeds)."""
         outcome.details["requests"] += 1
         return await conn.send(request)
+
+    async def send_asking_logprobs(
+        self,
+        conn: Connection,
+        outcome: Adjudication,
+        request: Callable[[dict[str, Any]], Callable[[AsyncOpenAI], Awaitable[T]]],
+    ) -> T:
+        """`send`, with `logprobs` in the request while the server takes them.
+
+        A refusal (found from the status and the message, see `rejects_logprobs`) is learnt once:
+        the request goes again without them, and so do all later ones (scores are then mapped).
+        """
+        while True:
+            extra: dict[str, Any] = {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if self.logprobs else {}
+            try:
+                return await self.send(conn, outcome, request(extra))
+            except openai.APIStatusError as exc:
+                if not extra or not rejects_logprobs(exc):
+                    raise
+                if self.logprobs:  # concurrent requests may have learnt it already
+                    self.logprobs = False
+                    log.warning(
+                        "llm server refused logprobs (%s); asking without them from now on",
+                        redact(describe_error(exc), self._secret),
+                    )
 
     def record_usage(self, outcome: Adjudication, usage: CompletionUsage | None, served_by: str) -> None:
         outcome.details["served_by"] = served_by

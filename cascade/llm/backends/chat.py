@@ -40,7 +40,6 @@ from cascade.stages.base import ItemContext
 
 log = logging.getLogger(__name__)
 
-TOP_LOGPROBS = 5
 _STAGE_REVISION = "1"
 EXPECTED_COMPLETION_TOKENS = 200
 
@@ -154,18 +153,19 @@ class ChatBackend(Backend):
             response_format = {"type": "json_object", "schema": self.prompt.schema}
         else:
             response_format = {"type": "json_object"}
-        extra: dict[str, Any] = {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if self.logprobs else {}
         outcome.details["response_format"] = fmt.value
-        return await self.send(
+        return await self.send_asking_logprobs(
             conn,
             outcome,
-            lambda client: client.chat.completions.create(
-                model=self.model,
-                messages=messages,  # type: ignore[arg-type]
-                response_format=response_format,  # type: ignore[arg-type]
-                temperature=0,
-                max_completion_tokens=self.max_output_tokens,
-                **extra,
+            lambda extra: (
+                lambda client: client.chat.completions.create(
+                    model=self.model,
+                    messages=messages,  # type: ignore[arg-type]
+                    response_format=response_format,  # type: ignore[arg-type]
+                    temperature=0,
+                    max_completion_tokens=self.max_output_tokens,
+                    **extra,
+                )
             ),
         )
 

@@ -34,7 +34,6 @@ from cascade.llm.verdict import NOT_VIOLATING_SCORE, SEVERITY_SCORE, InvalidOutp
 from cascade.settings import GuardFormat
 from cascade.stages.base import ItemContext
 
-TOP_LOGPROBS = 5
 MAX_ANSWER_TOKENS = {"llama_guard": 20, "shieldgemma": 4}
 CATEGORICAL = {True: SEVERITY_SCORE["high"], False: NOT_VIOLATING_SCORE}
 _CODE = re.compile(r"S\d{1,2}")
@@ -153,16 +152,17 @@ class GuardBackend(Backend):
             await self._llama_guard(conn, ctx, outcome)
 
     async def _ask(self, conn: Connection, messages: list[dict[str, str]], outcome: Adjudication) -> ChatCompletion:
-        extra: dict[str, Any] = {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if self.logprobs else {}
-        completion: ChatCompletion = await self.send(
+        completion: ChatCompletion = await self.send_asking_logprobs(
             conn,
             outcome,
-            lambda client: client.chat.completions.create(
-                model=self.model,
-                messages=messages,  # type: ignore[arg-type]
-                temperature=0,
-                max_completion_tokens=MAX_ANSWER_TOKENS[self.format],
-                **extra,
+            lambda extra: (
+                lambda client: client.chat.completions.create(
+                    model=self.model,
+                    messages=messages,  # type: ignore[arg-type]
+                    temperature=0,
+                    max_completion_tokens=MAX_ANSWER_TOKENS[self.format],
+                    **extra,
+                )
             ),
         )
         self.record_usage(outcome, completion.usage, completion.model)

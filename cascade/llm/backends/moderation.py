@@ -25,6 +25,7 @@ from cascade.stages.base import ItemContext
 BATCH_SIZE = 32
 
 _Scores = dict[str, float]
+_Answer = asyncio.Future[tuple[_Scores, str, int]]  # scores, the model that served them, the request's size
 
 
 class ModerationBackend(Backend):
@@ -43,7 +44,7 @@ class ModerationBackend(Backend):
         self.max_text_chars = max_text_chars
         digest = hashlib.sha256(json.dumps(self.mapping, sort_keys=True).encode()).hexdigest()[:12]
         self._identity = f"moderation+{model}+map-{digest}"
-        self._pending: list[tuple[str, asyncio.Future[tuple[_Scores, str, int]]]] = []
+        self._pending: list[tuple[str, _Answer]] = []
         self._flushes: set[asyncio.Task[None]] = set()  # held so the loop cannot drop a running flush
 
     @property
@@ -67,7 +68,7 @@ class ModerationBackend(Backend):
 
     async def _batched(self, conn: Connection, text: str) -> tuple[_Scores, str, int]:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[_Scores, str, int]] = loop.create_future()
+        future: _Answer = loop.create_future()
         self._pending.append((text, future))
         if len(self._pending) == 1:  # the first of this turn schedules the flush after the others joined
             loop.call_soon(self._start_flush, conn)
@@ -84,9 +85,7 @@ class ModerationBackend(Backend):
             *(self._request(conn, pending[i : i + BATCH_SIZE]) for i in range(0, len(pending), BATCH_SIZE))
         )
 
-    async def _request(
-        self, conn: Connection, chunk: list[tuple[str, asyncio.Future[tuple[_Scores, str, int]]]]
-    ) -> None:
+    async def _request(self, conn: Connection, chunk: list[tuple[str, _Answer]]) -> None:
         try:
             response = await conn.send(
                 lambda client: client.moderations.create(model=self.model, input=[text for text, _ in chunk])
@@ -95,6 +94,9 @@ class ModerationBackend(Backend):
             if len(results) != len(chunk):
                 raise InvalidOutput(f"the endpoint returned {len(results)} results for {len(chunk)} inputs")
             parsed = [_endpoint_scores(result.model_dump(by_alias=True, warnings=False)) for result in results]
+            for (_, future), scores in zip(chunk, parsed, strict=True):
+                if not future.done():
+                    future.set_result((scores, response.model, len(chunk)))
         except BaseException as exc:  # every item of the request shares the failure; judge() describes it
             for _, future in chunk:
                 if future.done():
@@ -105,10 +107,6 @@ class ModerationBackend(Backend):
                     future.cancel()
             if not isinstance(exc, Exception):
                 raise
-            return
-        for (_, future), scores in zip(chunk, parsed, strict=True):
-            if not future.done():
-                future.set_result((scores, response.model, len(chunk)))
 
 
 def _endpoint_scores(result: Mapping[str, Any]) -> _Scores:
