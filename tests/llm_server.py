@@ -90,22 +90,26 @@ MODERATION_SCORES = {
     "spam": {"illicit": 0.62},
 }
 BASELINE_SCORE = 0.0004
-# What llama-cpp-python 0.3.x answers to `response_format: {"type": "json_schema", ...}` (HTTP 500):
-# the pydantic validation error of its request model, as recorded from the real server.
+# What llama-cpp-python 0.3.36 answers to `response_format: {"type": "json_schema", ...}`: HTTP 500,
+# recorded from the real server (`python -m llama_cpp.server`, 2026-11-30; only the path shortened):
+# the request validation error, then a traceback frame.
 LLAMA_CPP_JSON_SCHEMA_500 = {
     "error": {
         "message": (
-            "1 validation error for CreateChatCompletionRequest\nresponse_format.type\n"
-            "  Input should be 'text' or 'json_object' [type=literal_error, input_value='json_schema', "
-            "input_type=str]\n    For further information visit https://errors.pydantic.dev/2.12/v/literal_error"
+            "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
+            "'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema', "
+            "'ctx': {'expected': \"'text' or 'json_object'\"}}\n\n"
+            '  File "/srv/.venv/lib/python3.11/site-packages/llama_cpp/server/app.py", line 376, '
+            "in create_chat_completion\n    POST /v1/chat/completions"
         ),
         "type": "internal_server_error",
         "param": None,
         "code": None,
     }
 }
-# What llama-cpp-python 0.3.x answers to a request with `logprobs` when the model was loaded
-# without `logits_all` (its default): a ValueError as HTTP 500.
+# A server that refuses logprobs: llama-cpp-python raises this ValueError (as HTTP 500) for
+# `logprobs` on a model loaded without `logits_all` in its text-completion path (0.3.36's chat
+# endpoint did return logprobs here).
 LLAMA_CPP_LOGPROBS_500 = {
     "error": {
         "message": "logprobs is not supported for models created with logits_all=False",
@@ -140,7 +144,7 @@ class ServerState:
     script: deque[Mode] = field(default_factory=deque)
     reject_json_schema: bool = False
     reject_status: int = 500  # llama-cpp-python answers json_schema with 500; others with 400
-    reject_logprobs: bool = False  # llama-cpp-python without logits_all: 500 on any request for logprobs
+    reject_logprobs: bool = False  # 500 "logprobs is not supported ..." on any request for logprobs
     logprobs: bool = True
     verdict_probability: float = 0.9  # probability of the chosen true/false token
     slow_s: float = 1.0

@@ -14,11 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 from llm_server import HIJACK_JSON, HIJACK_PLAIN, LocalLLMServer, Mode, judged_text, serve
 
 from cascade.assembly import build_runner, build_stages
 from cascade.contract import ContentItem, Decision, Verdict
+from cascade.llm.backends.base import describe_error, rejects_structured_output
 from cascade.llm.prompt import select_examples
 from cascade.llm.resilience import BreakerState, CircuitBreaker, RollingBudget, TokenBucket
 from cascade.llm.verdict import (
@@ -539,3 +541,19 @@ async def test_a_server_refusing_logprobs_is_asked_without_them(tmp_path: Path, 
     sent = [(r["response_format"]["type"], bool(r.get("logprobs"))) for r in server.state.requests]
     assert sent == [("json_schema", True), ("json_object", True), ("json_object", False), ("json_object", False)]
     await stage.aclose()
+
+
+def test_llama_cpp_refusal_is_recognised_and_summarised_without_its_frame(server: LocalLLMServer) -> None:
+    """The recorded llama-cpp-python 500, through the real client: a refusal of the format, told in one line."""
+    server.state.reject_json_schema = True
+    client = openai.OpenAI(base_url=server.base_url, api_key="local", max_retries=0)
+    response_format: Any = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    with pytest.raises(openai.InternalServerError) as raised:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], response_format=response_format
+        )
+    summary = describe_error(raised.value)
+    assert rejects_structured_output(raised.value)
+    assert summary.startswith("llm endpoint answered HTTP 500: 1 validation error:; {'type': 'literal_error'")
+    assert "File " not in summary and "POST /v1" not in summary and "app.py" not in summary
+    assert len(summary) <= len("llm endpoint answered HTTP 500: ") + 200

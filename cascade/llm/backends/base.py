@@ -39,7 +39,7 @@ ERROR_CHARS = 200
 _KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_\-*]{6,}")
 # Words a server uses when it refuses the requested structured-output mode (llama-cpp-python:
 # HTTP 500 "Input should be 'text' or 'json_object'"; others 400 "response_format ... not supported").
-_NOISE = ("File ", "For further information")
+_NOISE = ("For further information",)
 _FORMAT_WORDS = ("response_format", "json_schema", "json_object", "structured output", "guided_json", "grammar")
 
 
@@ -61,11 +61,26 @@ def server_message(exc: openai.APIStatusError) -> str:
         body = inner.get("message") or inner.get("detail") if isinstance(inner, Mapping) else inner
     text = body if isinstance(body, str) else json.dumps(body) if body is not None else exc.message
     head, _, trace = text.partition("Traceback (most recent call last)")
-    lines = [line.strip() for line in head.splitlines() if line.strip() and not line.strip().startswith(_NOISE)]
+    lines = _without_frames(head)
     if not lines and trace:  # only a traceback: its last line names the exception
-        lines = [line.strip() for line in trace.splitlines() if line.strip()][-1:]
+        lines = _without_frames(trace)[-1:]
     summary = "; ".join(lines) or f"HTTP {exc.status_code} without a message"
     return summary if len(summary) <= ERROR_CHARS else summary[: ERROR_CHARS - 1] + "…"
+
+
+def _without_frames(text: str) -> list[str]:
+    """The non-blank lines of a message, without traceback frames (`File ...` and its source line)."""
+    kept: list[str] = []
+    in_frame = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("File "):
+            in_frame = True
+        elif in_frame:
+            in_frame = False  # the frame's source line
+        elif line and not line.startswith(_NOISE):
+            kept.append(line)
+    return kept
 
 
 def describe_error(exc: openai.OpenAIError) -> str:
