@@ -66,6 +66,7 @@ def settings_for(model: LocalModel, tmp_path: Path, **overrides: Any) -> Setting
         "llm_max_retries": 0,
         "llm_concurrency": 1,
         "llm_max_output_tokens": 400,
+        "llm_logprobs": False,  # as `make run LLM=local`: llama-cpp-python's logprobs are slow (docs/llm.md)
     }
     return Settings(**(values | overrides))
 
@@ -110,7 +111,7 @@ async def test_chat_backend_detects_json_mode_and_keeps_a_cost_ledger(llama: Loc
 
 async def test_guard_backend_answers_or_escalates_cleanly(llama: LocalModel, tmp_path: Path) -> None:
     """SmolLM2 is no guard model: whatever it says must parse as `safe`/`unsafe` or escalate."""
-    stage = make_stage(settings_for(llama, tmp_path, llm_backend="guard"))
+    stage = make_stage(settings_for(llama, tmp_path, llm_backend="guard", llm_logprobs=True))
     runner = CascadeRunner([stage], BANDS, stage.policy_version)
     verdicts = await runner.run([new_context(ContentItem(id=str(i), text=t)) for i, t in enumerate(TEXTS)])
     for verdict in verdicts:

@@ -557,3 +557,13 @@ def test_llama_cpp_refusal_is_recognised_and_summarised_without_its_frame(server
     assert summary.startswith("llm endpoint answered HTTP 500: 1 validation error:; {'type': 'literal_error'")
     assert "File " not in summary and "POST /v1" not in summary and "app.py" not in summary
     assert len(summary) <= len("llm endpoint answered HTTP 500: ") + 200
+
+
+async def test_items_waiting_for_a_slot_use_the_format_learnt_meanwhile(tmp_path: Path, server: LocalLLMServer) -> None:
+    """One refusal for a whole batch: the mode is chosen when a request leaves, not when it queues."""
+    server.state.reject_json_schema = True
+    stage = make_stage(make_settings(tmp_path, server, llm_concurrency=1))
+    results = await stage.score([ctx(f"queued item {i}") for i in range(4)])
+    assert all(r.error is None for r in results)
+    assert [r["response_format"]["type"] for r in server.state.requests] == ["json_schema"] + ["json_object"] * 4
+    await stage.aclose()

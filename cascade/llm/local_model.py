@@ -8,9 +8,8 @@ shapes, its JSON mode) end to end. Run a command against it with
 
     python -m cascade.llm.local_model -- cascade moderate items.jsonl --stages hash,llm
 
-which starts the server, waits until it answers, runs the command with `OPENAI_BASE_URL`,
-`OPENAI_API_KEY`, `CASCADE_LLM_MODEL` and a zero price set, stops the server and exits with the
-command's status.
+which starts the server, waits until it answers, runs the command pointed at it (the settings
+of `LocalModel.environment`), stops the server and exits with the command's status.
 """
 
 from __future__ import annotations
@@ -64,12 +63,18 @@ class LocalModel:
     process: subprocess.Popen[bytes]
 
     def environment(self) -> dict[str, str]:
-        """The settings that point the LLM stage at this server (a local model costs nothing)."""
+        """The settings that point the LLM stage at this server.
+
+        A local model costs nothing. Logprobs are off: llama-cpp-python computes them in Python
+        over the whole vocabulary for every generated token, which made a verdict several times
+        slower here (docs/llm.md); scores are then mapped from the verdict.
+        """
         return {
             "OPENAI_BASE_URL": self.base_url,
             "OPENAI_API_KEY": "local",
             "CASCADE_LLM_MODEL": self.model,
             "CASCADE_LLM_PRICES": json.dumps({self.model: {"input": 0, "output": 0}}),
+            "CASCADE_LLM_LOGPROBS": "false",
         }
 
 

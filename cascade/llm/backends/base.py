@@ -220,12 +220,18 @@ class Backend(ABC):
         A refusal (found from the status and the message, see `rejects_logprobs`) is learnt once:
         the request goes again without them, and so do all later ones (scores are then mapped).
         """
-        while True:
+        asked: list[bool] = []  # whether each attempt asked for logprobs, decided when it leaves (after its slot)
+
+        def call(client: AsyncOpenAI) -> Awaitable[T]:
+            asked.append(self.logprobs)
             extra: dict[str, Any] = {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if self.logprobs else {}
+            return request(extra)(client)
+
+        while True:
             try:
-                return await self.send(conn, outcome, request(extra))
+                return await self.send(conn, outcome, call)
             except openai.APIStatusError as exc:
-                if not extra or not rejects_logprobs(exc):
+                if not (asked and asked[-1]) or not rejects_logprobs(exc):
                     raise
                 if self.logprobs:  # concurrent requests may have learnt it already
                     self.logprobs = False

@@ -11,11 +11,13 @@ review), never a guess.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 import openai
+from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletion
 
 from cascade.llm.backends.base import (
@@ -122,10 +124,11 @@ class ChatBackend(Backend):
 
     async def _complete(self, conn: Connection, messages: list[dict[str, str]], outcome: Adjudication) -> _Reply:
         while True:
-            requested = self.response_format
+            sent: list[ResponseFormat] = []
             try:
-                completion = await self._create(conn, messages, requested, outcome)
+                completion = await self._create(conn, messages, outcome, sent)
             except openai.APIStatusError as rejected:
+                requested = sent[-1] if sent else self.response_format
                 weaker = FORMAT_LADDER.index(requested) + 1
                 if weaker == len(FORMAT_LADDER) or not rejects_structured_output(rejected):
                     raise
@@ -140,34 +143,38 @@ class ChatBackend(Backend):
                 continue
             return self._reply(completion, outcome)
 
-    async def _create(
-        self, conn: Connection, messages: list[dict[str, str]], fmt: ResponseFormat, outcome: Adjudication
-    ) -> ChatCompletion:
-        response_format: dict[str, Any]
+    def _response_format(self, fmt: ResponseFormat) -> dict[str, Any]:
         if fmt is ResponseFormat.JSON_SCHEMA:
-            response_format = {
+            return {
                 "type": "json_schema",
                 "json_schema": {"name": "moderation_verdict", "strict": True, "schema": self.prompt.schema},
             }
-        elif fmt is ResponseFormat.JSON_OBJECT_SCHEMA:
-            response_format = {"type": "json_object", "schema": self.prompt.schema}
-        else:
-            response_format = {"type": "json_object"}
-        outcome.details["response_format"] = fmt.value
-        return await self.send_asking_logprobs(
-            conn,
-            outcome,
-            lambda extra: (
-                lambda client: client.chat.completions.create(
+        if fmt is ResponseFormat.JSON_OBJECT_SCHEMA:
+            return {"type": "json_object", "schema": self.prompt.schema}
+        return {"type": "json_object"}
+
+    async def _create(
+        self, conn: Connection, messages: list[dict[str, str]], outcome: Adjudication, sent: list[ResponseFormat]
+    ) -> ChatCompletion:
+        """One request in the mode known best *when it leaves* (after waiting for a slot), noted in `sent`."""
+
+        def request(extra: dict[str, Any]) -> Callable[[AsyncOpenAI], Awaitable[ChatCompletion]]:
+            def call(client: AsyncOpenAI) -> Awaitable[ChatCompletion]:
+                fmt = self.response_format
+                sent.append(fmt)
+                outcome.details["response_format"] = fmt.value
+                return client.chat.completions.create(
                     model=self.model,
                     messages=messages,  # type: ignore[arg-type]
-                    response_format=response_format,  # type: ignore[arg-type]
+                    response_format=self._response_format(fmt),  # type: ignore[arg-type]
                     temperature=0,
                     max_completion_tokens=self.max_output_tokens,
                     **extra,
                 )
-            ),
-        )
+
+            return call
+
+        return await self.send_asking_logprobs(conn, outcome, request)
 
     def _reply(self, completion: ChatCompletion, outcome: Adjudication) -> _Reply:
         self.record_usage(outcome, completion.usage, completion.model)
