@@ -230,7 +230,10 @@ async def test_server_without_json_schema_falls_back_to_json_mode_once(
     assert second.error is None and second.details["requests"] == 1  # remembered: no second probe
     formats = [r["response_format"]["type"] for r in server.state.requests]
     assert formats == ["json_schema", "json_object", "json_object"]
-    assert server.state.requests[1]["response_format"]["schema"] == stage.primary.backend.prompt.schema
+    grammar = server.state.requests[1]["response_format"]["schema"]
+    assert grammar["properties"]["rationale"]["maxLength"] == 300  # bounded where a grammar enforces it
+    assert grammar["properties"]["categories"] == stage.primary.backend.prompt.schema["properties"]["categories"]
+    assert "maxLength" not in json.dumps(server.state.requests[0]["response_format"])  # strict mode refuses it
     await stage.aclose()
 
 

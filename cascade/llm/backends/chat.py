@@ -10,6 +10,7 @@ review), never a guess.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 _STAGE_REVISION = "1"
 EXPECTED_COMPLETION_TOKENS = 200
+RATIONALE_MAX_CHARS = 300  # the prompt asks for at most 40 words
 
 
 class ResponseFormat(StrEnum):
@@ -80,6 +82,10 @@ class ChatBackend(Backend):
         self.logprobs = logprobs
         self.max_output_tokens = max_output_tokens
         self.response_format = ResponseFormat.JSON_SCHEMA
+        # Servers that compile the schema into a grammar (llama.cpp) also bound the rationale, so a
+        # small model cannot ramble past max_output_tokens; strict json_schema (OpenAI) refuses maxLength.
+        self._grammar_schema = copy.deepcopy(prompt.schema)
+        self._grammar_schema["properties"]["rationale"]["maxLength"] = RATIONALE_MAX_CHARS
 
     @property
     def identity(self) -> str:
@@ -150,7 +156,7 @@ class ChatBackend(Backend):
                 "json_schema": {"name": "moderation_verdict", "strict": True, "schema": self.prompt.schema},
             }
         if fmt is ResponseFormat.JSON_OBJECT_SCHEMA:
-            return {"type": "json_object", "schema": self.prompt.schema}
+            return {"type": "json_object", "schema": self._grammar_schema}
         return {"type": "json_object"}
 
     async def _create(
