@@ -155,6 +155,7 @@ async def test_llama_guard_with_logprobs(tmp_path: Path, server: LocalLLMServer)
     request = server.state.requests[0]
     assert request["messages"] == [{"role": "user", "content": HATEFUL}] and request["logprobs"] is True
     assert "response_format" not in request
+    assert request["max_tokens"] == 20  # the field every guard server honours (llama-cpp-python ignores the other)
     await stage.aclose()
 
 

@@ -160,7 +160,7 @@ class GuardBackend(Backend):
                     model=self.model,
                     messages=messages,  # type: ignore[arg-type]
                     temperature=0,
-                    max_completion_tokens=MAX_ANSWER_TOKENS[self.format],
+                    max_tokens=MAX_ANSWER_TOKENS[self.format],  # llama-cpp-python ignores max_completion_tokens
                     **extra,
                 )
             ),
