@@ -234,6 +234,7 @@ async def test_server_without_json_schema_falls_back_to_json_mode_once(
     assert grammar["properties"]["rationale"]["maxLength"] == 300  # bounded where a grammar enforces it
     assert grammar["properties"]["categories"] == stage.primary.backend.prompt.schema["properties"]["categories"]
     assert "maxLength" not in json.dumps(server.state.requests[0]["response_format"])  # strict mode refuses it
+    assert server.state.requests[0]["max_completion_tokens"] == server.state.requests[1]["max_tokens"] == 800
     await stage.aclose()
 
 

@@ -169,12 +169,15 @@ class ChatBackend(Backend):
                 fmt = self.response_format
                 sent.append(fmt)
                 outcome.details["response_format"] = fmt.value
+                # A server that refused json_schema is not OpenAI's: it may know only `max_tokens`
+                # (llama-cpp-python ignores `max_completion_tokens`, which OpenAI's newer models require).
+                limit = "max_completion_tokens" if fmt is ResponseFormat.JSON_SCHEMA else "max_tokens"
                 return client.chat.completions.create(
                     model=self.model,
                     messages=messages,  # type: ignore[arg-type]
                     response_format=self._response_format(fmt),  # type: ignore[arg-type]
                     temperature=0,
-                    max_completion_tokens=self.max_output_tokens,
+                    **{limit: self.max_output_tokens},
                     **extra,
                 )
 
