@@ -3,7 +3,7 @@
 # cascade stage-worker image. Two stages:
 #   builder  installs the `train` extra (CPU torch) only to export MiniLM to ONNX once;
 #   runtime  carries the serving dependencies (onnxruntime, tokenizers, faust, ...) and no torch.
-# Baked in: the code, the ONNX embedding models, the classifier (models/default), the default
+# Baked in: the code, the ONNX embedding models, the classifier (cascade/defaults/models/default), the default
 # thresholds and the policy. Kubernetes mounts ConfigMaps over /opt/cascade/thresholds and
 # /opt/cascade/policies (see docs/deploy.md). Runtime state goes to CASCADE_DATA_DIR, a volume.
 
@@ -57,9 +57,9 @@ RUN python -m venv /opt/venv \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /var/lib/cascade cascade \
     && install -d -o 10001 -g 10001 /var/lib/cascade
 COPY --from=builder /build/data/models /opt/cascade/embeddings
-COPY thresholds /opt/cascade/thresholds
+COPY cascade/defaults/thresholds /opt/cascade/thresholds
 COPY cascade/policies /opt/cascade/policies
-COPY models /opt/cascade/models
+COPY cascade/defaults/models /opt/cascade/models
 USER 10001:10001
 WORKDIR /var/lib/cascade
 # Worker health, readiness and metrics (CASCADE_HEALTH_PORT).

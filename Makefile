@@ -8,7 +8,7 @@ SAMPLE_SIZE ?= 2000
 export CASCADE_DATA_DIR ?= .cascade
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install system-packages banks run test test-llm lint format clean
+.PHONY: install system-packages banks run review test test-llm lint format clean
 
 # torch comes first and pinned: the CPU wheel on local disk (a bare `torch` pulls a CUDA build).
 $(STAMP): pyproject.toml
@@ -54,6 +54,10 @@ LOCAL_LLM := $(if $(filter local,$(LLM)),$(BIN)/python -m cascade.llm.local_mode
 run: $(BANKS_STAMP) $(if $(filter local,$(LLM)),$(LLAMA_STAMP))
 	$(BIN)/cascade sample $(DATA_FILES) --split test -n $(SAMPLE_SIZE) -o $(CASCADE_DATA_DIR)/sample.jsonl
 	$(LOCAL_LLM) $(BIN)/cascade run --publish $(CASCADE_DATA_DIR)/sample.jsonl --until-drained
+
+# The human review page on what `make run` left in review (same CASCADE_DATA_DIR); Ctrl-C stops it.
+review: $(STAMP)
+	$(BIN)/cascade review serve
 
 lint: install
 	$(BIN)/ruff check .

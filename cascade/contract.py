@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = "1"
+MAX_ID_CHARS = 512
 
 
 def utc_now() -> datetime:
@@ -53,7 +54,9 @@ class ContentItem(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str = Field(min_length=1, max_length=512, description="Platform id of the item; verdicts are keyed by it.")
+    id: str = Field(
+        min_length=1, max_length=MAX_ID_CHARS, description="Platform id of the item; verdicts are keyed by it."
+    )
     text: str = Field(min_length=1, description="The content to moderate (UTF-8).")
     lang: str | None = Field(default=None, max_length=35, description="BCP-47 language tag, if known.")
     author_id: str | None = Field(default=None, max_length=512)
@@ -108,6 +111,55 @@ class Verdict(BaseModel):
     thresholds_version: str
     processed_at: datetime = Field(default_factory=utc_now)
     shadow: ShadowDecision | None = Field(default=None, description="Decision under shadow thresholds; never acted on.")
+    item: ContentItem | None = Field(
+        default=None, description="The item judged: what human review, appeals and audits show."
+    )
+    evidence: dict[str, Any] | None = Field(
+        default=None, description="Evidence gathered on the way (retrieval neighbours), on review verdicts only."
+    )
+
+
+HUMAN = "human"  # `decided_by` of a verdict a reviewer made (cascade.review)
+
+
+class AppealOutcome(StrEnum):
+    UPHELD = "upheld"
+    OVERTURNED = "overturned"
+
+
+class ReviewDecision(BaseModel):
+    """A reviewer's decision on one item, published on `moderation.decisions` keyed by item id.
+
+    The same outcome also goes to `moderation.verdicts.allow|block` as a Verdict with
+    `decided_by: "human"`, which supersedes the cascade's `review` (or appealed `block`) verdict.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    decision_id: str = Field(description="Unique per decision; consumers dedupe redeliveries by it.")
+    id: str = Field(description="The item id (also the message key).")
+    decision: Literal["allow", "block"]
+    categories: list[str] = Field(default_factory=list, description="Policy categories violated (block only).")
+    reviewer: str
+    decided_at: datetime
+    policy_version: str
+    appeal: bool = Field(default=False, description="True when this decides an appeal.")
+    appeal_outcome: AppealOutcome | None = Field(default=None, description="Upheld or overturned, for appeals.")
+    audit: bool = Field(default=False, description="True when this decides an audit sample (moderation.audit).")
+    settles: Verdict = Field(description="The cascade (or earlier human) verdict this decision settles.")
+
+
+class Appeal(BaseModel):
+    """An appeal against a block, read from `moderation.appeals` (key: item id)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    id: str = Field(min_length=1, max_length=512, description="The id of the blocked item.")
+    reason: str = Field(min_length=1, max_length=4000)
+    author: str | None = Field(default=None, max_length=512, description="Who appeals (e.g. the item's author).")
+    appealed_at: datetime = Field(default_factory=utc_now)
 
 
 class DeadLetterCode(StrEnum):
@@ -123,6 +175,10 @@ class DeadLetterCode(StrEnum):
     INVALID_TEXT = "invalid_text"
     INVALID_VALUE = "invalid_value"
     PROCESSING_ERROR = "processing_error"
+    # An item whose output (verdict or escalation record) the broker cannot take: too large, or
+    # refused for another permanent reason (invalid topic, authorization).
+    OUTPUT_TOO_LARGE = "output_too_large"
+    OUTPUT_REFUSED = "output_refused"
 
 
 class DeadLetter(BaseModel):
@@ -134,6 +190,9 @@ class DeadLetter(BaseModel):
     payload: str = Field(description="The raw payload: UTF-8 text, or base64 when it was not valid UTF-8.")
     payload_encoding: Literal["utf-8", "base64"]
     payload_truncated: bool = Field(default=False, description="True when only a prefix of a huge payload is kept.")
+    payload_bytes: int | None = Field(
+        default=None, ge=0, description="Size of the original payload in bytes, before any truncation."
+    )
     id: str | None = Field(default=None, description="The item id, when one could be read.")
     source: str | None = Field(
         default=None, description="Where it came from, e.g. 'file.jsonl:17' or 'topic[p]@offset'."
@@ -145,6 +204,8 @@ CONTRACT_MODELS: dict[str, type[BaseModel]] = {
     "content_item": ContentItem,
     "verdict": Verdict,
     "dead_letter": DeadLetter,
+    "review_decision": ReviewDecision,
+    "appeal": Appeal,
 }
 
 

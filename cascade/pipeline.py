@@ -190,6 +190,8 @@ class CascadeRunner:
             policy_version=self.policy_version,
             thresholds_version=self.thresholds.version,
             shadow=self._shadow(ctx.trace),
+            item=ctx.item,  # reviewers, appeals and audits show what was judged
+            evidence=(ctx.evidence or None) if decision is Decision.REVIEW else None,
         )
 
     def _shadow(self, trace: Sequence[TraceEntry]) -> ShadowDecision | None:

@@ -102,3 +102,28 @@ def cost_f1_frontier(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def drift_histograms(moved: Sequence[Mapping[str, object]], path: Path) -> Path | None:
+    """For each moved stage × category, live score shares per reference decile against the reference's."""
+    if not moved:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(moved), 1, figsize=(7, 2.6 * len(moved)), squeeze=False)
+    for ax, entry in zip(axes[:, 0], moved, strict=True):
+        reference = np.asarray(entry["reference_bin_shares"], dtype=float)
+        live = np.asarray(entry["bin_shares"], dtype=float)
+        x = np.arange(reference.size)
+        ax.bar(x - 0.2, reference, width=0.4, label="calibration reference")
+        ax.bar(x + 0.2, live, width=0.4, label=f"live (n={entry['scored']})")
+        ax.set(
+            title=f"{entry['stage']} / {entry['category']}: PSI {float(entry['psi']):.2f}",  # type: ignore[arg-type]
+            xlabel="reference score decile",
+            ylabel="share of scores",
+            xticks=x,
+        )
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -19,6 +19,7 @@ from cascade.bench.config import BenchConfig
 from cascade.bench.measure import Row, cascade_breakdown, measured, not_available
 from cascade.contract import ContentItem, Verdict
 from cascade.settings import Settings
+from cascade.stream.topics import Topics
 
 STREAM_ROW = "stream_broker"
 WARM_UP_ITEMS = 8
@@ -46,15 +47,13 @@ def _lines(items: Sequence[ContentItem], tag: str) -> list[bytes]:
 
 
 async def _round(
-    url: str, items: Sequence[ContentItem], tag: str, alive: Callable[[], bool], timeout_s: float
+    url: str, topics: Topics, items: Sequence[ContentItem], tag: str, alive: Callable[[], bool], timeout_s: float
 ) -> tuple[float, list[Verdict]]:
     from cascade.stream.client import publish
     from cascade.stream.local import collect
-    from cascade.stream.topics import Topics
 
-    topics = Topics()
     started = datetime.now(UTC)
-    published = await publish(url, topics.content, _lines(items, tag))
+    published = await publish(url, topics, _lines(items, tag))
     outcomes = await collect(url, topics, published, timeout_s=timeout_s, alive=alive)
     ours = [outcomes.verdicts[p.item_id] for p in published if p.item_id in outcomes.verdicts]
     if len(ours) != len(items):
@@ -73,48 +72,35 @@ def measure_stream(
 ) -> Row:
     label = f"cascade through the embedded broker (1 worker: {', '.join(stage_names)})"
     try:
-        from cascade.stream.broker import EmbeddedBroker
-        from cascade.stream.kafka import ensure_topics
-        from cascade.stream.local import WorkerProcess
-        from cascade.stream.topics import Topics
+        from cascade.stream.local import LocalDeployment
     except ImportError as exc:
         return not_available(label, f"stream layer not importable: {exc}")
     logs = settings.data_path("bench", "stream")
-    logs.mkdir(parents=True, exist_ok=True)
-    broker, worker = None, None
+    deployment = LocalDeployment(
+        settings,
+        stage_names,
+        logs,
+        topics=Topics(),
+        thresholds=thresholds_path,
+        env=worker_env(settings, config.batch_size),
+    )
     try:
-        broker = EmbeddedBroker(log_path=logs / "broker.log").start()
-        topics = Topics()
-        asyncio.run(
-            ensure_topics(
-                broker.url,
-                topics.all_topics(stage_names),
-                settings.stream_partitions,
-                settings.stream_replication_factor,
-            )
-        )
-        worker = WorkerProcess(
-            broker.url,
-            cascade=stage_names,
-            thresholds=thresholds_path,
-            log_path=logs / "worker.log",
-            env=worker_env(settings, config.batch_size),
-        ).start()
+        deployment.start().worker()
         log("stream: waiting for the worker to join its consumer group")
-        ready_s = worker.wait_ready(READY_TIMEOUT_S)
+        ready_s = deployment.wait_ready(READY_TIMEOUT_S)
         timeout_s = max(60.0, len(items) / 2.0)
-        asyncio.run(_round(broker.url, items[:WARM_UP_ITEMS], "bench-warm", lambda: worker.alive, timeout_s))
-        rounds = [
-            asyncio.run(_round(broker.url, items, f"bench-r{n}", lambda: worker.alive, timeout_s))
-            for n in range(config.stream_rounds)
-        ]
+
+        def round_(items: Sequence[ContentItem], tag: str) -> tuple[float, list[Verdict]]:
+            return asyncio.run(
+                _round(deployment.url, deployment.topics, items, tag, lambda: deployment.alive, timeout_s)
+            )
+
+        round_(items[:WARM_UP_ITEMS], "bench-warm")
+        rounds = [round_(items, f"bench-r{n}") for n in range(config.stream_rounds)]
     except Exception as exc:  # report, don't crash the rest of the bench
         return not_available(label, f"{type(exc).__name__}: {exc} (logs in {logs})")
     finally:
-        if worker is not None:
-            worker.stop()
-        if broker is not None:
-            broker.stop()
+        deployment.stop()
     return measured(
         label,
         "items/s",

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import typer
-from pydantic import ValidationError
-
-from cascade.cli import bank, bench, calibrate, models, moderate, sample, schemas, stream, train  # noqa: F401  (registers commands)
-from cascade.cli.app import app
+from cascade.cli import bank, bench, calibrate, drift, models, moderate, review, sample, schemas, stream, train  # noqa: F401  (registers commands)
+from cascade.cli.app import app, fail
+from cascade.settings import SettingsError
 
 
 def main() -> None:
     try:
         app()
-    except ValidationError as exc:
-        if exc.title != "Settings":
-            raise
-        # A bad setting (environment or CASCADE_CONFIG): one line each, no traceback. The value is not
-        # echoed: it may hold a key (e.g. inside CASCADE_LLM_FALLBACK's JSON).
-        for error in exc.errors():
-            name = str(error["loc"][0]) if error["loc"] else "settings"
-            where = ".".join(str(part) for part in error["loc"])
-            typer.secho(
-                f"error: setting {where} (CASCADE_{name.upper()}, or {name} in the CASCADE_CONFIG file): "
-                f"{error['msg']}",
-                fg=typer.colors.RED,
-                err=True,
-            )
-        raise SystemExit(2) from None
+    except SettingsError as exc:  # raised by any command's Settings(): one line, exit 2
+        raise SystemExit(fail(str(exc)).exit_code) from None

@@ -31,7 +31,8 @@ from cascade.calibration import (
 from cascade.cli.app import app, fail
 from cascade.contract import ContentItem, Verdict
 from cascade.data import FLAGGED, DataError, LabelledItem, Split, file_digest, load_labelled, split_of
-from cascade.evaluation import build_report, cost_f1_frontier, guarantee_metrics, render_report
+from cascade.drift import Reference
+from cascade.evaluation import build_report, cost_f1_frontier, guarantee_metrics, leakage_warnings, render_report
 from cascade.llm.answers import LLMRun, sample_rows
 from cascade.llm.shadow import shadow_agreement
 from cascade.pipeline import CascadeRunner, new_context
@@ -203,6 +204,8 @@ def calibrate(
         achieved,
         command,
     )
+    # What live traffic is compared with (cascade.drift; docs/drift.md).
+    thresholds.provenance["reference"] = Reference.of(cal_table, thresholds).to_doc()
     if llm_run is not None:
         thresholds.provenance["llm"] = llm_run.provenance({"calibration": cal_table, "test": test_table}, llm_sample)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -372,6 +375,8 @@ def evaluate(
             f"[yellow]warning:[/] thresholds {primary.version} were calibrated on this data; "
             "use --split test for figures that were not tuned on"
         )
+    for message in leakage_warnings(rows, settings.data_dir):
+        err.print(f"[yellow]warning:[/] {message}")
     built = _stages(settings, stages)
     stale = _stale_stages(primary, built)
     for message in stale:

@@ -2,20 +2,29 @@
 
 Rates are left to PromQL, e.g. the share of items that reach the LLM:
 `sum(rate(cascade_stage_items_total{stage="llm"}[5m])) / sum(rate(cascade_stage_items_total{stage="hash"}[5m]))`.
+The drift figures (`cascade_drift_*`, `cascade_reference_*`, `cascade_audit_*`) are described in
+docs/drift.md; k8s/base/monitoring/ holds the dashboard and the alerts built on these names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from cascade.contract import DeadLetter, Verdict
-from cascade.stages.base import ItemContext
+from cascade.drift import AuditPrecision, DriftMonitor, Reference, SurfaceLimit
+from cascade.llm.resilience import BreakerState, CircuitBreaker, RollingBudget
+from cascade.settings import Settings
+from cascade.stages.base import ItemContext, Stage
+from cascade.thresholds import ThresholdSet
 
 VERDICTS = Counter(
     "cascade_verdicts_total",
-    "Verdicts produced, by decision and the stage that settled the item.",
+    "Verdicts the broker acknowledged, by decision and the stage that settled the item.",
     ["decision", "decided_by"],
 )
 STAGE_ITEMS = Counter(
@@ -37,32 +46,204 @@ BATCH_SIZE = Histogram(
     ["stage"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
-DEAD_LETTERS = Counter("cascade_dead_letters_total", "Records sent to the dead-letter topic.", ["stage", "error_code"])
+DEAD_LETTERS = Counter("cascade_dead_letters_total", "Dead letters the broker acknowledged.", ["stage", "error_code"])
+REFUSED_OUTPUTS = Counter(
+    "cascade_refused_outputs_total",
+    "Outputs the broker refused for good (size, topic, authorization), dead-lettered instead.",
+    ["stage", "error_code"],
+)
 IN_FLIGHT = Gauge("cascade_stage_batches_in_flight", "Batches being processed or delivered.", ["stage"])
 DELIVERY_RETRIES = Counter(
     "cascade_delivery_retries_total", "Failed attempts to produce a batch's output (retried).", ["stage"]
+)
+QUARANTINES = Counter(
+    "cascade_bank_quarantines_total",
+    "Bank entries a stage's flood guard quarantined (reported in the trace as newly_quarantined).",
+    ["stage"],
 )
 FALLBACKS = Counter(
     "cascade_stage_item_fallbacks_total", "Batches the cascade raised on, retried item by item.", ["stage"]
 )
 
 
-def record_batch(stage: str, outputs: Sequence[Verdict | ItemContext], seconds: float) -> None:
-    """Count what one stage did with one batch, from the trace entry it just appended to each item."""
+SURFACE_VERDICTS = Counter(
+    "cascade_surface_verdicts_total",
+    "Verdicts of items that carry a surface, by surface, decision and deciding stage.",
+    ["surface", "decision", "decided_by"],
+)
+
+# Drift against the threshold file's calibration-time reference (cascade.drift).
+DRIFT_PSI = Gauge(
+    "cascade_drift_psi",
+    "Population-stability index of a stage's scores over the sliding window vs the calibration reference.",
+    ["stage", "category", "surface"],
+)
+DRIFT_WINDOW = Gauge("cascade_drift_window_items", "Items in a stage's sliding drift window.", ["stage", "surface"])
+DRIFT_STAGE_SHARE = Gauge(
+    "cascade_drift_stage_share",
+    "Over the sliding window, share of the items reaching a stage by what it did (allow, block, escalate, review).",
+    ["stage", "surface", "result"],
+)
+REFERENCE_STAGE_SHARE = Gauge(
+    "cascade_reference_stage_share",
+    "Calibration reference: share of the items reaching a stage by what it did.",
+    ["stage", "result"],
+)
+REFERENCE_DECIDED_SHARE = Gauge(
+    "cascade_reference_decided_share", "Calibration reference: share of all items decided by a stage.", ["stage"]
+)
+REFERENCE_DECISION_SHARE = Gauge(
+    "cascade_reference_decision_share", "Calibration reference: share of all items per decision.", ["decision"]
+)
+REFERENCE_RATE = Gauge("cascade_reference_rate", "Calibration reference: LLM rate and review rate.", ["rate"])
+
+# Precision of automatic blocks from audited items (cascade.drift.AuditPrecision).
+AUDIT_SENT = Counter("cascade_audit_sent_total", "Automatic verdicts also sent to review as audits.", ["decision"])
+AUDIT_PRECISION = Gauge(
+    "cascade_audit_block_precision",
+    "Precision of automatic blocks among audited items reviewers decided: estimate and interval bounds.",
+    ["bound"],
+)
+AUDIT_BLOCKS = Gauge("cascade_audit_blocks", "Audited automatic blocks with a reviewer's decision, in the window.")
+AUDIT_TARGET = Gauge(
+    "cascade_audit_block_precision_target", "The block precision the threshold file certified (its target)."
+)
+
+# Set by the review app (docs/drift.md): the oldest item waiting for a reviewer.
+REVIEW_OLDEST = Gauge(
+    "cascade_review_oldest_pending_seconds", "Age of the oldest item in the review queue (review and audit items)."
+)
+REVIEW_PENDING = Gauge("cascade_review_pending_items", "Items waiting in the review queue.")
+
+log = logging.getLogger(__name__)
+_drift: DriftMonitor | None = None
+_surfaces = SurfaceLimit(Settings.model_fields["drift_max_surfaces"].default)  # start_drift sets the configured one
+
+
+class GuardCollector(Collector):
+    """The LLM guards' state, read at scrape time from the stages that have them (cascade.llm.resilience)."""
+
+    def __init__(self, stages: Sequence[Stage]) -> None:
+        self.stages = list(stages)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        breaker = GaugeMetricFamily(
+            "cascade_llm_breaker_open",
+            "1 while a stage's circuit breaker is open (or half-open), else 0.",
+            labels=["stage"],
+        )
+        budget = GaugeMetricFamily(
+            "cascade_llm_budget_used_ratio",
+            "Share of a stage's rolling budget used, per cap (items, usd); 1 = exhausted, calls are refused.",
+            labels=["stage", "cap"],
+        )
+        for stage in self.stages:
+            guard = getattr(stage, "breaker", None)
+            if isinstance(guard, CircuitBreaker):
+                breaker.add_metric([stage.name], float(guard.state is not BreakerState.CLOSED))
+            cap = getattr(stage, "budget", None)
+            if isinstance(cap, RollingBudget):
+                if cap.max_items:
+                    budget.add_metric([stage.name, "items"], cap.calls / cap.max_items)
+                if cap.max_usd:
+                    budget.add_metric([stage.name, "usd"], cap.spent_usd / cap.max_usd)
+        yield breaker
+        yield budget
+
+
+def watch_guards(stages: Sequence[Stage]) -> GuardCollector:
+    """Export the breaker and budget of `stages` (those this process built) on /metrics."""
+    collector = GuardCollector(stages)
+    REGISTRY.register(collector)
+    return collector
+
+
+def start_drift(thresholds: ThresholdSet, window: int, min_items: int, max_surfaces: int) -> DriftMonitor | None:
+    """Watch this process's stages against `thresholds`' reference; None when the file has none."""
+    global _drift, _surfaces
+    reference = Reference.from_thresholds(thresholds)
+    _surfaces = SurfaceLimit(max_surfaces)
+    if reference is None:
+        log.warning(
+            "thresholds %s carry no drift reference: no drift figures (re-run cascade calibrate)", thresholds.version
+        )
+    _drift = None if reference is None else DriftMonitor(reference, window, min_items, _surfaces)
+    target = thresholds.provenance.get("targets", {}).get("block_precision")
+    if target is not None:
+        AUDIT_TARGET.set(float(target))
+    if reference is not None:
+        for stage, ref in reference.stages.items():
+            for result, share in ref.results.items():
+                REFERENCE_STAGE_SHARE.labels(stage, result).set(share)
+        for stage, share in reference.decided_by.items():
+            REFERENCE_DECIDED_SHARE.labels(stage).set(share)
+        for decision, share in reference.decisions.items():
+            REFERENCE_DECISION_SHARE.labels(decision).set(share)
+        REFERENCE_RATE.labels("llm").set(reference.llm_rate)
+        REFERENCE_RATE.labels("review").set(reference.review_rate)
+    return _drift
+
+
+def record_batch(
+    stage: str, inputs: Sequence[ItemContext], outputs: Sequence[Verdict | ItemContext], seconds: float
+) -> None:
+    """Count what one stage did with one batch, from the trace entry it just appended to each item.
+
+    `inputs` are the batch's items in the order of `outputs` (verdicts do not carry the item).
+    """
     STAGE_SECONDS.labels(stage).observe(seconds)
     BATCH_SIZE.labels(stage).observe(len(outputs))
     cost = 0.0
-    for out in outputs:
+    touched: set[tuple[str, str]] = set()
+    for context, out in zip(inputs, outputs, strict=True):
         entry = out.trace[-1]
+        surface = context.item.surface
         STAGE_ITEMS.labels(stage, entry.result.value).inc()
         if entry.error is not None:
             STAGE_ERRORS.labels(stage).inc()
+        if entry.details.get("newly_quarantined"):
+            QUARANTINES.labels(stage).inc(len(entry.details["newly_quarantined"]))
         cost += entry.cost_usd
-        if isinstance(out, Verdict):
-            VERDICTS.labels(out.decision.value, out.decided_by).inc()
+        if _drift is not None:
+            touched.update(_drift.observe(stage, surface, entry))
     if cost:
         STAGE_COST.labels(stage).inc(cost)
+    if _drift is not None:
+        _export_drift(_drift, touched)
 
 
-def record_dead_letter(stage: str, letter: DeadLetter) -> None:
-    DEAD_LETTERS.labels(stage, letter.error_code.value).inc()
+def _export_drift(monitor: DriftMonitor, keys: set[tuple[str, str]]) -> None:
+    for stage, surface in keys:
+        window = monitor.windows[(stage, surface)]
+        DRIFT_WINDOW.labels(stage, surface).set(len(window))
+        for result, share in window.result_shares().items():
+            DRIFT_STAGE_SHARE.labels(stage, surface, result).set(share)
+        for category, psi in window.psi(monitor.min_items).items():
+            DRIFT_PSI.labels(stage, category, surface).set(psi)
+
+
+def export_review_queue(pending: int, oldest_age_s: float) -> None:
+    """The review queue's depth and the age of its oldest item (the review app calls it; docs/drift.md)."""
+    REVIEW_PENDING.set(pending)
+    REVIEW_OLDEST.set(oldest_age_s)
+
+
+def export_audit(audit: AuditPrecision) -> None:
+    """Publish the audit-precision estimate (call after feeding it reviewers' decisions; docs/drift.md)."""
+    AUDIT_BLOCKS.set(audit.audited_blocks)
+    estimate, interval = audit.estimate, audit.interval
+    if estimate is not None and interval is not None:
+        AUDIT_PRECISION.labels("estimate").set(estimate)
+        AUDIT_PRECISION.labels("low").set(interval[0])
+        AUDIT_PRECISION.labels("high").set(interval[1])
+
+
+def record_delivered(stage: str, outcome: Verdict | DeadLetter | None) -> None:
+    """Count an output once the broker has acknowledged it (escalations, None, are counted by the next stage)."""
+    if isinstance(outcome, Verdict):
+        VERDICTS.labels(outcome.decision.value, outcome.decided_by).inc()
+        admitted = _surfaces.admit(outcome.item.surface if outcome.item else None)
+        if admitted is not None:
+            SURFACE_VERDICTS.labels(admitted, outcome.decision.value, outcome.decided_by).inc()
+    elif isinstance(outcome, DeadLetter):
+        DEAD_LETTERS.labels(stage, outcome.error_code.value).inc()
