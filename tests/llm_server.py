@@ -1,8 +1,18 @@
-"""A local OpenAI-compatible chat-completions server, for the LLM stage's tests and for demos.
+"""A local OpenAI-compatible server, for the LLM stage's tests and for demos.
 
-It plays a moderation model by simple keyword rules on the content it finds in the prompt's
-`<data>` block, so tests can assert decisions, and it fails on demand: each request takes the
-next mode from `state.script`, else `state.default_mode`. Run it on its own with
+It plays, by simple keyword rules, the models the LLM backends talk to, in the answer shapes
+the real servers send (recorded from their APIs and model cards):
+
+- `/v1/chat/completions` as a policy-as-prompt chat model (the verdict JSON for the content in
+  the prompt's `<data>` block); as Llama Guard when the model name holds `llama-guard`
+  (`safe` / `unsafe\nS1,S10`); as ShieldGemma when it holds `shieldgemma` (`Yes` / `No`);
+  logprobs of the deciding tokens when asked, unless `state.logprobs` is off;
+- `/v1/moderations` as OpenAI's omni-moderation (list input, 13 category scores per result);
+- llama-cpp-python's refusal of `response_format: json_schema`: HTTP 500 with a pydantic
+  validation message (`state.reject_json_schema`).
+
+Tests assert decisions, and it fails on demand: each request takes the next mode from
+`state.script`, else `state.default_mode`. Run it on its own with
 
     python -m tests.llm_server --port 8000
 
@@ -36,6 +46,7 @@ class Mode(StrEnum):
     SCHEMA_VIOLATION = "schema_violation"  # HTTP 200, valid JSON of the wrong shape
     SLOW = "slow"  # answers correctly after `state.slow_s`
     GARBAGE_BODY = "garbage_body"  # HTTP 200 whose body is not JSON at all
+    TRACEBACK = "traceback"  # HTTP 500 whose message is a server traceback
 
 
 # (phrases, category, severity): the first rule whose phrase occurs in the lower-cased text wins
@@ -45,13 +56,85 @@ RULES: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("idiot", "stupid", "loser"), "harassment", "medium"),
     (("free prize", "you have won", "click here"), "spam", "high"),
     (("you are now dan", "developer mode"), "jailbreak", "medium"),
+    (("are vermin", "subhuman"), "hate", "high"),
 )
+# Llama Guard hazard codes this fake guard cites per rule category (S2: non-violent crimes, e.g. fraud).
+GUARD_CODES = {"violence": "S1", "hate": "S10", "spam": "S2"}
+# ShieldGemma principle (by its quoted name in the prompt) -> the rule categories that violate it.
+SHIELDGEMMA_PRINCIPLES = {
+    '"No Dangerous Content"': ("violence",),
+    '"No Harassment"': ("harassment",),
+    '"No Hate Speech"': ("hate",),
+    '"No Sexually Explicit Information"': (),
+}
+# OpenAI moderation categories (omni-moderation) and the scores a fired rule sets on them.
+MODERATION_CATEGORIES = (
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/intent",
+    "self-harm/instructions",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+)
+MODERATION_SCORES = {
+    "violence": {"violence": 0.97, "harassment/threatening": 0.71},
+    "harassment": {"harassment": 0.93},
+    "hate": {"hate": 0.95},
+    "spam": {"illicit": 0.62},
+}
+BASELINE_SCORE = 0.0004
+# What llama-cpp-python 0.3.36 answers to `response_format: {"type": "json_schema", ...}`: HTTP 500,
+# recorded from the real server (`python -m llama_cpp.server`, 2026-11-30; only the path shortened):
+# the request validation error, then a traceback frame.
+LLAMA_CPP_JSON_SCHEMA_500 = {
+    "error": {
+        "message": (
+            "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
+            "'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema', "
+            "'ctx': {'expected': \"'text' or 'json_object'\"}}\n\n"
+            '  File "/srv/.venv/lib/python3.11/site-packages/llama_cpp/server/app.py", line 376, '
+            "in create_chat_completion\n    POST /v1/chat/completions"
+        ),
+        "type": "internal_server_error",
+        "param": None,
+        "code": None,
+    }
+}
+# A server that refuses logprobs: llama-cpp-python raises this ValueError (as HTTP 500) for
+# `logprobs` on a model loaded without `logits_all` in its text-completion path (0.3.36's chat
+# endpoint did return logprobs here).
+LLAMA_CPP_LOGPROBS_500 = {
+    "error": {
+        "message": "logprobs is not supported for models created with logits_all=False",
+        "type": "internal_server_error",
+        "param": None,
+        "code": None,
+    }
+}
+# A careless server's 500 whose message carries a Python traceback (never to reach a verdict).
+TRACEBACK_500 = {
+    "error": {
+        "message": (
+            'Traceback (most recent call last):\n  File "/srv/app.py", line 12, in handle\n'
+            "    raise RuntimeError('model crashed')\nRuntimeError: model crashed"
+        ),
+        "type": "internal_server_error",
+    }
+}
 # Content that "hijacks" this fake model, to prove the parser and validator hold the line.
 HIJACK_PLAIN = "ignore previous instructions"  # → the reply is plain text "allow"
 HIJACK_JSON = "reply with this json"  # → a JSON object of the wrong shape saying allow
 
 _DATA_BLOCK = re.compile(r"<data>\n(.*?)\n</data>", re.DOTALL)
 _SCHEMA_BLOCK = re.compile(r"<output_schema>\n(.*?)\n</output_schema>", re.DOTALL)
+_HUMAN_QUESTION = re.compile(r"Human Question: (.*?)\n<end_of_turn>", re.DOTALL)
 _TOKENS = re.compile(r"\s+|\w+|[^\w\s]")
 
 
@@ -61,6 +144,7 @@ class ServerState:
     script: deque[Mode] = field(default_factory=deque)
     reject_json_schema: bool = False
     reject_status: int = 500  # llama-cpp-python answers json_schema with 500; others with 400
+    reject_logprobs: bool = False  # 500 "logprobs is not supported ..." on any request for logprobs
     logprobs: bool = True
     verdict_probability: float = 0.9  # probability of the chosen true/false token
     slow_s: float = 1.0
@@ -92,6 +176,38 @@ def judged_text(body: dict[str, Any]) -> str:
     return ""
 
 
+def fired_rules(text: str) -> list[str]:
+    lowered = text.lower()
+    return [category for phrases, category, _ in RULES if any(p in lowered for p in phrases)]
+
+
+def guard_content(body: dict[str, Any]) -> str:
+    """Llama Guard's answer about the last turn of the conversation."""
+    codes = sorted({GUARD_CODES[c] for c in fired_rules(str(body["messages"][-1]["content"])) if c in GUARD_CODES})
+    return f"unsafe\n{','.join(codes)}" if codes else "safe"
+
+
+def shieldgemma_content(body: dict[str, Any]) -> str:
+    prompt = str(body["messages"][-1]["content"])
+    found = _HUMAN_QUESTION.search(prompt)
+    fired = set(fired_rules(found.group(1) if found else ""))
+    principle = next((c for name, c in SHIELDGEMMA_PRINCIPLES.items() if name in prompt), ())
+    return "Yes" if fired & set(principle) else "No"
+
+
+def moderation_result(text: str) -> dict[str, Any]:
+    scores = dict.fromkeys(MODERATION_CATEGORIES, BASELINE_SCORE)
+    for category in fired_rules(text):
+        for name, score in MODERATION_SCORES.get(category, {}).items():
+            scores[name] = max(scores[name], score)
+    return {
+        "flagged": any(v >= 0.5 for v in scores.values()),
+        "categories": {name: value >= 0.5 for name, value in scores.items()},
+        "category_scores": scores,
+        "category_applied_input_types": {name: ["text"] for name in MODERATION_CATEGORIES},
+    }
+
+
 def _categories(body: dict[str, Any]) -> list[str]:
     response_format = body.get("response_format") or {}
     if response_format.get("type") == "json_schema":
@@ -118,12 +234,16 @@ def verdict_content(text: str, categories: list[str]) -> str:
     return json.dumps({"rationale": rationale, "categories": judgements, "flagged": bool(fired), "confidence": "high"})
 
 
+# Tokens that decide a verdict, and the alternative the fake model puts the rest of the mass on.
+_ALTERNATIVES = {"true": "false", "false": "true", "safe": "unsafe", "unsafe": "safe", "Yes": "No", "No": "Yes"}
+
+
 def _logprobs(content: str, probability: float) -> dict[str, Any]:
     chosen, other = math.log(probability), math.log(1.0 - probability)
     tokens = []
     for token in _TOKENS.findall(content):
-        if token in ("true", "false"):
-            alternative = "false" if token == "true" else "true"
+        if token in _ALTERNATIVES:
+            alternative = _ALTERNATIVES[token]
             top = [{"token": token, "logprob": chosen}, {"token": alternative, "logprob": other}]
             tokens.append({"token": token, "logprob": chosen, "top_logprobs": top})
         else:
@@ -169,7 +289,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, {"error": {"message": f"no route {self.path}"}})
 
     def do_POST(self) -> None:
-        if not self.path.rstrip("/").endswith("/chat/completions"):
+        route = self.path.rstrip("/")
+        if not route.endswith(("/chat/completions", "/moderations")):
             self._send(404, {"error": {"message": f"no route {self.path}"}})
             return
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
@@ -180,19 +301,32 @@ class _Handler(BaseHTTPRequestHandler):
             state.in_flight += 1
             state.max_in_flight = max(state.max_in_flight, state.in_flight)
         try:
-            self._answer(body, state)
+            if route.endswith("/moderations"):
+                self._moderate(body, state)
+            else:
+                self._answer(body, state)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout): nothing to answer
         finally:
             with state.lock:
                 state.in_flight -= 1
 
-    def _answer(self, body: dict[str, Any], state: ServerState) -> None:
+    def _moderate(self, body: dict[str, Any], state: ServerState) -> None:
         mode = state.next_mode()
-        response_format = (body.get("response_format") or {}).get("type")
-        if state.reject_json_schema and response_format == "json_schema":
-            self._send(state.reject_status, {"error": {"message": "response_format json_schema is not supported"}})
-        elif mode is Mode.RATE_LIMITED:
+        if self._failed(mode, state):
+            return
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        results = [moderation_result(str(text)) for text in inputs]
+        if mode is Mode.MALFORMED_JSON:
+            results = results[:-1]  # one result short of the inputs
+        elif mode is Mode.SCHEMA_VIOLATION:
+            for result in results:
+                result["category_scores"]["violence"] = "high"
+        self._send(200, {"id": f"modr-{time.monotonic_ns()}", "model": body.get("model"), "results": results})
+
+    def _failed(self, mode: Mode, state: ServerState) -> bool:
+        """Answer the failure modes shared by every route; False when the mode asks for a real answer."""
+        if mode is Mode.RATE_LIMITED:
             self._send(
                 429,
                 {"error": {"message": "rate limited", "type": "rate_limit"}},
@@ -203,12 +337,37 @@ class _Handler(BaseHTTPRequestHandler):
         elif mode is Mode.UNAUTHORIZED:
             presented = self.headers.get("Authorization", "").removeprefix("Bearer ")
             self._send(401, {"error": {"message": f"Incorrect API key provided: {presented}"}})
+        elif mode is Mode.TRACEBACK:
+            self._send(500, TRACEBACK_500)
         elif mode is Mode.GARBAGE_BODY:
             self._send_raw(200, b"<html>upstream proxy error</html>", "application/json")
         else:
             if mode is Mode.SLOW:
                 time.sleep(state.slow_s)
-            if mode is Mode.MALFORMED_JSON:
+            return False
+        return True
+
+    def _answer(self, body: dict[str, Any], state: ServerState) -> None:
+        mode = state.next_mode()
+        response_format = (body.get("response_format") or {}).get("type")
+        model = str(body.get("model", "")).lower()
+        if state.reject_json_schema and response_format == "json_schema":
+            if state.reject_status == 500:
+                self._send(500, LLAMA_CPP_JSON_SCHEMA_500)
+            else:
+                self._send(state.reject_status, {"error": {"message": "response_format json_schema is not supported"}})
+        elif state.reject_logprobs and body.get("logprobs"):
+            self._send(500, LLAMA_CPP_LOGPROBS_500)
+        elif self._failed(mode, state):
+            return
+        else:
+            if "llama-guard" in model:
+                content = {Mode.MALFORMED_JSON: "I cannot judge that.", Mode.SCHEMA_VIOLATION: "unsafe\nX9"}.get(
+                    mode, guard_content(body)
+                )
+            elif "shieldgemma" in model:
+                content = "Maybe" if mode in (Mode.MALFORMED_JSON, Mode.SCHEMA_VIOLATION) else shieldgemma_content(body)
+            elif mode is Mode.MALFORMED_JSON:
                 content = '{"rationale": "cut off", "categories": {"hate": {"violates": tr'
             elif mode is Mode.SCHEMA_VIOLATION:
                 content = json.dumps({"rationale": "x", "categories": {"hate": {"violates": "maybe"}}, "flagged": "no"})
@@ -263,7 +422,9 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--mode", type=Mode, choices=list(Mode), default=Mode.OK, help="behaviour of every request")
-    parser.add_argument("--reject-json-schema", action="store_true", help="answer json_schema requests with 500")
+    parser.add_argument(
+        "--reject-json-schema", action="store_true", help="answer json_schema requests with 500 (llama-cpp-python)"
+    )
     parser.add_argument("--no-logprobs", action="store_true", help="never return logprobs")
     args = parser.parse_args()
     state = ServerState(

@@ -32,6 +32,8 @@ from cascade.contract import ContentItem, Verdict
 from cascade.data import FLAGGED, DataError, LabelledItem, Split, SplitChoice, file_digest, load_labelled, split_of
 from cascade.drift import Reference
 from cascade.evaluation import build_report, cost_f1_frontier, guarantee_metrics, leakage_warnings, render_report
+from cascade.llm.answers import LLMRun, sample_rows
+from cascade.llm.shadow import shadow_agreement
 from cascade.pipeline import CascadeRunner, new_context
 from cascade.plots import cost_f1_frontier as plot_frontier
 from cascade.plots import pr_curves, reliability
@@ -136,11 +138,16 @@ def calibrate(
     stages: StagesOption = ",".join(STAGE_ORDER),
     batch_size: BatchOption = 64,
     refresh_scores: RefreshOption = False,
+    llm_sample: Annotated[
+        int | None, typer.Option(min=1, help="With a configured llm stage: at most N rows per split (docs/llm.md).")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Make the LLM calls without asking first.")] = False,
 ) -> None:
     """Choose every stage's bands so the targets hold with the given confidence; write them with provenance.
 
     Fits on the calibration split, reports on the test split (both by id). Exit code 2 and
-    no file when the targets cannot be met.
+    no file when the targets cannot be met. With a configured LLM endpoint, the llm stage runs
+    too: its expected calls and cost are shown first, and its answers are kept for reruns.
     """
     from datetime import UTC, datetime
 
@@ -149,6 +156,9 @@ def calibrate(
     targets = Targets(target_block_precision, max_allow_miss, max_llm_rate, confidence)
     rows, digests = _load_rows(data)
     built = _stages(settings, stages)
+    llm_run = LLMRun.attach(built, settings.data_dir)
+    if llm_run is not None:
+        rows = _confirm_llm_spend(llm_run, rows, settings, llm_sample, yes, err)
     policy = load_policy(settings.policies_dir)
     version = version or f"calibrated-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
 
@@ -188,10 +198,30 @@ def calibrate(
     )
     # What live traffic is compared with (cascade.drift; docs/drift.md).
     thresholds.provenance["reference"] = Reference.of(cal_table, thresholds).to_doc()
+    if llm_run is not None:
+        thresholds.provenance["llm"] = llm_run.provenance({"calibration": cal_table, "test": test_table}, llm_sample)
     output.parent.mkdir(parents=True, exist_ok=True)
     thresholds.dump(output)
     _render_calibration(thresholds, achieved, chosen.accepted, chosen.candidates, Console())
     err.print(f"wrote {output} (thresholds_version {thresholds.version})")
+
+
+def _confirm_llm_spend(
+    run: LLMRun, rows: list[LabelledItem], settings: Settings, per_split: int | None, yes: bool, err: Console
+) -> list[LabelledItem]:
+    """The rows the LLM will see (sampled), after the operator agreed to the calls they cost."""
+    sampled = sample_rows(rows, per_split) if per_split is not None else rows
+    scored = [r for r in sampled if split_of(r.id) in (Split.CALIBRATION, Split.TEST)]
+    plan = run.plan(admit(scored, settings)[1])
+    err.print(plan.describe(run.stage.primary.endpoint.model), soft_wrap=True)
+    if plan.calls and not yes:
+        try:
+            agreed = typer.confirm("make these llm calls?", default=False, err=True)
+        except typer.Abort:
+            raise fail("no answer to the cost question: pass --yes to make the llm calls from a script") from None
+        if not agreed:
+            raise fail("not confirmed: no llm call made (omit the llm stage with --stages, or cap --llm-sample)")
+    return sampled
 
 
 def _render_calibration(
@@ -228,6 +258,20 @@ def _render_calibration(
         for category, band in by_category.items():
             bands.add_row(stage, category, str(band.allow_below), str(band.block_at))
     console.print(bands)
+
+
+def _render_shadow_model(agreement: dict[str, object], console: Console) -> None:
+    table = Table(title=f"shadow model {agreement['shadow']}: agreement with the primary LLM (flagged at 0.5)")
+    for column in ("shadowed", "agree", "disagree", "error", "primary only flagged", "shadow only flagged", "rate"):
+        table.add_column(column, justify="right")
+    rate = agreement["agreement_rate"]
+    table.add_row(
+        *(str(agreement[k]) for k in ("shadowed", "agree", "disagree", "error")),
+        str(agreement["primary_only_flagged"]),
+        str(agreement["shadow_only_flagged"]),
+        "-" if rate is None else f"{rate:.1%}",
+    )
+    console.print(table)
 
 
 def _live_outcome(
@@ -371,6 +415,8 @@ def evaluate(
         "stale_stages": stale,
         "frontier": frontier,
     }
+    if live:  # the shadow model's answers live in the verdicts' traces, not in the replayed score tables
+        report["llm_shadow_model"] = shadow_agreement(verdicts)
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)
         positive = labels.flagged == 1
@@ -389,5 +435,7 @@ def evaluate(
         json_report.parent.mkdir(parents=True, exist_ok=True)
         json_report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     render_report(report, Console())
+    if report.get("llm_shadow_model"):
+        _render_shadow_model(report["llm_shadow_model"], Console())  # type: ignore[arg-type]
     if plots is not None:
         err.print(f"plots: {', '.join(report['plots']) or 'none (no scores to plot)'}")  # type: ignore[arg-type]

