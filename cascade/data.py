@@ -1,7 +1,8 @@
 """Labelled JSONL data sets (format: shared/data/README.md) and the deterministic split.
 
 Every row: `id`, `text`, `flagged` (0/1), `labels` {category: 0/1} (a category missing from
-`labels` is unknown, not 0), `source`. The split is a pure function of the id, so training,
+`labels` is unknown, not 0), `source`, and optionally `surface` (where the content
+appeared; otherwise `SOURCE_SURFACES` maps the source to one). The split is a pure function of the id, so training,
 calibration and reporting never see each other's rows, whatever file order or subset.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -16,7 +18,16 @@ from pathlib import Path
 
 import xxhash
 
+from cascade.contract import SURFACE_PATTERN
+
 FLAGGED = "flagged"
+
+# The surface of a row that does not name one, by its source (docs/calibration.md, "Surfaces").
+SOURCE_SURFACES: dict[str, str] = {
+    "toxicchat0124": "chat_prompt",
+    "sms_spam_collection": "sms",
+    "davidson2017": "post",
+}
 
 
 class Split(StrEnum):
@@ -44,6 +55,13 @@ class LabelledItem:
     flagged: int
     labels: dict[str, int] = field(default_factory=dict)
     source: str = ""
+    surface: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.surface is None and self.source in SOURCE_SURFACES:
+            object.__setattr__(self, "surface", SOURCE_SURFACES[self.source])
+        elif self.surface is not None and not re.fullmatch(SURFACE_PATTERN, self.surface):
+            raise ValueError(f"surface {self.surface!r} must match {SURFACE_PATTERN}")
 
     def label(self, category: str) -> int | None:
         """0/1 for `flagged` and annotated categories, None where the source did not annotate."""
@@ -69,6 +87,7 @@ def read_labelled(path: Path) -> Iterator[LabelledItem]:
                     flagged=int(row["flagged"]),
                     labels={str(k): int(v) for k, v in (row.get("labels") or {}).items()},
                     source=str(row.get("source", "")),
+                    surface=None if row.get("surface") is None else str(row["surface"]),
                 )
             except (ValueError, KeyError, TypeError) as exc:
                 raise DataError(f"{path}:{lineno}: not a labelled row ({exc})") from exc

@@ -103,9 +103,13 @@ def auprc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     return float(average_precision_score(labels, scores[scored]))
 
 
-def guarantee_metrics(outcome: CascadeOutcome, flagged: np.ndarray, confidence: float) -> dict[str, dict[str, object]]:
-    """The three calibrated quantities (and the review rate) with exact intervals."""
-    return _interval_metrics(outcome.decision, outcome.llm_calls, flagged, confidence)
+def guarantee_metrics(
+    outcome: CascadeOutcome, flagged: np.ndarray, confidence: float, rows: np.ndarray | None = None
+) -> dict[str, dict[str, object]]:
+    """The three calibrated quantities (and the review rate) with exact intervals, over `rows` (default all)."""
+    if rows is None:
+        return _interval_metrics(outcome.decision, outcome.llm_calls, flagged, confidence)
+    return _interval_metrics(outcome.decision[rows], outcome.llm_calls[rows], flagged[rows], confidence)
 
 
 def _interval_metrics(
@@ -232,17 +236,13 @@ def build_report(
             "auprc_score": category if has_own_score else FLAGGED,
         }
     report["per_category"] = per_category
-    llm_calls = outcome.llm_calls
     report["per_source"] = {
-        source: {
-            "n": int(rows.sum()),
-            "flagged_rate": _ratio(flagged[rows].sum(), rows.sum()),
-            "decisions": _shares(outcome.decision[rows]),
-            "auto": decision_metrics(outcome.decision[rows], flagged[rows])["auto"],
-            "intervals": _interval_metrics(outcome.decision[rows], llm_calls[rows], labels.flagged[rows], confidence),
-        }
+        source: _part(outcome, labels, labels.sources == source, confidence)
         for source in sorted(set(labels.sources.tolist()))
-        for rows in [labels.sources == source]
+    }
+    report["per_band_set"] = {
+        name: _part(outcome, labels, outcome.band_set == name, confidence)
+        for name in sorted(set(outcome.band_set.tolist()))
     }
     if shadow is not None:
         version, shadow_decision = shadow
@@ -262,6 +262,20 @@ def build_report(
     return report
 
 
+def _part(outcome: CascadeOutcome, labels: LabelMatrix, rows: np.ndarray, confidence: float) -> dict[str, object]:
+    """The figures of one part of the items (a source, a band set): each part is also judged alone."""
+    flagged = labels.flagged[rows] == 1
+    return {
+        "n": int(rows.sum()),
+        "flagged_rate": _ratio(flagged.sum(), rows.sum()),
+        "band_sets": sorted(set(outcome.band_set[rows].tolist())),
+        "decisions": _shares(outcome.decision[rows]),
+        "auto": decision_metrics(outcome.decision[rows], flagged)["auto"],
+        "auprc": auprc(outcome.final_scores[FLAGGED][rows], flagged),
+        "intervals": guarantee_metrics(outcome, labels.flagged, confidence, rows),
+    }
+
+
 def _fmt(value: object, percent: bool = True) -> str:
     if value is None:
         return "-"
@@ -270,8 +284,11 @@ def _fmt(value: object, percent: bool = True) -> str:
     return str(value)
 
 
-def _with_ci(entry: Mapping[str, object]) -> str:
-    ci = entry["ci"]
+def value_with_ci(entry: object) -> str:
+    """`{value, ci}` as "95.1% [93.0%, 96.8%]"; "-" without a value."""
+    if not isinstance(entry, Mapping) or entry.get("value") is None:
+        return "-"
+    ci = entry.get("ci")
     return _fmt(entry["value"]) + (f" [{ci[0]:.1%}, {ci[1]:.1%}]" if isinstance(ci, list) else "")
 
 
@@ -280,6 +297,40 @@ def _label_table(title: str, columns: Sequence[str]) -> Table:
     table = Table(title=title)
     for position, column in enumerate(columns):
         table.add_column(column, justify="left" if position == 0 else "right")
+    return table
+
+
+def _parts_table(title: str, what: str, parts: Mapping[str, Mapping[str, object]]) -> Table:
+    table = _label_table(
+        title,
+        (
+            what,
+            "n",
+            "flagged",
+            "band sets",
+            "allow",
+            "block",
+            "review",
+            "coverage",
+            "AUPRC",
+            "block precision",
+            "allow miss",
+        ),
+    )
+    for name, row in parts.items():
+        mix, intervals, auto = row["decisions"], row["intervals"], row["auto"]
+        assert isinstance(mix, Mapping) and isinstance(intervals, Mapping) and isinstance(auto, Mapping)
+        table.add_row(
+            name,
+            str(row["n"]),
+            _fmt(row["flagged_rate"]),
+            ", ".join(row["band_sets"]),  # type: ignore[arg-type]
+            *(_fmt(mix[d]) for d in DECISION_NAMES),
+            _fmt(auto["coverage"]),
+            _fmt(row["auprc"], percent=False),
+            value_with_ci(intervals["block_precision"]),
+            value_with_ci(intervals["allow_miss"]),
+        )
     return table
 
 
@@ -298,7 +349,7 @@ def render_report(report: Mapping[str, object], console: Console) -> None:
     intervals = report["intervals"]
     assert isinstance(intervals, Mapping)
     for name in ("block_precision", "allow_miss"):
-        head.add_row(name.replace("_", " "), _with_ci(intervals[name]))
+        head.add_row(name.replace("_", " "), value_with_ci(intervals[name]))
     console.print(head)
 
     quality = _label_table("flagged: precision / recall / F1", ("view", "coverage", "precision", "recall", "f1"))
@@ -353,23 +404,17 @@ def render_report(report: Mapping[str, object], console: Console) -> None:
                 _fmt(auto["recall"]),
             )
         console.print(cats)
-    per_source = report.get("per_source")
-    if isinstance(per_source, Mapping) and len(per_source) > 1:
-        sources = _label_table(
-            "per source (guarantees hold for the pooled mix, not for each source)",
-            ("source", "n", "flagged", "allow", "block", "review", "block precision", "allow miss"),
-        )
-        for name, row in per_source.items():
-            mix, intervals = row["decisions"], row["intervals"]
-            sources.add_row(
-                name,
-                str(row["n"]),
-                _fmt(row["flagged_rate"]),
-                *(_fmt(mix[d]) for d in DECISION_NAMES),
-                _with_ci(intervals["block_precision"]),
-                _with_ci(intervals["allow_miss"]),
-            )
-        console.print(sources)
+    for key, what, title in (
+        (
+            "per_source",
+            "source",
+            "per source (each source's figures; a guarantee holds for the mix it was certified on)",
+        ),
+        ("per_band_set", "band set", "per band set (the items each set judged)"),
+    ):
+        parts = report.get(key)
+        if isinstance(parts, Mapping) and len(parts) > 1:
+            console.print(_parts_table(title, what, parts))
     shadow = report.get("shadow")
     if isinstance(shadow, Mapping):
         console.print(

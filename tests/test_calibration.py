@@ -145,7 +145,7 @@ def test_calibrate_cli_writes_provenance(cli_env: Path, tmp_path: Path) -> None:
     assert {s["name"] for s in prov["stages"]} == {"hash", "classifier", "llm"}
     test = prov["achieved"]["test"]
     assert test["block_precision"]["value"] >= 0.85 and len(test["block_precision"]["ci"]) == 2
-    assert prov["libraries"]["mapie"] and prov["calibration_maps"]["classifier"]["flagged"]["x"]
+    assert prov["libraries"]["mapie"] and written.score_maps["classifier"]["flagged"].x
     # The second run reuses the cached scores.
     again = CliRunner().invoke(app, [*args, *targets, "-o", str(tmp_path / "again.yaml")])
     assert again.exit_code == 0 and "from the score cache" in again.output

@@ -19,19 +19,22 @@ from rich.table import Table
 
 from cascade.assembly import STAGE_ORDER, build_stages
 from cascade.calibration import (
+    CalibratedBySurface,
     CalibrationError,
     CalibrationMap,
     Family,
     InfeasibleTargets,
     Targets,
     choose_thresholds,
+    choose_thresholds_by_surface,
     level_grid,
     with_provenance,
+    with_surfaces,
 )
 from cascade.cli.app import app, fail
-from cascade.contract import ContentItem, Verdict
+from cascade.contract import DEFAULT_BAND_SET, ContentItem, Verdict
 from cascade.data import FLAGGED, DataError, LabelledItem, Split, file_digest, load_labelled, split_of
-from cascade.evaluation import build_report, cost_f1_frontier, guarantee_metrics, render_report
+from cascade.evaluation import build_report, cost_f1_frontier, guarantee_metrics, render_report, value_with_ci
 from cascade.pipeline import CascadeRunner, new_context
 from cascade.plots import cost_f1_frontier as plot_frontier
 from cascade.plots import pr_curves, reliability
@@ -49,6 +52,11 @@ from cascade.stages.base import Stage
 from cascade.thresholds import ThresholdError, ThresholdSet
 
 T = TypeVar("T")
+
+
+class CalibrateBy(StrEnum):
+    POOL = "pool"
+    SURFACE = "surface"
 
 
 class SplitChoice(StrEnum):
@@ -139,6 +147,14 @@ def calibrate(
     per_source: Annotated[
         bool, typer.Option(help="Also certify block precision and allow-miss for each source, not only the mix.")
     ] = False,
+    by: Annotated[
+        CalibrateBy,
+        typer.Option(
+            "--by",
+            help="pool: one band set for all items; surface: also one per surface with enough rows "
+            "(Bonferroni over the band sets), the rest fall back to the pooled default.",
+        ),
+    ] = CalibrateBy.POOL,
     version: Annotated[str | None, typer.Option(help="thresholds_version (default: calibrated-<timestamp>).")] = None,
     stages: StagesOption = ",".join(STAGE_ORDER),
     batch_size: BatchOption = 64,
@@ -176,13 +192,24 @@ def calibrate(
         return cal, test
 
     (cal_table, cal_labels, cal_skipped), (test_table, test_labels, test_skipped) = _with_stages(built, work)
+    by_surface: CalibratedBySurface | None = None
     try:
-        chosen = choose_thresholds(cal_table, cal_labels, targets, version, sorted(policy.names), per_source=per_source)
+        if by is CalibrateBy.SURFACE:
+            by_surface = choose_thresholds_by_surface(
+                cal_table, cal_labels, targets, version, sorted(policy.names), per_source=per_source
+            )
+            chosen, decision_set = by_surface.default, by_surface.decision_set(version)
+        else:
+            chosen = choose_thresholds(
+                cal_table, cal_labels, targets, version, sorted(policy.names), per_source=per_source
+            )
+            decision_set = chosen.thresholds
     except InfeasibleTargets as exc:
         raise fail(f"{exc} No file written.", code=2) from exc
     except CalibrationError as exc:
         raise fail(str(exc), code=2) from exc
-    achieved = guarantee_metrics(simulate(test_table, chosen.thresholds), test_labels.flagged, confidence)
+    outcome = simulate(test_table, decision_set, surfaces=test_labels.surfaces)
+    achieved = guarantee_metrics(outcome, test_labels.flagged, confidence)
     command = shlex.join(["cascade", "calibrate", *sys.argv[2:]]) if sys.argv[1:2] == ["calibrate"] else ""
     thresholds = with_provenance(
         chosen,
@@ -193,10 +220,51 @@ def calibrate(
         achieved,
         command,
     )
+    if by_surface is not None:
+        achieved_by_set = {
+            name: guarantee_metrics(outcome, test_labels.flagged, confidence, outcome.band_set == name)
+            for name in [DEFAULT_BAND_SET, *by_surface.surfaces]
+        }
+        thresholds = with_surfaces(thresholds, by_surface, achieved_by_set)
     output.parent.mkdir(parents=True, exist_ok=True)
     thresholds.dump(output)
     _render_calibration(thresholds, achieved, chosen.accepted, chosen.candidates, Console())
+    if by_surface is not None:
+        _render_surfaces(thresholds, by_surface, Console())
     err.print(f"wrote {output} (thresholds_version {thresholds.version})")
+
+
+def _render_surfaces(thresholds: ThresholdSet, by_surface: CalibratedBySurface, console: Console) -> None:
+    """Which band set each surface got, and its test-split figures."""
+    table = Table(
+        title=f"band sets by surface ({by_surface.band_sets_tested} tested, each at "
+        f"{by_surface.band_set_confidence:.2%} confidence so all hold at once); on the test split"
+    )
+    for column in ("surface", "calibration rows", "band set", "block precision", "allow miss", "llm rate"):
+        table.add_column(column, justify="left" if column in ("surface", "band set") else "right")
+    tested = thresholds.provenance["by_surface"]
+    sets = {DEFAULT_BAND_SET: tested["default_test"]} | {
+        name: band_set.provenance["achieved"]["test"] for name, band_set in thresholds.surfaces.items()
+    }
+    for surface in sorted(by_surface.rows):
+        name = thresholds.band_set_name(surface)
+        figures = sets[name] if name != DEFAULT_BAND_SET else {}
+        table.add_row(
+            surface,
+            str(by_surface.rows[surface]),
+            "own" if name != DEFAULT_BAND_SET else "default (fallback)",
+            *(value_with_ci(figures.get(key)) for key in ("block_precision", "allow_miss", "llm_rate")),
+        )
+    figures = tested["default_test"]
+    table.add_row(
+        "(items judged by the default)",
+        "",
+        "default",
+        *(value_with_ci(figures.get(key)) for key in ("block_precision", "allow_miss", "llm_rate")),
+    )
+    console.print(table)
+    for surface, reason in sorted(by_surface.fallbacks.items()):
+        console.print(f"surface {surface} falls back to the default band set: {reason}", markup=False)
 
 
 def _render_calibration(
@@ -272,13 +340,10 @@ def _stage_flagged_from_verdicts(verdicts: Sequence[Verdict], stage_names: Seque
 
 
 def _frontier(thresholds: ThresholdSet, table: ScoreTable, labels: LabelMatrix) -> list[dict[str, float]]:
-    """The cost–F1 frontier over the calibration family, when the threshold file carries its maps."""
-    docs = thresholds.provenance.get("calibration_maps")
-    if not isinstance(docs, dict):
-        return []
+    """The cost–F1 frontier over the default set's calibration family, when the file carries its maps."""
     maps = {
-        stage: {category: CalibrationMap.from_doc(doc) for category, doc in cats.items()}
-        for stage, cats in docs.items()
+        stage: {category: CalibrationMap.of(doc) for category, doc in cats.items()}
+        for stage, cats in thresholds.score_maps.items()
         if stage in table.stage_names
     }
     if not maps:
@@ -349,15 +414,18 @@ def evaluate(
         table, labels, skipped = _with_stages(
             built, lambda: _score(built, rows, settings, digests, split.value, refresh_scores, batch_size, err)
         )
-        outcome = simulate(table, primary, labels_categories)
+        outcome = simulate(table, primary, labels_categories, labels.surfaces)
         stage_flagged = {s.name: s.column(FLAGGED) for s in table.stages}
-        shadow_decision = simulate_shadow(table, outcome, shadow) if shadow else None
+        shadow_decision = simulate_shadow(table, outcome, shadow, labels.surfaces) if shadow else None
         frontier = _frontier(primary, table, labels)
 
-    calibrated = {c for bands in primary.stages.values() for c in bands}
-    maps = primary.provenance.get("calibration_maps")
-    if isinstance(maps, dict):
-        calibrated |= {c for cats in maps.values() for c in cats}
+    calibrated = {
+        c
+        for band_set in primary.band_sets().values()
+        for by_stage in (band_set.stages, band_set.score_maps)
+        for cats in by_stage.values()
+        for c in cats
+    }
     report = build_report(
         outcome,
         labels,
