@@ -347,6 +347,33 @@ def _hb_p_values(r_hat: np.ndarray, n_obs: np.ndarray, alphas: np.ndarray) -> np
     )
 
 
+def rows_to_certify(target: float, confidence: float, observed: float = 0.0, limit: int = 1_000_000) -> int | None:
+    """The fewest observations for one binary risk ≤ `target` to be certified at `confidence`.
+
+    Observations are blocked items for block precision (risk = 1 − P), violating items for
+    allow-miss, all items for the LLM rate; `observed` is the risk rate the sample shows. This
+    is the binary Hoeffding–Bentkus p-value `choose_thresholds` uses, on the test half of the
+    calibration split, for one band set and one candidate: a lower bound on what a real run
+    needs (more band sets or per-source strata divide δ; the fit half doubles the rows).
+    None when even `limit` observations do not suffice (observed ≥ target).
+    """
+    from mapie.risk_control.methods import compute_hoeffding_bentkus_p_value
+
+    delta = 1 - confidence
+
+    def certified(n: int) -> bool:
+        p_value = compute_hoeffding_bentkus_p_value(np.array([observed]), np.array([n]), target, binary=True)
+        return float(p_value[0, 0]) <= delta
+
+    if not certified(limit):
+        return None
+    low, high = 0, limit  # certified(high); the p-value falls as n grows at a fixed observed rate
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if certified(mid) else (mid, high)
+    return high
+
+
 def _one_sided_bounds(counts: FamilyCounts, delta: float) -> dict[str, np.ndarray]:
     """Pointwise Clopper–Pearson bounds at level δ (for the infeasibility message only)."""
     from scipy.stats import beta
@@ -669,7 +696,11 @@ def choose_thresholds_by_surface(
                 table.take(rows), labels.take(rows), per_set, version, allowed_categories, per_source=per_source
             )
         except InfeasibleTargets as exc:
-            fallbacks[surface] = f"targets infeasible on its {rows.size} rows: {exc}"
+            needed = rows_to_certify(1 - targets.block_precision, per_set.confidence)
+            fallbacks[surface] = (
+                f"targets infeasible on its {rows.size} rows (block precision >= {targets.block_precision:g} "
+                f"alone needs >= {needed} blocked items, all right, on the test half): {exc}"
+            )
         except CalibrationError as exc:
             fallbacks[surface] = f"cannot be calibrated alone: {exc}"
     return CalibratedBySurface(

@@ -15,10 +15,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from cascade.calibration import FamilyCounts
+from cascade.calibration import MIN_CLASS_EXAMPLES, CalibrationError, FamilyCounts, Targets, choose_thresholds
 from cascade.data import FLAGGED
-from cascade.scoring import UNKNOWN_LABEL, LabelMatrix
-from cascade.simulation import ALLOW, BLOCK, DECISION_NAMES, LLM_STAGE, PIPELINE, REVIEW, CascadeOutcome
+from cascade.scoring import UNKNOWN_LABEL, LabelMatrix, ScoreTable
+from cascade.simulation import ALLOW, BLOCK, DECISION_NAMES, LLM_STAGE, PIPELINE, REVIEW, CascadeOutcome, simulate
 
 
 @dataclass(frozen=True)
@@ -276,6 +276,46 @@ def _part(outcome: CascadeOutcome, labels: LabelMatrix, rows: np.ndarray, confid
     }
 
 
+def leave_one_source_out(
+    calibration: tuple[ScoreTable, LabelMatrix],
+    test: tuple[ScoreTable, LabelMatrix],
+    targets: Targets,
+    allowed_categories: Sequence[str] | None = None,
+) -> dict[str, dict[str, object]]:
+    """Cross-source figures: for each source, bands calibrated on the *other* sources' calibration
+    rows (pooled, same targets), measured on this source's test rows, as if it were new traffic.
+
+    A source needs enough violations and non-violations among its test rows to be measured.
+    """
+    (cal_table, cal_labels), (test_table, test_labels) = calibration, test
+    out: dict[str, dict[str, object]] = {}
+    for source in sorted(set(test_labels.sources.tolist())):
+        rows = np.flatnonzero(test_labels.sources == source)
+        others = np.flatnonzero(cal_labels.sources != source)
+        flagged = test_labels.flagged[rows] == 1
+        if min(int(flagged.sum()), int((~flagged).sum())) < MIN_CLASS_EXAMPLES or others.size == 0:
+            continue
+        try:
+            chosen = choose_thresholds(
+                cal_table.take(others), cal_labels.take(others), targets, f"without-{source}", allowed_categories
+            )
+        except CalibrationError as exc:  # infeasible without this source: say so, it is a finding
+            out[source] = {"n": int(rows.size), "calibrated_without_it": None, "reason": str(exc)}
+            continue
+        with_maps = chosen.thresholds.model_copy(update={"score_maps": chosen.score_maps()})
+        outcome = simulate(test_table.take(rows), with_maps)
+        labels = test_labels.take(rows)
+        out[source] = {
+            "n": int(rows.size),
+            "calibrated_without_it": int(others.size),
+            "decisions": _shares(outcome.decision),
+            "auto": decision_metrics(outcome.decision, flagged)["auto"],
+            "auprc": auprc(outcome.final_scores[FLAGGED], flagged),
+            "intervals": guarantee_metrics(outcome, labels.flagged, targets.confidence),
+        }
+    return out
+
+
 def _fmt(value: object, percent: bool = True) -> str:
     if value is None:
         return "-"
@@ -415,6 +455,25 @@ def render_report(report: Mapping[str, object], console: Console) -> None:
         parts = report.get(key)
         if isinstance(parts, Mapping) and len(parts) > 1:
             console.print(_parts_table(title, what, parts))
+    cross = report.get("leave_one_source_out")
+    if isinstance(cross, Mapping) and cross:
+        table = _label_table(
+            "leave one source out (bands calibrated on the other sources, measured on this source's test rows)",
+            ("source", "n", "coverage", "AUPRC", "block precision", "allow miss", "llm rate"),
+        )
+        for name, row in cross.items():
+            if row.get("calibrated_without_it") is None:
+                table.add_row(name, str(row["n"]), "infeasible without it", "", "", "", "")
+                continue
+            intervals = row["intervals"]
+            table.add_row(
+                name,
+                str(row["n"]),
+                _fmt(row["auto"]["coverage"]),
+                _fmt(row["auprc"], percent=False),
+                *(value_with_ci(intervals[k]) for k in ("block_precision", "allow_miss", "llm_rate")),
+            )
+        console.print(table)
     shadow = report.get("shadow")
     if isinstance(shadow, Mapping):
         console.print(

@@ -21,6 +21,7 @@ from cascade.calibration import (
     fit_half,
     fit_maps,
     level_grid,
+    rows_to_certify,
 )
 from cascade.cli import app
 from cascade.evaluation import guarantee_metrics
@@ -207,3 +208,12 @@ def test_per_source_certification_protects_the_weak_source() -> None:
     assert precision >= targets.block_precision and miss <= targets.max_allow_miss
     overall = guarantee_metrics(simulate(population, stratified.thresholds), population_labels.flagged, 0.95)
     assert _holds(overall, targets)
+
+
+def test_rows_to_certify_follows_the_hoeffding_bentkus_bound() -> None:
+    # With no errors observed, Hoeffding–Bentkus reduces to (1 - target)^n <= δ: 0.95^59 < 0.05 < 0.95^58.
+    assert rows_to_certify(0.05, 0.95) == 59
+    assert rows_to_certify(0.05, 1 - 0.05 / 4) == 86  # Bonferroni over 4 band sets: δ/4
+    with_errors = rows_to_certify(0.05, 0.95, observed=0.02)
+    assert with_errors is not None and with_errors > 59
+    assert rows_to_certify(0.05, 0.95, observed=0.05) is None, "an observed risk at the target never certifies"

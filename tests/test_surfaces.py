@@ -15,7 +15,7 @@ import cascade.cli.calibrate as calibrate_cli
 from cascade.calibration import Targets, choose_thresholds, choose_thresholds_by_surface
 from cascade.cli import app
 from cascade.contract import ContentItem, Decision
-from cascade.data import DataError, load_labelled
+from cascade.data import DataError, Split, load_labelled, split_of
 from cascade.evaluation import auprc
 from cascade.pipeline import CascadeRunner, new_context
 from cascade.scoring import LabelMatrix, ScoreTable, StageScores, admit, collect_scores
@@ -209,6 +209,7 @@ def surface_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         for i, line in enumerate(fh):
             row = json.loads(line)
             row["surface"] = "post" if i % 50 else "dm"  # dm: 2 % of the rows, too few to certify alone
+            row["source"] = "shop" if i % 3 == 0 else "forum"
             out.write(json.dumps(row) + "\n")
     return path
 
@@ -236,12 +237,32 @@ def test_calibrate_cli_by_surface_writes_band_sets_and_evaluate_reports_them(
 
     report_path = tmp_path / "r.json"
     evaluated = CliRunner().invoke(
-        app, ["evaluate", str(surface_data), "--thresholds", str(out), "--split", "test", "--json", str(report_path)]
+        app,
+        [
+            *("evaluate", str(surface_data), "--thresholds", str(out), "--split", "test"),
+            *("--json", str(report_path), "--leave-one-source-out"),
+        ],
     )
     assert evaluated.exit_code == 0, evaluated.output
     report = json.loads(report_path.read_text())
     assert set(report["per_band_set"]) == {"post", "default"}
     assert report["per_band_set"]["post"]["n"] + report["per_band_set"]["default"]["n"] == report["n"]
-    synthetic = report["per_source"]["synthetic"]
-    assert 0.5 < synthetic["auprc"] <= 1 and synthetic["band_sets"] == ["default", "post"]
-    assert 0 < synthetic["auto"]["coverage"] <= 1
+    shop = report["per_source"]["shop"]
+    assert 0.5 < shop["auprc"] <= 1 and shop["band_sets"] == ["default", "post"]
+    assert 0 < shop["auto"]["coverage"] <= 1 and shop["intervals"]["block_precision"]["n"] > 0
+    cross = report["leave_one_source_out"]
+    assert set(cross) == {"forum", "shop"}
+    forum_calibration = [
+        r for r in load_labelled([surface_data]) if r.source == "forum" and split_of(r.id) is Split.CALIBRATION
+    ]
+    assert cross["shop"]["calibrated_without_it"] == len(forum_calibration), "only the other source's rows"
+    assert 0.5 < cross["shop"]["auprc"] <= 1 and cross["shop"]["intervals"]["block_precision"]["n"] > 0
+    assert "leave one source out" in evaluated.output
+
+    no_targets = tmp_path / "hand.yaml"
+    ThresholdSet(version="hand-set").dump(no_targets)
+    refused = CliRunner().invoke(
+        app, ["evaluate", str(surface_data), "--thresholds", str(no_targets), "--leave-one-source-out"]
+    )
+    assert refused.exit_code == 2 and "record no calibration targets" in refused.output
+    assert "Traceback" not in refused.output

@@ -34,7 +34,14 @@ from cascade.calibration import (
 from cascade.cli.app import app, fail
 from cascade.contract import DEFAULT_BAND_SET, ContentItem, Verdict
 from cascade.data import FLAGGED, DataError, LabelledItem, Split, file_digest, load_labelled, split_of
-from cascade.evaluation import build_report, cost_f1_frontier, guarantee_metrics, render_report, value_with_ci
+from cascade.evaluation import (
+    build_report,
+    cost_f1_frontier,
+    guarantee_metrics,
+    render_report,
+    value_with_ci,
+)
+from cascade.evaluation import leave_one_source_out as cross_source
 from cascade.pipeline import CascadeRunner, new_context
 from cascade.plots import cost_f1_frontier as plot_frontier
 from cascade.plots import pr_curves, reliability
@@ -330,6 +337,18 @@ def _stale_stages(thresholds: ThresholdSet, stages: Sequence[Stage]) -> list[str
     ]
 
 
+def _file_targets(thresholds: ThresholdSet) -> Targets:
+    """The targets a threshold file was calibrated for (to recalibrate the same way without a source)."""
+    doc = thresholds.provenance.get("targets")
+    try:
+        return Targets(doc["block_precision"], doc["max_allow_miss"], doc["max_llm_rate"], doc["confidence"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise fail(
+            f"thresholds {thresholds.version} record no calibration targets (provenance.targets); "
+            "--leave-one-source-out needs a file written by `cascade calibrate`"
+        ) from exc
+
+
 def _stage_flagged_from_verdicts(verdicts: Sequence[Verdict], stage_names: Sequence[str]) -> dict[str, np.ndarray]:
     out = {name: np.full(len(verdicts), np.nan) for name in stage_names}
     for i, verdict in enumerate(verdicts):
@@ -366,6 +385,13 @@ def evaluate(
         bool, typer.Option(help="Run the cascade for real instead of replaying cached stage scores.")
     ] = False,
     confidence: Annotated[float, typer.Option(min=0.5, max=0.999, help="Level of the reported intervals.")] = 0.95,
+    leave_one_source_out: Annotated[
+        bool,
+        typer.Option(
+            help="Also, per source: bands calibrated (with the file's targets) on the other sources' calibration "
+            "rows, measured on this source's test rows."
+        ),
+    ] = False,
     stages: StagesOption = ",".join(STAGE_ORDER),
     batch_size: BatchOption = 64,
     refresh_scores: RefreshOption = False,
@@ -374,6 +400,7 @@ def evaluate(
     settings = Settings()
     err = Console(stderr=True)
     rows, digests = _load_rows(data)
+    all_rows = rows
     if split is not SplitChoice.ALL:
         rows = _split_rows(rows, Split(split.value))
     if not rows:
@@ -393,6 +420,7 @@ def evaluate(
             f"[yellow]warning:[/] thresholds {primary.version} were calibrated on this data; "
             "use --split test for figures that were not tuned on"
         )
+    cross_targets = _file_targets(primary) if leave_one_source_out else None
     built = _stages(settings, stages)
     stale = _stale_stages(primary, built)
     for message in stale:
@@ -442,6 +470,21 @@ def evaluate(
         "stale_stages": stale,
         "frontier": frontier,
     }
+    if cross_targets is not None:
+
+        async def both_splits() -> tuple[tuple[ScoreTable, LabelMatrix, int], tuple[ScoreTable, LabelMatrix, int]]:
+            scored = [
+                await _score(
+                    built, _split_rows(all_rows, part), settings, digests, part.value, refresh_scores, batch_size, err
+                )
+                for part in (Split.CALIBRATION, Split.TEST)
+            ]
+            return scored[0], scored[1]
+
+        (cal_table, cal_labels, _), (test_table, test_labels, _) = _with_stages(built, both_splits)
+        report["leave_one_source_out"] = cross_source(
+            (cal_table, cal_labels), (test_table, test_labels), cross_targets, sorted(policy.names)
+        )
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)
         positive = labels.flagged == 1
