@@ -636,6 +636,7 @@ class CalibratedBySurface:
     rows: dict[str, int]  # surface -> calibration rows
     band_sets_tested: int  # m: the default plus every surface tried
     band_set_confidence: float  # 1 - δ/m: the level each band set is certified at
+    escalate_fallbacks: bool = False  # uncertified surfaces settle nothing by score instead of using the default
 
     def decision_set(self, version: str) -> ThresholdSet:
         """The band sets alone (no provenance): what the runtime would do with these choices."""
@@ -646,7 +647,16 @@ class CalibratedBySurface:
             surfaces={
                 surface: BandSet(stages=calibrated.thresholds.stages, score_maps=calibrated.score_maps())
                 for surface, calibrated in self.surfaces.items()
-            },
+            }
+            | (
+                # No band at any stage: only definitive matches decide, the rest goes to the LLM or review.
+                {
+                    surface: BandSet(stages={stage: {} for stage in self.default.family.stages})
+                    for surface in self.fallbacks
+                }
+                if self.escalate_fallbacks
+                else {}
+            ),
         )
 
 
@@ -669,12 +679,15 @@ def choose_thresholds_by_surface(
     version: str,
     allowed_categories: Sequence[str] | None = None,
     per_source: bool = False,
+    escalate_fallbacks: bool = False,
 ) -> CalibratedBySurface:
     """`choose_thresholds` on the pooled rows (the default set) and on each surface's rows alone.
 
     Which surfaces are tried depends on the fit half only, so the Bonferroni count m (the
     default plus every surface tried, certified or not) is fixed before the test half is
-    looked at; each set is then certified at δ/m.
+    looked at; each set is then certified at δ/m. With `escalate_fallbacks`, a labelled
+    surface that cannot be certified gets a set with no bands instead of the default: nothing
+    is decided for it by score (no uncertified automatic block or allow).
     """
     fit_labels = labels.take(np.flatnonzero(fit_half(table.ids)))
     named = sorted({s for s in labels.surfaces.tolist() if s is not None})
@@ -710,6 +723,7 @@ def choose_thresholds_by_surface(
         rows={surface: int((labels.surfaces == surface).sum()) for surface in named},
         band_sets_tested=1 + len(tried),
         band_set_confidence=per_set.confidence,
+        escalate_fallbacks=escalate_fallbacks,
     )
 
 
@@ -739,13 +753,27 @@ def with_surfaces(
         )
         for surface, calibrated in by_surface.surfaces.items()
     }
+    for surface, reason in by_surface.fallbacks.items():
+        if surface in decided:  # an escalating set (escalate_fallbacks)
+            surfaces[surface] = decided[surface].model_copy(
+                update={
+                    "provenance": {
+                        "calibration_rows": by_surface.rows[surface],
+                        "certified": False,
+                        "settles_by_score": False,
+                        "reason": reason,
+                        "achieved": {"test": dict(achieved_test.get(surface, {}))},
+                    }
+                }
+            )
     provenance = dict(thresholds.provenance)
     provenance["by_surface"] = {
         "correction": "Bonferroni over band sets: each certified at delta / m, all hold at once with 1 - delta",
         "band_sets_tested": by_surface.band_sets_tested,
         "band_set_confidence": by_surface.band_set_confidence,
         "certified": sorted(by_surface.surfaces),
-        "fallback_to_default": dict(sorted(by_surface.fallbacks.items())),
+        "fallback": "escalate (no bands)" if by_surface.escalate_fallbacks else "default band set",
+        "not_certified": dict(sorted(by_surface.fallbacks.items())),
         "default_test": dict(achieved_test.get(DEFAULT_BAND_SET, {})),
     }
     return thresholds.model_copy(update={"surfaces": surfaces, "provenance": provenance})

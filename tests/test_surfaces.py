@@ -230,7 +230,7 @@ def test_calibrate_cli_by_surface_writes_band_sets_and_evaluate_reports_them(
     assert list(written.surfaces) == ["post"] and written.score_maps["classifier"]["flagged"].x
     assert written.surfaces["post"].score_maps["classifier"]["flagged"].x
     by_surface = written.provenance["by_surface"]
-    assert by_surface["certified"] == ["post"] and "too few labelled rows" in by_surface["fallback_to_default"]["dm"]
+    assert by_surface["certified"] == ["post"] and "too few labelled rows" in by_surface["not_certified"]["dm"]
     assert by_surface["band_set_confidence"] == pytest.approx(1 - 0.05 / 2)
     assert written.surfaces["post"].provenance["achieved"]["test"]["block_precision"]["n"] > 0
     assert "surface dm falls back to the default band set: too few labelled rows" in " ".join(result.output.split())
@@ -266,3 +266,18 @@ def test_calibrate_cli_by_surface_writes_band_sets_and_evaluate_reports_them(
     )
     assert refused.exit_code == 2 and "record no calibration targets" in refused.output
     assert "Traceback" not in refused.output
+
+
+def test_escalating_fallback_settles_nothing_by_score_for_uncertified_surfaces() -> None:
+    rng = np.random.default_rng(17)
+    table, labels = _surfaces_table(8_000, rng)
+    result = choose_thresholds_by_surface(table, labels, Targets(0.8, 0.1, 0.6, 0.95), "t", escalate_fallbacks=True)
+    decision_set = result.decision_set("t")
+    assert sorted(decision_set.surfaces) == ["chat_prompt", "dm", "post", "sms"]
+    assert decision_set.surfaces["sms"].stages == {"classifier": {}}
+    outcome = simulate(table, decision_set, surfaces=labels.surfaces)
+    for surface in ("dm", "sms"):
+        rows = labels.surfaces == surface
+        assert set(outcome.band_set[rows]) == {surface} and (outcome.decision[rows] == 2).all(), surface
+    post = labels.surfaces == "post"
+    assert (outcome.decision[post] != 2).any(), "certified surfaces still decide"

@@ -32,7 +32,7 @@ from cascade.calibration import (
     with_surfaces,
 )
 from cascade.cli.app import app, fail
-from cascade.contract import DEFAULT_BAND_SET, ContentItem, Verdict
+from cascade.contract import ContentItem, Verdict
 from cascade.data import FLAGGED, DataError, LabelledItem, Split, file_digest, load_labelled, split_of
 from cascade.evaluation import (
     build_report,
@@ -64,6 +64,11 @@ T = TypeVar("T")
 class CalibrateBy(StrEnum):
     POOL = "pool"
     SURFACE = "surface"
+
+
+class SurfaceFallback(StrEnum):
+    DEFAULT = "default"
+    ESCALATE = "escalate"
 
 
 class SplitChoice(StrEnum):
@@ -162,6 +167,14 @@ def calibrate(
             "(Bonferroni over the band sets), the rest fall back to the pooled default.",
         ),
     ] = CalibrateBy.POOL,
+    fallback: Annotated[
+        SurfaceFallback,
+        typer.Option(
+            help="With --by surface, what judges a labelled surface that cannot be certified: the pooled default "
+            "band set, or no bands at all (escalate: only definitive matches decide, the rest goes to the LLM "
+            "or review).",
+        ),
+    ] = SurfaceFallback.DEFAULT,
     version: Annotated[str | None, typer.Option(help="thresholds_version (default: calibrated-<timestamp>).")] = None,
     stages: StagesOption = ",".join(STAGE_ORDER),
     batch_size: BatchOption = 64,
@@ -203,7 +216,13 @@ def calibrate(
     try:
         if by is CalibrateBy.SURFACE:
             by_surface = choose_thresholds_by_surface(
-                cal_table, cal_labels, targets, version, sorted(policy.names), per_source=per_source
+                cal_table,
+                cal_labels,
+                targets,
+                version,
+                sorted(policy.names),
+                per_source=per_source,
+                escalate_fallbacks=fallback is SurfaceFallback.ESCALATE,
             )
             chosen, decision_set = by_surface.default, by_surface.decision_set(version)
         else:
@@ -230,7 +249,7 @@ def calibrate(
     if by_surface is not None:
         achieved_by_set = {
             name: guarantee_metrics(outcome, test_labels.flagged, confidence, outcome.band_set == name)
-            for name in [DEFAULT_BAND_SET, *by_surface.surfaces]
+            for name in decision_set.band_sets()
         }
         thresholds = with_surfaces(thresholds, by_surface, achieved_by_set)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -250,16 +269,16 @@ def _render_surfaces(thresholds: ThresholdSet, by_surface: CalibratedBySurface, 
     for column in ("surface", "calibration rows", "band set", "block precision", "allow miss", "llm rate"):
         table.add_column(column, justify="left" if column in ("surface", "band set") else "right")
     tested = thresholds.provenance["by_surface"]
-    sets = {DEFAULT_BAND_SET: tested["default_test"]} | {
-        name: band_set.provenance["achieved"]["test"] for name, band_set in thresholds.surfaces.items()
-    }
     for surface in sorted(by_surface.rows):
-        name = thresholds.band_set_name(surface)
-        figures = sets[name] if name != DEFAULT_BAND_SET else {}
+        own = thresholds.surfaces.get(surface)
+        figures = own.provenance["achieved"]["test"] if own is not None else {}
+        kind = "default (fallback)"
+        if own is not None:
+            kind = "own (certified)" if surface in by_surface.surfaces else "no bands (escalates)"
         table.add_row(
             surface,
             str(by_surface.rows[surface]),
-            "own" if name != DEFAULT_BAND_SET else "default (fallback)",
+            kind,
             *(value_with_ci(figures.get(key)) for key in ("block_precision", "allow_miss", "llm_rate")),
         )
     figures = tested["default_test"]
@@ -271,7 +290,8 @@ def _render_surfaces(thresholds: ThresholdSet, by_surface: CalibratedBySurface, 
     )
     console.print(table)
     for surface, reason in sorted(by_surface.fallbacks.items()):
-        console.print(f"surface {surface} falls back to the default band set: {reason}", markup=False)
+        instead = "gets no bands (escalates)" if by_surface.escalate_fallbacks else "falls back to the default band set"
+        console.print(f"surface {surface} {instead}: {reason}", markup=False)
 
 
 def _render_calibration(
