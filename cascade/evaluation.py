@@ -185,9 +185,15 @@ def build_report(
     calibrated_categories: Sequence[str] = (),
     shadow: tuple[str, np.ndarray] | None = None,
     cost_model: CostModel = COST_MODEL,
+    stage_flagged: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, object]:
-    """The evaluation report; keys are documented in docs/calibration.md and kept stable."""
+    """The evaluation report; keys are documented in docs/calibration.md and kept stable.
+
+    `stage_flagged`: each stage's raw `flagged` score per item (NaN where it gave none), for
+    the AUPRC of every stage alone beside the cascade's.
+    """
     n = len(outcome.decision)
+    stage_flagged = stage_flagged or {}
     flagged = labels.flagged == 1
     stages = {}
     for i, name in enumerate(outcome.stage_names):
@@ -209,6 +215,7 @@ def build_report(
         "llm_rate": _ratio(outcome.llm_calls.sum(), n),
         **decision_metrics(outcome.decision, flagged),
         "auprc": auprc(outcome.final_scores[FLAGGED], flagged),
+        "stage_auprc": {name: auprc(scores, flagged) for name, scores in stage_flagged.items()},
         "cost_relative_to_all_llm": cost_model.relative_to_all_llm(outcome),
         "latency_ms": {name: _percentiles(values) for name, values in outcome.latency_ms.items()},
         "confidence": confidence,
@@ -237,11 +244,11 @@ def build_report(
         }
     report["per_category"] = per_category
     report["per_source"] = {
-        source: _part(outcome, labels, labels.sources == source, confidence)
+        source: _part(outcome, labels, labels.sources == source, confidence, stage_flagged)
         for source in sorted(set(labels.sources.tolist()))
     }
     report["per_band_set"] = {
-        name: _part(outcome, labels, outcome.band_set == name, confidence)
+        name: _part(outcome, labels, outcome.band_set == name, confidence, stage_flagged)
         for name in sorted(set(outcome.band_set.tolist()))
     }
     if shadow is not None:
@@ -262,10 +269,17 @@ def build_report(
     return report
 
 
-def _part(outcome: CascadeOutcome, labels: LabelMatrix, rows: np.ndarray, confidence: float) -> dict[str, object]:
+def _part(
+    outcome: CascadeOutcome,
+    labels: LabelMatrix,
+    rows: np.ndarray,
+    confidence: float,
+    stage_flagged: Mapping[str, np.ndarray],
+) -> dict[str, object]:
     """The figures of one part of the items (a source, a band set): each part is also judged alone."""
     flagged = labels.flagged[rows] == 1
     return {
+        "stage_auprc": {name: auprc(scores[rows], flagged) for name, scores in stage_flagged.items()},
         "n": int(rows.sum()),
         "flagged_rate": _ratio(flagged.sum(), rows.sum()),
         "band_sets": sorted(set(outcome.band_set[rows].tolist())),
@@ -385,7 +399,11 @@ def render_report(report: Mapping[str, object], console: Console) -> None:
         head.add_row(f"decision {name}", _fmt(decisions[name]))
     head.add_row("LLM call rate", _fmt(report["llm_rate"]))
     head.add_row("cost vs all-LLM", _fmt(report["cost_relative_to_all_llm"]))
-    head.add_row("AUPRC (final score)", _fmt(report["auprc"], percent=False))
+    head.add_row("AUPRC (calibrated score)", _fmt(report["auprc"], percent=False))
+    stage_auprc = report.get("stage_auprc")
+    if isinstance(stage_auprc, Mapping):
+        for name, value in stage_auprc.items():
+            head.add_row(f"AUPRC of {name} alone (raw)", _fmt(value, percent=False))
     intervals = report["intervals"]
     assert isinstance(intervals, Mapping)
     for name in ("block_precision", "allow_miss"):

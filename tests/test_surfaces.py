@@ -250,6 +250,8 @@ def test_calibrate_cli_by_surface_writes_band_sets_and_evaluate_reports_them(
     shop = report["per_source"]["shop"]
     assert 0.5 < shop["auprc"] <= 1 and shop["band_sets"] == ["default", "post"]
     assert 0 < shop["auto"]["coverage"] <= 1 and shop["intervals"]["block_precision"]["n"] > 0
+    assert set(report["stage_auprc"]) == {"hash", "classifier", "llm"} and report["stage_auprc"]["hash"] is None
+    assert 0.5 < shop["stage_auprc"]["classifier"] < 1
     cross = report["leave_one_source_out"]
     assert set(cross) == {"forum", "shop"}
     forum_calibration = [

@@ -480,6 +480,7 @@ def evaluate(
         confidence,
         sorted(calibrated),
         (shadow.version, shadow_decision) if shadow is not None and shadow_decision is not None else None,
+        stage_flagged=stage_flagged,
     )
     report = {
         **report,
