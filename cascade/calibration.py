@@ -777,3 +777,36 @@ def with_surfaces(
         "default_test": dict(achieved_test.get(DEFAULT_BAND_SET, {})),
     }
     return thresholds.model_copy(update={"surfaces": surfaces, "provenance": provenance})
+
+
+def with_hand_set_bands(thresholds: ThresholdSet, hand_set: Mapping[str, Mapping[str, Band]]) -> ThresholdSet:
+    """Fill the bands of stages calibration could not score (e.g. no LLM reachable) in every band set.
+
+    Only a stage that got no band at all is filled; calibrated bands are never overridden. The
+    file records what was hand-set, so nobody mistakes it for a certified band.
+    """
+    filled: dict[str, dict[str, dict[str, float | None]]] = {}
+
+    def fill(stages: Mapping[str, Mapping[str, Band]]) -> dict[str, dict[str, Band]]:
+        out = {stage: dict(bands) for stage, bands in stages.items()}
+        for stage, bands in hand_set.items():
+            if not out.get(stage):
+                out[stage] = dict(bands)
+                filled[stage] = {c: b.model_dump() for c, b in bands.items()}
+        return out
+
+    surfaces = {
+        name: band_set.model_copy(update={"stages": fill(band_set.stages)})
+        for name, band_set in thresholds.surfaces.items()
+        if band_set.provenance.get("settles_by_score", True)  # an escalating set stays band-less
+    }
+    surfaces = {**thresholds.surfaces, **surfaces}
+    stages = fill(thresholds.stages)
+    provenance = dict(thresholds.provenance)
+    if filled:
+        provenance["hand_set_bands"] = {
+            "bands": filled,
+            "why": "not calibrated: the stage produced no usable scores at calibration time (e.g. no LLM reachable); "
+            "recalibrate with it available to replace these",
+        }
+    return thresholds.model_copy(update={"stages": stages, "surfaces": surfaces, "provenance": provenance})

@@ -27,7 +27,7 @@ from cascade.cli import app
 from cascade.evaluation import guarantee_metrics
 from cascade.scoring import LabelMatrix, ScoreTable, StageScores
 from cascade.simulation import simulate
-from cascade.thresholds import ThresholdSet
+from cascade.thresholds import Band, ThresholdSet
 
 TARGETS = Targets(block_precision=0.9, max_allow_miss=0.05, max_llm_rate=0.5, confidence=0.9)
 
@@ -217,3 +217,27 @@ def test_rows_to_certify_follows_the_hoeffding_bentkus_bound() -> None:
     with_errors = rows_to_certify(0.05, 0.95, observed=0.02)
     assert with_errors is not None and with_errors > 59
     assert rows_to_certify(0.05, 0.95, observed=0.05) is None, "an observed risk at the target never certifies"
+
+
+def test_calibrate_cli_hand_set_band_fills_only_uncalibrated_stages(
+    cli_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(calibrate_cli, "build_stages", lambda settings, names: _stages()[:2])  # no LLM stage
+    targets = ["--target-block-precision", "0.9", "--max-allow-miss", "0.1", "--max-llm-rate", "0.6"]
+    out = tmp_path / "hand.yaml"
+    result = CliRunner().invoke(
+        app,
+        [
+            *("calibrate", str(cli_env), "-o", str(out), *targets),
+            *("--hand-set-band", "llm.flagged=0.5:0.5", "--hand-set-band", "classifier.flagged=:0.99"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    written = ThresholdSet.load(out)
+    assert written.stages["llm"] == {"flagged": Band(allow_below=0.5, block_at=0.5)}
+    assert written.stages["classifier"]["flagged"].allow_below is not None, "a calibrated band is never replaced"
+    assert set(written.provenance["hand_set_bands"]["bands"]) == {"llm"}
+    for bad in ("llm.flagged=0.7:0.2", "llm.flagged", "lm.flagged=0.5:0.5", "llm.flaged=0.5:0.5"):
+        refused = CliRunner().invoke(app, ["calibrate", str(cli_env), "-o", str(out), *targets, "--hand-set-band", bad])
+        assert refused.exit_code == 2 and "--hand-set-band" in refused.output, bad
+        assert "Traceback" not in refused.output

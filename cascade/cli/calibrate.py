@@ -6,7 +6,7 @@ import asyncio
 import json
 import shlex
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -28,6 +28,7 @@ from cascade.calibration import (
     choose_thresholds,
     choose_thresholds_by_surface,
     level_grid,
+    with_hand_set_bands,
     with_provenance,
     with_surfaces,
 )
@@ -56,7 +57,7 @@ from cascade.simulation import (
     simulate_shadow,
 )
 from cascade.stages.base import Stage
-from cascade.thresholds import ThresholdError, ThresholdSet
+from cascade.thresholds import Band, ThresholdError, ThresholdSet
 
 T = TypeVar("T")
 
@@ -175,6 +176,13 @@ def calibrate(
             "or review).",
         ),
     ] = SurfaceFallback.DEFAULT,
+    hand_set_band: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="STAGE.CATEGORY=ALLOW_BELOW:BLOCK_AT (either may be empty = null), repeatable: a band for a stage "
+            "that calibration could not score (e.g. llm.flagged=0.5:0.5 with no LLM reachable); recorded as hand-set.",
+        ),
+    ] = None,
     version: Annotated[str | None, typer.Option(help="thresholds_version (default: calibrated-<timestamp>).")] = None,
     stages: StagesOption = ",".join(STAGE_ORDER),
     batch_size: BatchOption = 64,
@@ -191,8 +199,9 @@ def calibrate(
     err = Console(stderr=True)
     targets = Targets(target_block_precision, max_allow_miss, max_llm_rate, confidence)
     rows, digests = _load_rows(data)
-    built = _stages(settings, stages)
     policy = load_policy(settings.policies_dir)
+    hand_set = _hand_set_bands(hand_set_band or [], policy.names)
+    built = _stages(settings, stages)
     version = version or f"calibrated-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
 
     async def work() -> tuple[tuple[ScoreTable, LabelMatrix, int], tuple[ScoreTable, LabelMatrix, int]]:
@@ -252,12 +261,37 @@ def calibrate(
             for name in decision_set.band_sets()
         }
         thresholds = with_surfaces(thresholds, by_surface, achieved_by_set)
+    thresholds = with_hand_set_bands(thresholds, hand_set)
     output.parent.mkdir(parents=True, exist_ok=True)
     thresholds.dump(output)
     _render_calibration(thresholds, achieved, chosen.accepted, chosen.candidates, Console())
     if by_surface is not None:
         _render_surfaces(thresholds, by_surface, Console())
     err.print(f"wrote {output} (thresholds_version {thresholds.version})")
+
+
+def _hand_set_bands(specs: Sequence[str], categories: Iterable[str]) -> dict[str, dict[str, Band]]:
+    """`--hand-set-band` values as bands, or an operator error naming the bad one."""
+    known = set(categories)
+    out: dict[str, dict[str, Band]] = {}
+    for spec in specs:
+        try:
+            target, edges = spec.split("=", 1)
+            stage, category = target.split(".", 1)
+            allow, block = edges.split(":", 1)
+            band = Band(allow_below=float(allow) if allow else None, block_at=float(block) if block else None)
+        except ValueError as exc:
+            raise fail(
+                f"--hand-set-band {spec!r}: expected STAGE.CATEGORY=ALLOW_BELOW:BLOCK_AT with edges in [0, 1], "
+                "allow <= block (e.g. llm.flagged=0.5:0.5)"
+            ) from exc
+        if stage not in STAGE_ORDER or category not in known:
+            raise fail(
+                f"--hand-set-band {spec!r}: unknown stage or category (stages: {', '.join(STAGE_ORDER)}; "
+                f"categories: {', '.join(sorted(known))})"
+            )
+        out.setdefault(stage, {})[category] = band
+    return out
 
 
 def _render_surfaces(thresholds: ThresholdSet, by_surface: CalibratedBySurface, console: Console) -> None:
