@@ -795,12 +795,11 @@ def with_hand_set_bands(thresholds: ThresholdSet, hand_set: Mapping[str, Mapping
                 filled[stage] = {c: b.model_dump() for c, b in bands.items()}
         return out
 
+    # Escalating sets too: their items still reach the hand-set stage (the LLM), which then decides.
     surfaces = {
         name: band_set.model_copy(update={"stages": fill(band_set.stages)})
         for name, band_set in thresholds.surfaces.items()
-        if band_set.provenance.get("settles_by_score", True)  # an escalating set stays band-less
     }
-    surfaces = {**thresholds.surfaces, **surfaces}
     stages = fill(thresholds.stages)
     provenance = dict(thresholds.provenance)
     if filled:

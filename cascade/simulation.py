@@ -129,7 +129,7 @@ def calibrated_column(
         score_map = band_set.score_maps.get(stage.name, {}).get(category)
         rows = (names == name) & ~np.isnan(column)
         if score_map is not None and rows.any():
-            column[rows] = np.interp(column[rows], score_map.x, score_map.y)
+            column[rows] = score_map.probabilities(column[rows])
     return column
 
 

@@ -49,6 +49,9 @@ class Band(BaseModel):
         return Outcome.UNRESOLVED
 
 
+TIE_BREAK = 1e-6
+
+
 class ScoreMap(BaseModel):
     """A non-decreasing piecewise-linear map raw score → probability: the knots of an isotonic fit."""
 
@@ -69,8 +72,18 @@ class ScoreMap(BaseModel):
             raise ValueError("probabilities (y) must lie in [0, 1]")
         return self
 
+    def probabilities(self, scores: np.ndarray) -> np.ndarray:
+        """The isotonic fit (clipped at the ends), with ties broken by the raw score.
+
+        An isotonic map is flat on each plateau; items a stage ranks apart would tie there and
+        rank worse than the raw score alone. Mixing in TIE_BREAK of the raw score keeps the
+        stage's own order and moves no probability by more than TIE_BREAK.
+        """
+        scores = np.asarray(scores, dtype=float)
+        return (1 - TIE_BREAK) * np.interp(scores, self.x, self.y) + TIE_BREAK * np.clip(scores, 0, 1)
+
     def probability(self, score: float) -> float:
-        return float(np.interp(score, self.x, self.y))  # clipped at the ends, as the isotonic fit
+        return float(self.probabilities(np.array([score]))[0])
 
 
 StageBands = dict[str, dict[str, Band]]

@@ -103,7 +103,7 @@ async def test_pipeline_picks_the_band_set_by_surface_and_falls_back(tmp_path: P
     for verdict in by_surface["chat_prompt"]:
         raw = verdict.trace[-1].scores.get("flagged")
         if verdict.decided_by == "classifier":
-            assert verdict.score == pytest.approx(raw / 2), "the chat_prompt set's map gives the score"
+            assert verdict.score == pytest.approx(raw / 2, abs=1e-5), "the chat_prompt set's map gives the score"
     for verdict in by_surface[None]:
         if verdict.decided_by == "classifier":
             assert verdict.score == verdict.trace[-1].scores["flagged"], "no map in the default set: raw"
@@ -115,6 +115,13 @@ async def test_pipeline_picks_the_band_set_by_surface_and_falls_back(tmp_path: P
     np.testing.assert_array_equal(replay.decided_by, live.decided_by)
     np.testing.assert_array_equal(replay.band_set, live.band_set)
     np.testing.assert_allclose(replay.final_scores["flagged"], live.final_scores["flagged"])
+
+
+def test_score_maps_keep_a_stage_s_order_on_their_plateaus() -> None:
+    plateau = ScoreMap(x=[0.0, 0.5, 1.0], y=[0.2, 0.2, 0.9])
+    low, high, top = plateau.probabilities(np.array([0.1, 0.3, 1.0]))
+    assert 0.2 - 1e-6 <= low < high <= 0.2 + 1e-6, "ties broken by the raw score, probability kept"
+    assert top == pytest.approx(0.9, abs=1e-6) and plateau.probability(0.3) == high
 
 
 def _scale_table(n: int, rng: np.random.Generator) -> tuple[ScoreTable, LabelMatrix]:
