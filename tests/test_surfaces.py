@@ -241,6 +241,14 @@ def test_calibrate_cli_by_surface_writes_band_sets_and_evaluate_reports_them(
     assert by_surface["band_set_confidence"] == pytest.approx(1 - 0.05 / 2)
     assert written.surfaces["post"].provenance["achieved"]["test"]["block_precision"]["n"] > 0
     assert "surface dm falls back to the default band set: too few labelled rows" in " ".join(result.output.split())
+    pooled = CliRunner().invoke(
+        app,
+        [
+            *("calibrate", str(surface_data), "-o", str(out), "--fallback", "escalate"),
+            *("--target-block-precision", "0.9", "--max-allow-miss", "0.1", "--max-llm-rate", "0.6"),
+        ],
+    )
+    assert pooled.exit_code == 2 and "--fallback escalate applies to surfaces: add --by surface" in pooled.output
 
     report_path = tmp_path / "r.json"
     evaluated = CliRunner().invoke(

@@ -198,6 +198,8 @@ def calibrate(
     settings = Settings()
     err = Console(stderr=True)
     targets = Targets(target_block_precision, max_allow_miss, max_llm_rate, confidence)
+    if fallback is not SurfaceFallback.DEFAULT and by is not CalibrateBy.SURFACE:
+        raise fail(f"--fallback {fallback.value} applies to surfaces: add --by surface, or drop --fallback")
     rows, digests = _load_rows(data)
     policy = load_policy(settings.policies_dir)
     hand_set = _hand_set_bands(hand_set_band or [], policy.names)
@@ -323,6 +325,10 @@ def _render_surfaces(thresholds: ThresholdSet, by_surface: CalibratedBySurface, 
         *(value_with_ci(figures.get(key)) for key in ("block_precision", "allow_miss", "llm_rate")),
     )
     console.print(table)
+    console.print(
+        "Targets are certified per band set, on its own surface's traffic; the table above the bands is the "
+        "whole mix, where surfaces without a certified set may miss them (an escalating surface's LLM rate)."
+    )
     for surface, reason in sorted(by_surface.fallbacks.items()):
         instead = "gets no bands (escalates)" if by_surface.escalate_fallbacks else "falls back to the default band set"
         console.print(f"surface {surface} {instead}: {reason}", markup=False)
