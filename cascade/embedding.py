@@ -152,16 +152,21 @@ def encoder_identity(settings: Settings) -> str:
     return f"{card['name']}@{card['version']}-{_precision(settings)}"
 
 
+def frozen_spec(settings: Settings) -> EncoderSpec:
+    """The frozen MiniLM at the configured precision (exported on demand; needs the `train` extra once)."""
+    return EncoderSpec(
+        ensure_onnx_model(settings, settings.embedding_int8),
+        source_model_dir() / "tokenizer.json",
+        model_identity(settings.embedding_int8),
+    )
+
+
 def encoder_spec(settings: Settings) -> EncoderSpec:
-    """The tuned encoder of `settings.model_dir` if it has one, else the frozen MiniLM (exported on demand)."""
+    """The tuned encoder of `settings.model_dir` if it has one, else the frozen MiniLM."""
     precision = _precision(settings)
     card = tuned_card(settings.model_dir)
     if card is None:
-        return EncoderSpec(
-            ensure_onnx_model(settings, settings.embedding_int8),
-            source_model_dir() / "tokenizer.json",
-            model_identity(settings.embedding_int8),
-        )
+        return frozen_spec(settings)
     encoder = card["encoder"]
     model_path = Path(settings.model_dir) / encoder["files"][precision]
     if not model_path.is_file():
@@ -225,8 +230,9 @@ class Embedder:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Embedder:
-        spec = encoder_spec(settings)
+    def from_settings(cls, settings: Settings, spec: EncoderSpec | None = None) -> Embedder:
+        """The encoder `settings` serve, or the one `spec` names, with the settings' threads and cache."""
+        spec = spec or encoder_spec(settings)
         return cls(
             model_path=spec.model_path,
             tokenizer_path=spec.tokenizer_path,

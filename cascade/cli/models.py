@@ -39,17 +39,21 @@ def export(
             path = ensure_onnx_model(settings, quantized)
             console.print(f"{model_identity(quantized)}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
         return
-    if from_run is None or not (from_run / "checkpoint.pt").is_file():
-        raise fail(
-            f"{settings.model_dir} holds a tuned encoder: pass --from-run DIR, the work directory of the "
-            "`cascade train --design tuned` run that made it (it holds checkpoint.pt)"
-        )
+    encoder = card["encoder"]
+    if from_run is None:
+        for precision, name in encoder["files"].items():
+            present = (settings.model_dir / name).is_file()
+            console.print(f"{settings.model_dir / name} ({precision}): {'shipped' if present else 'missing'}")
+        if not all((settings.model_dir / name).is_file() for name in encoder["files"].values()):
+            console.print("rebuild a missing graph with --from-run DIR (the fit's work directory, with checkpoint.pt)")
+        return
+    if not (from_run / "checkpoint.pt").is_file():
+        raise fail(f"--from-run {from_run}: no checkpoint.pt there (the work directory of `cascade train`)")
     from cascade.embedding import source_model_dir
     from cascade.tuning.export import export as export_graphs
     from cascade.tuning.export import load_checkpoint
 
     model, _ = load_checkpoint(from_run, source_model_dir())
-    encoder = card["encoder"]
     with tempfile.TemporaryDirectory() as scratch:
         export_graphs(model, source_model_dir(), Path(scratch), int(encoder["max_tokens"]), ["ok", "word " * 300])
         for precision, name in encoder["files"].items():

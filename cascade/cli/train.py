@@ -175,7 +175,7 @@ def train(
     ] = None,
 ) -> None:
     """Train the classifier on DATA and write it to OUT with its model card."""
-    from cascade.embedding import Embedder
+    from cascade.embedding import Embedder, frozen_spec
     from cascade.train import DESIGNS, TrainError, TrainOptions, write_model
     from cascade.train import train as run_training
 
@@ -219,7 +219,7 @@ def train(
     if policy_seeds:
         options = replace(options, policy_seeds=settings.policies_dir)
     console = Console(stderr=True)
-    embedder = Embedder.from_settings(settings)
+    embedder = Embedder.from_settings(settings, frozen_spec(settings))  # heads on the frozen MiniLM
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -62,6 +62,9 @@ def render_card(card: Mapping[str, Any]) -> str:
         *_table(["head", "labelled train rows", "positives"], [[h, *card["label_counts"][h]] for h in card["heads"]]),
         "## Test split, per source (AUPRC; rows never seen in training or model selection)",
         "",
+        f"At most {card['options']['test_cap']} test rows per source (a fixed random sample; the smaller sources "
+        "whole).",
+        "",
         *_table(
             ["source", "head", "rows", "positives", "tuned int8", "tuned fp32", "frozen"],
             [

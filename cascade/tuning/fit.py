@@ -49,6 +49,8 @@ class FitOptions:
     dropout: float = 0.1
     source_caps: Mapping[str, int] = field(default_factory=lambda: {"davidson2017": 600, "sms_spam_collection": 400})
     """Rows per epoch from these sources, half flagged and half not; other sources come whole."""
+    flagged_ignored: tuple[str, ...] = ()
+    """Sources whose `flagged` label is masked (their categories still train their heads)."""
     calibration_cap: int = 400
     """Rows per source of the calibration split scored for early stopping (a fixed sample)."""
     patience: int = 1
@@ -71,12 +73,17 @@ def head_names(rows: Sequence[LabelledItem], min_rows_per_class: int) -> list[st
     return names
 
 
-def label_matrix(rows: Sequence[LabelledItem], heads: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Targets and mask, both (rows, heads) float32: mask 0 where the row does not carry the label."""
+def label_matrix(
+    rows: Sequence[LabelledItem], heads: Sequence[str], flagged_ignored: Sequence[str] = ()
+) -> tuple[np.ndarray, np.ndarray]:
+    """Targets and mask, both (rows, heads) float32: mask 0 where the row does not carry the label
+    (or carries a `flagged` from a source in `flagged_ignored`)."""
     y = np.zeros((len(rows), len(heads)), dtype=np.float32)
     mask = np.zeros_like(y)
     for i, row in enumerate(rows):
         for j, head in enumerate(heads):
+            if head == FLAGGED and row.source in flagged_ignored:
+                continue
             value = row.label(head)
             if value is not None:
                 y[i, j] = value
@@ -228,7 +235,7 @@ def fit(
     rng = np.random.default_rng(options.seed)
     train_rows = load_labelled(paths, Split.TRAIN) + list(seed_rows)
     heads = head_names(train_rows, options.min_rows_per_class)
-    y_all, mask_all = label_matrix(train_rows, heads)
+    y_all, mask_all = label_matrix(train_rows, heads, options.flagged_ignored)
     tokenizer = make_tokenizer(model_dir, options.max_tokens)
     train_ids = encode(tokenizer, [r.text for r in train_rows])
     lengths = np.array([len(t) for t in train_ids])
