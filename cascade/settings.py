@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     # Embeddings (shared by retrieval and classifier).
     embedding_threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = one per core.")
     embedding_cache_size: int = Field(default=50_000, ge=0, description="Per-process LRU entries by text key.")
-    embedding_int8: bool = Field(default=True, description="Serve the int8 encoder graph (false: fp32).")
+    embedding_int8: bool = Field(default=False, description="Serve the int8-quantised export (see docs/retrieval.md).")
 
     # LLM stage (OpenAI-compatible). The OPENAI_* names are the openai client's own.
     llm_base_url: str | None = Field(

