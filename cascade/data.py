@@ -63,6 +63,10 @@ class LabelledItem:
         elif self.surface is not None and not re.fullmatch(SURFACE_PATTERN, self.surface):
             raise ValueError(f"surface {self.surface!r} must match {SURFACE_PATTERN}")
 
+    def item_record(self) -> dict[str, str]:
+        """The row as a ContentItem record (id, text, surface): what the cascade sees of it, no labels."""
+        return {"id": self.id, "text": self.text} | ({"surface": self.surface} if self.surface else {})
+
     def label(self, category: str) -> int | None:
         """0/1 for `flagged` and annotated categories, None where the source did not annotate."""
         if category == FLAGGED:

@@ -176,8 +176,7 @@ def admit(rows: Sequence[LabelledItem], settings: Settings) -> tuple[list[Labell
     kept_rows: list[LabelledItem] = []
     items: list[ContentItem] = []
     for row in rows:
-        record = {"id": row.id, "text": row.text} | ({"surface": row.surface} if row.surface else {})
-        parsed = parse_record(json.dumps(record, ensure_ascii=False), settings)
+        parsed = parse_record(json.dumps(row.item_record(), ensure_ascii=False), settings)
         if isinstance(parsed, DeadLetter):
             continue
         kept_rows.append(row)

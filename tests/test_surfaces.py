@@ -298,3 +298,18 @@ def test_escalating_fallback_settles_nothing_by_score_for_uncertified_surfaces()
         assert set(outcome.band_set[rows]) == {surface} and (outcome.decision[rows] == 2).all(), surface
     post = labels.surfaces == "post"
     assert (outcome.decision[post] != 2).any(), "certified surfaces still decide"
+
+
+def test_sample_items_carry_their_surface(tmp_path: Path) -> None:
+    labelled = tmp_path / "rows.jsonl"
+    sources = ["toxicchat0124", "sms_spam_collection", "my_forum"]
+    rows = [{"id": f"r{i}", "text": f"text {i}", "flagged": i % 2, "source": sources[i % 3]} for i in range(300)]
+    labelled.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "items.jsonl"
+    result = CliRunner().invoke(app, ["sample", str(labelled), "-o", str(out), "-n", "300"])
+    assert result.exit_code == 0, result.output
+    items = [ContentItem.model_validate_json(line) for line in out.read_text().splitlines()]
+    assert items and "flagged" not in out.read_text()
+    expected = {"toxicchat0124": "chat_prompt", "sms_spam_collection": "sms", "my_forum": None}
+    source_of = {row["id"]: row["source"] for row in rows}
+    assert {(source_of[item.id], item.surface) for item in items} == set(expected.items())
