@@ -24,6 +24,12 @@ Method (docs/calibration.md has the long form):
 
 Reported afterwards, never tuned on: the same quantities on the disjoint test split with
 Clopper–Pearson intervals.
+
+By surface (`choose_thresholds_by_surface`): the default band set is chosen on the pooled
+rows and each surface with enough labelled rows gets its own set, chosen on its rows alone;
+each of these m band sets is certified at δ/m (Bonferroni), so all certified sets hold at
+once with probability ≥ 1 − δ. A surface without enough rows, or whose targets cannot be
+certified, falls back to the default, with the reason recorded.
 """
 
 from __future__ import annotations
@@ -38,10 +44,11 @@ from importlib.metadata import PackageNotFoundError, version
 import numpy as np
 import xxhash
 
+from cascade.contract import DEFAULT_BAND_SET
 from cascade.data import FLAGGED
 from cascade.scoring import UNKNOWN_LABEL, LabelMatrix, ScoreTable, StageScores
 from cascade.simulation import ALLOW, BLOCK, ESCALATE, LLM_STAGE, BandArrays, stage_decisions
-from cascade.thresholds import Band, ThresholdSet
+from cascade.thresholds import Band, BandSet, ScoreMap, ThresholdSet
 
 # Calibrated-probability levels tried for every stage. 0 = never allow, inf = never block.
 ALLOW_LEVELS: tuple[float, ...] = (
@@ -133,12 +140,13 @@ class CalibrationMap:
         x0, x1, y0, y1 = self.x[i - 1], self.x[i], self.y[i - 1], self.y[i]
         return float(min(max(x0 + (level - y0) * (x1 - x0) / (y1 - y0), 0.0), 1.0))
 
-    def to_doc(self) -> dict[str, list[float]]:
-        return {"x": [round(float(v), CUT_DECIMALS) for v in self.x], "y": [round(float(v), 4) for v in self.y]}
+    def score_map(self) -> ScoreMap:
+        """As the threshold file stores it (rounded knots: what the runtime applies)."""
+        return ScoreMap(x=[round(float(v), CUT_DECIMALS) for v in self.x], y=[round(float(v), 4) for v in self.y])
 
     @classmethod
-    def from_doc(cls, doc: Mapping[str, Sequence[float]]) -> CalibrationMap:
-        return cls(np.asarray(doc["x"], dtype=float), np.asarray(doc["y"], dtype=float))
+    def of(cls, stored: ScoreMap) -> CalibrationMap:
+        return cls(np.asarray(stored.x, dtype=float), np.asarray(stored.y, dtype=float))
 
 
 Maps = dict[str, dict[str, CalibrationMap]]
@@ -339,6 +347,33 @@ def _hb_p_values(r_hat: np.ndarray, n_obs: np.ndarray, alphas: np.ndarray) -> np
     )
 
 
+def rows_to_certify(target: float, confidence: float, observed: float = 0.0, limit: int = 1_000_000) -> int | None:
+    """The fewest observations for one binary risk ≤ `target` to be certified at `confidence`.
+
+    Observations are blocked items for block precision (risk = 1 − P), violating items for
+    allow-miss, all items for the LLM rate; `observed` is the risk rate the sample shows. This
+    is the binary Hoeffding–Bentkus p-value `choose_thresholds` uses, on the test half of the
+    calibration split, for one band set and one candidate: a lower bound on what a real run
+    needs (more band sets or per-source strata divide δ; the fit half doubles the rows).
+    None when even `limit` observations do not suffice (observed ≥ target).
+    """
+    from mapie.risk_control.methods import compute_hoeffding_bentkus_p_value
+
+    delta = 1 - confidence
+
+    def certified(n: int) -> bool:
+        p_value = compute_hoeffding_bentkus_p_value(np.array([observed]), np.array([n]), target, binary=True)
+        return float(p_value[0, 0]) <= delta
+
+    if not certified(limit):
+        return None
+    low, high = 0, limit  # certified(high); the p-value falls as n grows at a fixed observed rate
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if certified(mid) else (mid, high)
+    return high
+
+
 def _one_sided_bounds(counts: FamilyCounts, delta: float) -> dict[str, np.ndarray]:
     """Pointwise Clopper–Pearson bounds at level δ (for the infeasibility message only)."""
     from scipy.stats import beta
@@ -454,6 +489,13 @@ class Calibrated:
     ltt_counts: dict[str, float]
     certified_sources: list[str]
 
+    def score_maps(self) -> dict[str, dict[str, ScoreMap]]:
+        """The fitted maps as the threshold file stores them (the runtime's score scale)."""
+        return {
+            stage: {category: cal.score_map() for category, cal in cats.items()}
+            for stage, cats in self.family.maps.items()
+        }
+
 
 def choose_thresholds(
     table: ScoreTable,
@@ -565,9 +607,6 @@ def with_provenance(
         "accepted": calibrated.accepted,
         "chosen_levels": family.levels_of(calibrated.chosen),
         "achieved": {"calibration_ltt_half": calibrated.ltt_counts, "test": dict(achieved_test)},
-        "calibration_maps": {
-            stage: {category: cal.to_doc() for category, cal in cats.items()} for stage, cats in family.maps.items()
-        },
         "libraries": library_versions(),
     }
     return ThresholdSet(
@@ -579,4 +618,194 @@ def with_provenance(
         ),
         provenance=provenance,
         stages=calibrated.thresholds.stages,
+        score_maps=calibrated.score_maps(),
     )
+
+
+# A surface is calibrated alone only with this many rows of each class on the fit half.
+MIN_SURFACE_CLASS_EXAMPLES = MIN_CLASS_EXAMPLES
+
+
+@dataclass
+class CalibratedBySurface:
+    """A default band set on the pooled rows and one per surface that could be certified alone."""
+
+    default: Calibrated
+    surfaces: dict[str, Calibrated]
+    fallbacks: dict[str, str]  # surface -> why it is judged by the default set
+    rows: dict[str, int]  # surface -> calibration rows
+    band_sets_tested: int  # m: the default plus every surface tried
+    band_set_confidence: float  # 1 - δ/m: the level each band set is certified at
+    escalate_fallbacks: bool = False  # uncertified surfaces settle nothing by score instead of using the default
+
+    def decision_set(self, version: str) -> ThresholdSet:
+        """The band sets alone (no provenance): what the runtime would do with these choices."""
+        return ThresholdSet(
+            version=version,
+            stages=self.default.thresholds.stages,
+            score_maps=self.default.score_maps(),
+            surfaces={
+                surface: BandSet(stages=calibrated.thresholds.stages, score_maps=calibrated.score_maps())
+                for surface, calibrated in self.surfaces.items()
+            }
+            | (
+                # No band at any stage: only definitive matches decide, the rest goes to the LLM or review.
+                {
+                    surface: BandSet(stages={stage: {} for stage in self.default.family.stages})
+                    for surface in self.fallbacks
+                }
+                if self.escalate_fallbacks
+                else {}
+            ),
+        )
+
+
+def _surface_shortfall(fit_labels: LabelMatrix, surface: str) -> str | None:
+    """Why a surface has too few labelled rows to be certified alone (on the fit half), or None."""
+    flagged = fit_labels.flagged[fit_labels.surfaces == surface]
+    positives, negatives = int(flagged.sum()), int((flagged == 0).sum())
+    if min(positives, negatives) >= MIN_SURFACE_CLASS_EXAMPLES:
+        return None
+    return (
+        f"too few labelled rows: {positives} violations and {negatives} non-violations on the fit half "
+        f"of the calibration split, needs >= {MIN_SURFACE_CLASS_EXAMPLES} of each"
+    )
+
+
+def choose_thresholds_by_surface(
+    table: ScoreTable,
+    labels: LabelMatrix,
+    targets: Targets,
+    version: str,
+    allowed_categories: Sequence[str] | None = None,
+    per_source: bool = False,
+    escalate_fallbacks: bool = False,
+) -> CalibratedBySurface:
+    """`choose_thresholds` on the pooled rows (the default set) and on each surface's rows alone.
+
+    Which surfaces are tried depends on the fit half only, so the Bonferroni count m (the
+    default plus every surface tried, certified or not) is fixed before the test half is
+    looked at; each set is then certified at δ/m. With `escalate_fallbacks`, a labelled
+    surface that cannot be certified gets a set with no bands instead of the default: nothing
+    is decided for it by score (no uncertified automatic block or allow).
+    """
+    fit_labels = labels.take(np.flatnonzero(fit_half(table.ids)))
+    named = sorted({s for s in labels.surfaces.tolist() if s is not None})
+    shortfalls = {surface: _surface_shortfall(fit_labels, surface) for surface in named}
+    tried = [surface for surface, why in shortfalls.items() if why is None]
+    per_set = Targets(
+        targets.block_precision,
+        targets.max_allow_miss,
+        targets.max_llm_rate,
+        1 - targets.delta / (1 + len(tried)),
+    )
+    default = choose_thresholds(table, labels, per_set, version, allowed_categories, per_source=per_source)
+    surfaces: dict[str, Calibrated] = {}
+    fallbacks = {surface: why for surface, why in shortfalls.items() if why is not None}
+    for surface in tried:
+        rows = np.flatnonzero(labels.surfaces == surface)
+        try:
+            surfaces[surface] = choose_thresholds(
+                table.take(rows), labels.take(rows), per_set, version, allowed_categories, per_source=per_source
+            )
+        except InfeasibleTargets as exc:
+            needed = rows_to_certify(1 - targets.block_precision, per_set.confidence)
+            fallbacks[surface] = (
+                f"targets infeasible on its {rows.size} rows (block precision >= {targets.block_precision:g} "
+                f"alone needs >= {needed} blocked items, all right, on the test half): {exc}"
+            )
+        except CalibrationError as exc:
+            fallbacks[surface] = f"cannot be calibrated alone: {exc}"
+    return CalibratedBySurface(
+        default=default,
+        surfaces=surfaces,
+        fallbacks=fallbacks,
+        rows={surface: int((labels.surfaces == surface).sum()) for surface in named},
+        band_sets_tested=1 + len(tried),
+        band_set_confidence=per_set.confidence,
+        escalate_fallbacks=escalate_fallbacks,
+    )
+
+
+def with_surfaces(
+    thresholds: ThresholdSet,
+    by_surface: CalibratedBySurface,
+    achieved_test: Mapping[str, Mapping[str, object]],
+) -> ThresholdSet:
+    """`thresholds` (the default set, with provenance) plus the certified surface sets and the fallbacks.
+
+    `achieved_test`: the test-split figures of each band set on the items it judged.
+    """
+    decided = by_surface.decision_set(thresholds.version).surfaces
+    surfaces = {
+        surface: decided[surface].model_copy(
+            update={
+                "provenance": {
+                    "calibration_rows": by_surface.rows[surface],
+                    "chosen_levels": calibrated.family.levels_of(calibrated.chosen),
+                    "accepted": calibrated.accepted,
+                    "achieved": {
+                        "calibration_ltt_half": calibrated.ltt_counts,
+                        "test": dict(achieved_test.get(surface, {})),
+                    },
+                }
+            }
+        )
+        for surface, calibrated in by_surface.surfaces.items()
+    }
+    for surface, reason in by_surface.fallbacks.items():
+        if surface in decided:  # an escalating set (escalate_fallbacks)
+            surfaces[surface] = decided[surface].model_copy(
+                update={
+                    "provenance": {
+                        "calibration_rows": by_surface.rows[surface],
+                        "certified": False,
+                        "settles_by_score": False,
+                        "reason": reason,
+                        "achieved": {"test": dict(achieved_test.get(surface, {}))},
+                    }
+                }
+            )
+    provenance = dict(thresholds.provenance)
+    provenance["by_surface"] = {
+        "correction": "Bonferroni over band sets: each certified at delta / m, all hold at once with 1 - delta",
+        "band_sets_tested": by_surface.band_sets_tested,
+        "band_set_confidence": by_surface.band_set_confidence,
+        "certified": sorted(by_surface.surfaces),
+        "fallback": "escalate (no bands)" if by_surface.escalate_fallbacks else "default band set",
+        "not_certified": dict(sorted(by_surface.fallbacks.items())),
+        "default_test": dict(achieved_test.get(DEFAULT_BAND_SET, {})),
+    }
+    return thresholds.model_copy(update={"surfaces": surfaces, "provenance": provenance})
+
+
+def with_hand_set_bands(thresholds: ThresholdSet, hand_set: Mapping[str, Mapping[str, Band]]) -> ThresholdSet:
+    """Fill the bands of stages calibration could not score (e.g. no LLM reachable) in every band set.
+
+    Only a stage that got no band at all is filled; calibrated bands are never overridden. The
+    file records what was hand-set, so nobody mistakes it for a certified band.
+    """
+    filled: dict[str, dict[str, dict[str, float | None]]] = {}
+
+    def fill(stages: Mapping[str, Mapping[str, Band]]) -> dict[str, dict[str, Band]]:
+        out = {stage: dict(bands) for stage, bands in stages.items()}
+        for stage, bands in hand_set.items():
+            if not out.get(stage):
+                out[stage] = dict(bands)
+                filled[stage] = {c: b.model_dump() for c, b in bands.items()}
+        return out
+
+    # Escalating sets too: their items still reach the hand-set stage (the LLM), which then decides.
+    surfaces = {
+        name: band_set.model_copy(update={"stages": fill(band_set.stages)})
+        for name, band_set in thresholds.surfaces.items()
+    }
+    stages = fill(thresholds.stages)
+    provenance = dict(thresholds.provenance)
+    if filled:
+        provenance["hand_set_bands"] = {
+            "bands": filled,
+            "why": "not calibrated: the stage produced no usable scores at calibration time (e.g. no LLM reachable); "
+            "recalibrate with it available to replace these",
+        }
+    return thresholds.model_copy(update={"stages": stages, "surfaces": surfaces, "provenance": provenance})

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = "1"
 MAX_ID_CHARS = 512
+# A surface name: where content appeared (chat_prompt, post, sms, ...). Threshold files key band sets by it.
+SURFACE_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+DEFAULT_BAND_SET = "default"
 
 
 def utc_now() -> datetime:
@@ -63,7 +66,7 @@ class ContentItem(BaseModel):
     context: str | None = Field(default=None, description="Surrounding content (e.g. the post replied to).")
     surface: str | None = Field(
         default=None,
-        pattern=r"^[a-z][a-z0-9_]{0,31}$",
+        pattern=SURFACE_PATTERN,
         description="Where the content appeared (e.g. chat_prompt, post, comment, dm, sms); selects per-surface bands.",
     )
     metadata: dict[str, Any] | None = Field(default=None, description="Free-form JSON object, passed through.")
@@ -109,6 +112,18 @@ class Verdict(BaseModel):
     trace: list[TraceEntry]
     policy_version: str
     thresholds_version: str
+    band_set: str = Field(
+        default=DEFAULT_BAND_SET,
+        description="Band set of the threshold file that decided: the item's surface, or 'default' when the file "
+        "has no bands for that surface.",
+    )
+    score: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Calibrated probability that the item is flagged, from the stage that decided (or the last that "
+        "scored); comparable across stages. Null when no stage scored it.",
+    )
     processed_at: datetime = Field(default_factory=utc_now)
     shadow: ShadowDecision | None = Field(default=None, description="Decision under shadow thresholds; never acted on.")
     item: ContentItem | None = Field(

@@ -1,7 +1,8 @@
 """Labelled JSONL data sets (format: shared/data/README.md) and the deterministic split.
 
 Every row: `id`, `text`, `flagged` (0/1), `labels` {category: 0/1} (a category missing from
-`labels` is unknown, not 0), `source`. The split is a pure function of the id, so training,
+`labels` is unknown, not 0), `source`, and optionally `surface` (where the content
+appeared; otherwise `SOURCE_SURFACES` maps the source to one). The split is a pure function of the id, so training,
 calibration and reporting never see each other's rows, whatever file order or subset.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -16,10 +18,19 @@ from pathlib import Path
 
 import xxhash
 
+from cascade.contract import SURFACE_PATTERN
+
 FLAGGED = "flagged"
 # The labelled data sets sit next to the checkout (the Makefile's SHARED_DATA); relative to the
 # working directory, so an installed package finds them from the project root as well.
 DEFAULT_DATA_DIR = Path("../shared/data")
+
+# The surface of a row that does not name one, by its source (docs/calibration.md, "Surfaces").
+SOURCE_SURFACES: dict[str, str] = {
+    "toxicchat0124": "chat_prompt",
+    "sms_spam_collection": "sms",
+    "davidson2017": "post",
+}
 
 
 class Split(StrEnum):
@@ -47,6 +58,17 @@ class LabelledItem:
     flagged: int
     labels: dict[str, int] = field(default_factory=dict)
     source: str = ""
+    surface: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.surface is None and self.source in SOURCE_SURFACES:
+            object.__setattr__(self, "surface", SOURCE_SURFACES[self.source])
+        elif self.surface is not None and not re.fullmatch(SURFACE_PATTERN, self.surface):
+            raise ValueError(f"surface {self.surface!r} must match {SURFACE_PATTERN}")
+
+    def item_record(self) -> dict[str, str]:
+        """The row as a ContentItem record (id, text, surface): what the cascade sees of it, no labels."""
+        return {"id": self.id, "text": self.text} | ({"surface": self.surface} if self.surface else {})
 
     def label(self, category: str) -> int | None:
         """0/1 for `flagged` and annotated categories, None where the source did not annotate."""
@@ -78,13 +100,16 @@ def labelled_from_record(record: object, default_source: str = "") -> LabelledIt
         raise DataError("'flagged' must be 0 or 1")
     if not isinstance(labels, dict) or not all(_is_bit(v) for v in labels.values()):
         raise DataError("'labels' must map category names to 0 or 1")
-    source = record.get("source")
+    source, surface = record.get("source"), record.get("surface")
+    if surface is not None and not isinstance(surface, str):
+        raise DataError("'surface' must be a string")
     return LabelledItem(
         id=str(item_id),
         text=text,
         flagged=flagged,
         labels={str(k): v for k, v in labels.items()},
         source=str(source) if source else default_source,
+        surface=surface,
     )
 
 

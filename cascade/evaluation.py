@@ -16,12 +16,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from cascade.calibration import FamilyCounts
+from cascade.calibration import MIN_CLASS_EXAMPLES, CalibrationError, FamilyCounts, Targets, choose_thresholds
 from cascade.data import FLAGGED, LabelledItem, Split, split_of
 from cascade.hashbank import BANK_FILE, HashBank
 from cascade.normalize import normalize, text_key
-from cascade.scoring import UNKNOWN_LABEL, LabelMatrix
-from cascade.simulation import ALLOW, BLOCK, DECISION_NAMES, LLM_STAGE, PIPELINE, REVIEW, CascadeOutcome
+from cascade.scoring import UNKNOWN_LABEL, LabelMatrix, ScoreTable
+from cascade.simulation import ALLOW, BLOCK, DECISION_NAMES, LLM_STAGE, PIPELINE, REVIEW, CascadeOutcome, simulate
 
 
 @dataclass(frozen=True)
@@ -106,9 +106,13 @@ def auprc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     return float(average_precision_score(labels, scores[scored]))
 
 
-def guarantee_metrics(outcome: CascadeOutcome, flagged: np.ndarray, confidence: float) -> dict[str, dict[str, object]]:
-    """The three calibrated quantities (and the review rate) with exact intervals."""
-    return _interval_metrics(outcome.decision, outcome.llm_calls, flagged, confidence)
+def guarantee_metrics(
+    outcome: CascadeOutcome, flagged: np.ndarray, confidence: float, rows: np.ndarray | None = None
+) -> dict[str, dict[str, object]]:
+    """The three calibrated quantities (and the review rate) with exact intervals, over `rows` (default all)."""
+    if rows is None:
+        return _interval_metrics(outcome.decision, outcome.llm_calls, flagged, confidence)
+    return _interval_metrics(outcome.decision[rows], outcome.llm_calls[rows], flagged[rows], confidence)
 
 
 def _interval_metrics(
@@ -184,9 +188,15 @@ def build_report(
     calibrated_categories: Sequence[str] = (),
     shadow: tuple[str, np.ndarray] | None = None,
     cost_model: CostModel = COST_MODEL,
+    stage_flagged: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, object]:
-    """The evaluation report; keys are documented in docs/calibration.md and kept stable."""
+    """The evaluation report; keys are documented in docs/calibration.md and kept stable.
+
+    `stage_flagged`: each stage's raw `flagged` score per item (NaN where it gave none), for
+    the AUPRC of every stage alone beside the cascade's.
+    """
     n = len(outcome.decision)
+    stage_flagged = stage_flagged or {}
     flagged = labels.flagged == 1
     stages = {}
     for i, name in enumerate(outcome.stage_names):
@@ -208,6 +218,7 @@ def build_report(
         "llm_rate": _ratio(outcome.llm_calls.sum(), n),
         **decision_metrics(outcome.decision, flagged),
         "auprc": auprc(outcome.final_scores[FLAGGED], flagged),
+        "stage_auprc": {name: auprc(scores, flagged) for name, scores in stage_flagged.items()},
         "cost_relative_to_all_llm": cost_model.relative_to_all_llm(outcome),
         "latency_ms": {name: _percentiles(values) for name, values in outcome.latency_ms.items()},
         "confidence": confidence,
@@ -235,17 +246,13 @@ def build_report(
             "auprc_score": category if has_own_score else FLAGGED,
         }
     report["per_category"] = per_category
-    llm_calls = outcome.llm_calls
     report["per_source"] = {
-        source: {
-            "n": int(rows.sum()),
-            "flagged_rate": _ratio(flagged[rows].sum(), rows.sum()),
-            "decisions": _shares(outcome.decision[rows]),
-            "auto": decision_metrics(outcome.decision[rows], flagged[rows])["auto"],
-            "intervals": _interval_metrics(outcome.decision[rows], llm_calls[rows], labels.flagged[rows], confidence),
-        }
+        source: _part(outcome, labels, labels.sources == source, confidence, stage_flagged)
         for source in sorted(set(labels.sources.tolist()))
-        for rows in [labels.sources == source]
+    }
+    report["per_band_set"] = {
+        name: _part(outcome, labels, outcome.band_set == name, confidence, stage_flagged)
+        for name in sorted(set(outcome.band_set.tolist()))
     }
     if shadow is not None:
         version, shadow_decision = shadow
@@ -265,6 +272,67 @@ def build_report(
     return report
 
 
+def _part(
+    outcome: CascadeOutcome,
+    labels: LabelMatrix,
+    rows: np.ndarray,
+    confidence: float,
+    stage_flagged: Mapping[str, np.ndarray],
+) -> dict[str, object]:
+    """The figures of one part of the items (a source, a band set): each part is also judged alone."""
+    flagged = labels.flagged[rows] == 1
+    return {
+        "stage_auprc": {name: auprc(scores[rows], flagged) for name, scores in stage_flagged.items()},
+        "n": int(rows.sum()),
+        "flagged_rate": _ratio(flagged.sum(), rows.sum()),
+        "band_sets": sorted(set(outcome.band_set[rows].tolist())),
+        "decisions": _shares(outcome.decision[rows]),
+        "auto": decision_metrics(outcome.decision[rows], flagged)["auto"],
+        "auprc": auprc(outcome.final_scores[FLAGGED][rows], flagged),
+        "intervals": guarantee_metrics(outcome, labels.flagged, confidence, rows),
+    }
+
+
+def leave_one_source_out(
+    calibration: tuple[ScoreTable, LabelMatrix],
+    test: tuple[ScoreTable, LabelMatrix],
+    targets: Targets,
+    allowed_categories: Sequence[str] | None = None,
+) -> dict[str, dict[str, object]]:
+    """Cross-source figures: for each source, bands calibrated on the *other* sources' calibration
+    rows (pooled, same targets), measured on this source's test rows, as if it were new traffic.
+
+    A source needs enough violations and non-violations among its test rows to be measured.
+    """
+    (cal_table, cal_labels), (test_table, test_labels) = calibration, test
+    out: dict[str, dict[str, object]] = {}
+    for source in sorted(set(test_labels.sources.tolist())):
+        rows = np.flatnonzero(test_labels.sources == source)
+        others = np.flatnonzero(cal_labels.sources != source)
+        flagged = test_labels.flagged[rows] == 1
+        if min(int(flagged.sum()), int((~flagged).sum())) < MIN_CLASS_EXAMPLES or others.size == 0:
+            continue
+        try:
+            chosen = choose_thresholds(
+                cal_table.take(others), cal_labels.take(others), targets, f"without-{source}", allowed_categories
+            )
+        except CalibrationError as exc:  # infeasible without this source: say so, it is a finding
+            out[source] = {"n": int(rows.size), "calibrated_without_it": None, "reason": str(exc)}
+            continue
+        with_maps = chosen.thresholds.model_copy(update={"score_maps": chosen.score_maps()})
+        outcome = simulate(test_table.take(rows), with_maps)
+        labels = test_labels.take(rows)
+        out[source] = {
+            "n": int(rows.size),
+            "calibrated_without_it": int(others.size),
+            "decisions": _shares(outcome.decision),
+            "auto": decision_metrics(outcome.decision, flagged)["auto"],
+            "auprc": auprc(outcome.final_scores[FLAGGED], flagged),
+            "intervals": guarantee_metrics(outcome, labels.flagged, targets.confidence),
+        }
+    return out
+
+
 def _fmt(value: object, percent: bool = True) -> str:
     if value is None:
         return "-"
@@ -273,8 +341,11 @@ def _fmt(value: object, percent: bool = True) -> str:
     return str(value)
 
 
-def _with_ci(entry: Mapping[str, object]) -> str:
-    ci = entry["ci"]
+def value_with_ci(entry: object) -> str:
+    """`{value, ci}` as "95.1% [93.0%, 96.8%]"; "-" without a value."""
+    if not isinstance(entry, Mapping) or entry.get("value") is None:
+        return "-"
+    ci = entry.get("ci")
     return _fmt(entry["value"]) + (f" [{ci[0]:.1%}, {ci[1]:.1%}]" if isinstance(ci, list) else "")
 
 
@@ -283,6 +354,40 @@ def _label_table(title: str, columns: Sequence[str]) -> Table:
     table = Table(title=title)
     for position, column in enumerate(columns):
         table.add_column(column, justify="left" if position == 0 else "right")
+    return table
+
+
+def _parts_table(title: str, what: str, parts: Mapping[str, Mapping[str, object]]) -> Table:
+    table = _label_table(
+        title,
+        (
+            what,
+            "n",
+            "flagged",
+            "band sets",
+            "allow",
+            "block",
+            "review",
+            "coverage",
+            "AUPRC",
+            "block precision",
+            "allow miss",
+        ),
+    )
+    for name, row in parts.items():
+        mix, intervals, auto = row["decisions"], row["intervals"], row["auto"]
+        assert isinstance(mix, Mapping) and isinstance(intervals, Mapping) and isinstance(auto, Mapping)
+        table.add_row(
+            name,
+            str(row["n"]),
+            _fmt(row["flagged_rate"]),
+            ", ".join(row["band_sets"]),  # type: ignore[arg-type]
+            *(_fmt(mix[d]) for d in DECISION_NAMES),
+            _fmt(auto["coverage"]),
+            _fmt(row["auprc"], percent=False),
+            value_with_ci(intervals["block_precision"]),
+            value_with_ci(intervals["allow_miss"]),
+        )
     return table
 
 
@@ -297,11 +402,15 @@ def render_report(report: Mapping[str, object], console: Console) -> None:
         head.add_row(f"decision {name}", _fmt(decisions[name]))
     head.add_row("LLM call rate", _fmt(report["llm_rate"]))
     head.add_row("cost vs all-LLM", _fmt(report["cost_relative_to_all_llm"]))
-    head.add_row("AUPRC (final score)", _fmt(report["auprc"], percent=False))
+    head.add_row("AUPRC (calibrated score)", _fmt(report["auprc"], percent=False))
+    stage_auprc = report.get("stage_auprc")
+    if isinstance(stage_auprc, Mapping):
+        for name, value in stage_auprc.items():
+            head.add_row(f"AUPRC of {name} alone (raw)", _fmt(value, percent=False))
     intervals = report["intervals"]
     assert isinstance(intervals, Mapping)
     for name in ("block_precision", "allow_miss"):
-        head.add_row(name.replace("_", " "), _with_ci(intervals[name]))
+        head.add_row(name.replace("_", " "), value_with_ci(intervals[name]))
     console.print(head)
 
     quality = _label_table("flagged: precision / recall / F1", ("view", "coverage", "precision", "recall", "f1"))
@@ -356,23 +465,36 @@ def render_report(report: Mapping[str, object], console: Console) -> None:
                 _fmt(auto["recall"]),
             )
         console.print(cats)
-    per_source = report.get("per_source")
-    if isinstance(per_source, Mapping) and len(per_source) > 1:
-        sources = _label_table(
-            "per source (guarantees hold for the pooled mix, not for each source)",
-            ("source", "n", "flagged", "allow", "block", "review", "block precision", "allow miss"),
+    for key, what, title in (
+        (
+            "per_source",
+            "source",
+            "per source (each source's figures; a guarantee holds for the mix it was certified on)",
+        ),
+        ("per_band_set", "band set", "per band set (the items each set judged)"),
+    ):
+        parts = report.get(key)
+        if isinstance(parts, Mapping) and len(parts) > 1:
+            console.print(_parts_table(title, what, parts))
+    cross = report.get("leave_one_source_out")
+    if isinstance(cross, Mapping) and cross:
+        table = _label_table(
+            "leave one source out (bands calibrated on the other sources, measured on this source's test rows)",
+            ("source", "n", "coverage", "AUPRC", "block precision", "allow miss", "llm rate"),
         )
-        for name, row in per_source.items():
-            mix, intervals = row["decisions"], row["intervals"]
-            sources.add_row(
+        for name, row in cross.items():
+            if row.get("calibrated_without_it") is None:
+                table.add_row(name, str(row["n"]), "infeasible without it", "", "", "", "")
+                continue
+            intervals = row["intervals"]
+            table.add_row(
                 name,
                 str(row["n"]),
-                _fmt(row["flagged_rate"]),
-                *(_fmt(mix[d]) for d in DECISION_NAMES),
-                _with_ci(intervals["block_precision"]),
-                _with_ci(intervals["allow_miss"]),
+                _fmt(row["auto"]["coverage"]),
+                _fmt(row["auprc"], percent=False),
+                *(value_with_ci(intervals[k]) for k in ("block_precision", "allow_miss", "llm_rate")),
             )
-        console.print(sources)
+        console.print(table)
     shadow = report.get("shadow")
     if isinstance(shadow, Mapping):
         console.print(

@@ -10,6 +10,10 @@ Two sources fill it:
   violating and benign (hard negative) examples per policy category, via `cascade bank seed`.
 
 Every exemplar is upserted by id (idempotent): importing the same file twice changes nothing.
+
+Each exemplar records the identity of the encoder that embedded it (`encoder`). Vectors of
+different encoders are not comparable, so the retrieval stage refuses a bank that holds any
+other (`bank_problem`); `reindex` (`cascade bank reindex`) re-embeds every exemplar in place.
 """
 
 from __future__ import annotations
@@ -70,11 +74,47 @@ def add_exemplars(
     total = 0
     for batch in _batches(rows, IMPORT_BATCH):
         vectors = embedder.embed([row.text for row in batch])
-        payloads = [exemplar_payload(row, added_by, added_at, **extra) for row in batch]
+        payloads = [exemplar_payload(row, added_by, added_at, **extra, encoder=embedder.identity) for row in batch]
         index.upsert([row.id for row in batch], vectors, payloads)
         total += len(batch)
         if on_batch is not None:
             on_batch(len(batch))
+    return total
+
+
+def bank_problem(index: VectorIndex, encoder: str) -> str | None:
+    """Why the bank cannot serve queries embedded by `encoder` (empty, or embedded by another), else None."""
+    total = index.count()
+    if total == 0:
+        return "the exemplar bank is empty (run `cascade bank seed` or `cascade bank import`)"
+    others = {name: n for name, n in index.encoders().items() if name != encoder}
+    unrecorded = total - sum(index.encoders().values())
+    if others or unrecorded:
+        found = ", ".join(f"{n} by {name}" for name, n in sorted(others.items()))
+        found += f"{', ' if found else ''}{unrecorded} by an unrecorded encoder" if unrecorded else ""
+        return (
+            f"the exemplar bank holds vectors of another encoder ({found}), this process embeds with {encoder}: "
+            "run `cascade bank reindex` to re-embed it"
+        )
+    return None
+
+
+def reindex(index: VectorIndex, embedder: Embedder, on_batch: Callable[[int], None] | None = None) -> int:
+    """Re-embed every exemplar with `embedder`, in place (same ids and payloads); returns how many."""
+    total = 0
+    offset = None
+    while True:
+        page, offset = index.scroll(IMPORT_BATCH, offset)
+        if page:
+            vectors = embedder.embed([str(n.payload.get("text", "")) for n in page])
+            payloads = [{**n.payload, "encoder": embedder.identity} for n in page]
+            index.upsert([n.id for n in page], vectors, payloads)
+            total += len(page)
+            if on_batch is not None:
+                on_batch(len(page))
+        if offset is None:
+            break
+    index.optimize()
     return total
 
 

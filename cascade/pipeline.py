@@ -9,6 +9,11 @@ sends the still-unresolved items as one batch, applies the stage's bands per cat
 - allows it when every banded category is cleared (or the stage returns an allowing match),
 - otherwise escalates it to the next stage; unresolved after the last stage means `review`.
 
+Each item is judged by the band set of its surface (`ContentItem.surface`) when the
+threshold file has one, by the default set otherwise; the verdict names the set
+(`band_set`) and reports `score`, the deciding stage's `flagged` score mapped through that
+set's calibration map, so scores from different stages share one probability scale.
+
 A stage that raises, or reports itself unavailable, settles nothing: its items escalate
 with the reason in the trace. `CascadeRunner` offers both the whole run (CLI, tests) and
 one stage at a time (the stream workers, one agent per stage).
@@ -22,9 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cascade.contract import ContentItem, Decision, Outcome, ShadowDecision, StageOutcome, TraceEntry, Verdict
+from cascade.data import FLAGGED
 from cascade.normalize import normalize, text_key
 from cascade.stages.base import ItemContext, Stage, StageResult
-from cascade.thresholds import Band, ThresholdSet
+from cascade.thresholds import Band, BandSet, ThresholdSet
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +84,24 @@ def _merged_scores(trace: Sequence[TraceEntry]) -> dict[str, float]:
     return scores
 
 
+def calibrated_score(trace: Sequence[TraceEntry], band_set: BandSet) -> float | None:
+    """The verdict's score: the last judging stage's `flagged` probability under `band_set`.
+
+    A stage without a map for its score reports it raw; a definitive match without a score
+    counts 1.0 (block) or 0.0 (allow). `cascade.simulation.final_scores` is the same in numpy.
+    """
+    for entry in reversed(trace):
+        if entry.error is not None:
+            continue
+        raw = entry.scores.get(FLAGGED)
+        if raw is not None:
+            mapped = band_set.probability(entry.stage, FLAGGED, raw)
+            return raw if mapped is None else mapped
+        if entry.matched:
+            return 1.0 if entry.result is StageOutcome.BLOCK else 0.0
+    return None
+
+
 class CascadeRunner:
     """Runs items through an ordered list of stages under a threshold set."""
 
@@ -97,6 +121,8 @@ class CascadeRunner:
         self.thresholds = thresholds
         self.shadow_thresholds = shadow_thresholds
         self.policy_version = policy_version
+        self._band_sets = thresholds.band_sets()
+        self._shadow_band_sets = shadow_thresholds.band_sets() if shadow_thresholds is not None else {}
 
     @property
     def stage_names(self) -> list[str]:
@@ -127,10 +153,10 @@ class CascadeRunner:
         stage = self.stages[index]
         is_last = index == len(self.stages) - 1
         results, elapsed_ms = await self._score(stage, batch)
-        bands = dict(self.thresholds.bands(stage.name))
         outputs: list[Verdict | ItemContext] = []
         for ctx, result in zip(batch, results, strict=True):
-            decided = apply_bands(stage.name, result, bands)
+            band_set = self._band_sets[self.thresholds.band_set_name(ctx.item.surface)]
+            decided = apply_bands(stage.name, result, dict(band_set.bands(stage.name)))
             if decided.decision is not None:
                 overall = StageOutcome(decided.decision.value)
             else:
@@ -179,6 +205,7 @@ class CascadeRunner:
     def _verdict(
         self, ctx: ItemContext, decision: Decision, decided_by: str, reason: str, flagged: list[str]
     ) -> Verdict:
+        band_set = self.thresholds.band_set_name(ctx.item.surface)
         return Verdict(
             id=ctx.item.id,
             decision=decision,
@@ -189,12 +216,14 @@ class CascadeRunner:
             trace=list(ctx.trace),
             policy_version=self.policy_version,
             thresholds_version=self.thresholds.version,
-            shadow=self._shadow(ctx.trace),
+            band_set=band_set,
+            score=calibrated_score(ctx.trace, self._band_sets[band_set]),
+            shadow=self._shadow(ctx.trace, ctx.item.surface),
             item=ctx.item,  # reviewers, appeals and audits show what was judged
             evidence=(ctx.evidence or None) if decision is Decision.REVIEW else None,
         )
 
-    def _shadow(self, trace: Sequence[TraceEntry]) -> ShadowDecision | None:
+    def _shadow(self, trace: Sequence[TraceEntry], surface: str | None) -> ShadowDecision | None:
         """The decision the shadow thresholds would have made on the same stage scores.
 
         Only stages this item reached have scores; if the shadow set would escalate past
@@ -202,6 +231,7 @@ class CascadeRunner:
         """
         if self.shadow_thresholds is None:
             return None
+        band_set = self._shadow_band_sets[self.shadow_thresholds.band_set_name(surface)]
         for entry in trace:
             if entry.error is not None:
                 continue
@@ -209,7 +239,7 @@ class CascadeRunner:
                 decision = Decision(entry.result.value)
             else:
                 result = StageResult(scores=entry.scores)
-                decision = apply_bands(entry.stage, result, dict(self.shadow_thresholds.bands(entry.stage))).decision
+                decision = apply_bands(entry.stage, result, dict(band_set.bands(entry.stage))).decision
             if decision is not None:
                 return ShadowDecision(
                     thresholds_version=self.shadow_thresholds.version, decision=decision, decided_by=entry.stage

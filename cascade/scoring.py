@@ -133,6 +133,11 @@ class LabelMatrix:
     categories: list[str]
     values: np.ndarray  # (n, C) int8
     sources: np.ndarray  # (n,) str: the row's `source`
+    surfaces: np.ndarray | None = None  # (n,) object: the row's surface (None: none); all None if not given
+
+    def __post_init__(self) -> None:
+        if self.surfaces is None:
+            object.__setattr__(self, "surfaces", np.full(len(self.values), None, dtype=object))
 
     @classmethod
     def of(cls, rows: Sequence[LabelledItem]) -> LabelMatrix:
@@ -144,7 +149,12 @@ class LabelMatrix:
                 label = row.labels.get(category)
                 if label is not None:
                     values[i, j] = label
-        return cls(categories, values, np.array([row.source for row in rows], dtype=str))
+        return cls(
+            categories,
+            values,
+            np.array([row.source for row in rows], dtype=str),
+            np.array([row.surface for row in rows], dtype=object),
+        )
 
     @property
     def flagged(self) -> np.ndarray:
@@ -158,7 +168,7 @@ class LabelMatrix:
         return np.full(len(self.values), UNKNOWN_LABEL, dtype=np.int8)
 
     def take(self, index: np.ndarray) -> LabelMatrix:
-        return LabelMatrix(self.categories, self.values[index], self.sources[index])
+        return LabelMatrix(self.categories, self.values[index], self.sources[index], self.surfaces[index])
 
 
 def admit(rows: Sequence[LabelledItem], settings: Settings) -> tuple[list[LabelledItem], list[ContentItem], int]:
@@ -166,7 +176,7 @@ def admit(rows: Sequence[LabelledItem], settings: Settings) -> tuple[list[Labell
     kept_rows: list[LabelledItem] = []
     items: list[ContentItem] = []
     for row in rows:
-        parsed = parse_record(json.dumps({"id": row.id, "text": row.text}, ensure_ascii=False), settings)
+        parsed = parse_record(json.dumps(row.item_record(), ensure_ascii=False), settings)
         if isinstance(parsed, DeadLetter):
             continue
         kept_rows.append(row)

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cascade.contract import Decision, Verdict
+from cascade.contract import DEFAULT_BAND_SET, Decision, Verdict
 from cascade.data import FLAGGED
 from cascade.pipeline import UNDECIDED_STAGE
 from cascade.scoring import MATCH_ALLOW, MATCH_BLOCK, ScoreTable, StageScores
-from cascade.thresholds import Band, ThresholdSet
+from cascade.thresholds import Band, BandSet, ThresholdSet
 
 # Decision codes. Within one stage REVIEW means "escalate"; after the last stage it is review.
 ALLOW, BLOCK, REVIEW = 0, 1, 2
@@ -100,6 +100,7 @@ class CascadeOutcome:
     final_scores: dict[str, np.ndarray]  # category -> (n,) the last reached stage's score (NaN if none)
     latency_ms: dict[str, np.ndarray]  # stage -> per-item latency of the items that reached it
     thresholds_version: str
+    band_set: np.ndarray  # (n,) object: the band set each item was judged by
 
     def escalated_past(self, index: int) -> np.ndarray:
         """Items that reached stage `index` and were not decided there."""
@@ -119,13 +120,32 @@ def llm_calls(stage_names: Sequence[str], reached: np.ndarray, decided_by: np.nd
     return reached[:, last] & (decided_by != last)
 
 
+def calibrated_column(
+    stage: StageScores, category: str, band_sets: Mapping[str, BandSet], names: np.ndarray
+) -> np.ndarray:
+    """A stage's scores of one category, each through its item's band-set map (raw where none)."""
+    column = stage.column(category).copy()
+    for name, band_set in band_sets.items():
+        score_map = band_set.score_maps.get(stage.name, {}).get(category)
+        rows = (names == name) & ~np.isnan(column)
+        if score_map is not None and rows.any():
+            column[rows] = score_map.probabilities(column[rows])
+    return column
+
+
 def final_scores(
-    stages: Sequence[StageScores], reached: np.ndarray, categories: Sequence[str]
+    stages: Sequence[StageScores],
+    reached: np.ndarray,
+    categories: Sequence[str],
+    band_sets: Mapping[str, BandSet] | None = None,
+    names: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Per category, the score of the last reached stage that scored it.
 
-    For `flagged`, an item settled by a definitive match with no score gets 1.0 (block) or
-    0.0 (allow): the match is the cascade's last word on it.
+    `flagged` is the verdict's `score` (`cascade.pipeline.calibrated_score`): put through the
+    item's band-set map when `band_sets` are given, and an item settled by a definitive match
+    with no score gets 1.0 (block) or 0.0 (allow): the match is the cascade's last word on it.
+    Other categories stay raw, as in the verdict's `categories`.
     """
     out: dict[str, np.ndarray] = {}
     n = len(reached)
@@ -134,7 +154,10 @@ def final_scores(
         for index, stage in enumerate(stages):
             column = stage.column(category)
             if category == FLAGGED:
-                column = column.copy()
+                if band_sets is not None and names is not None:
+                    column = calibrated_column(stage, category, band_sets, names)
+                else:
+                    column = column.copy()
                 unscored = np.isnan(column)
                 column[unscored & (stage.match == MATCH_BLOCK)] = 1.0
                 column[unscored & (stage.match == MATCH_ALLOW)] = 0.0
@@ -144,9 +167,32 @@ def final_scores(
     return out
 
 
-def simulate(table: ScoreTable, thresholds: ThresholdSet, categories: Sequence[str] = (FLAGGED,)) -> CascadeOutcome:
-    """`CascadeRunner.run` over the cached scores under one threshold set."""
+def band_set_names(thresholds: ThresholdSet, surfaces: np.ndarray | None, n: int) -> np.ndarray:
+    """(n,) the band set each item is judged by (`ThresholdSet.band_set_name` of its surface)."""
+    if surfaces is None:
+        return np.full(n, DEFAULT_BAND_SET, dtype=object)
+    return np.array([thresholds.band_set_name(s) for s in surfaces], dtype=object)
+
+
+def _decisions_by_band_set(stage: StageScores, band_sets: Mapping[str, BandSet], names: np.ndarray) -> np.ndarray:
+    """(n,) one stage's decisions, each item under its own band set."""
+    decided = np.full(len(names), ESCALATE, dtype=np.int8)
+    for name, band_set in band_sets.items():
+        rows = np.flatnonzero(names == name)
+        if rows.size:
+            decided[rows] = stage_decisions(stage.take(rows), BandArrays.from_bands(band_set.bands(stage.name)))[0]
+    return decided
+
+
+def simulate(
+    table: ScoreTable,
+    thresholds: ThresholdSet,
+    categories: Sequence[str] = (FLAGGED,),
+    surfaces: np.ndarray | None = None,
+) -> CascadeOutcome:
+    """`CascadeRunner.run` over the cached scores under one threshold set (items of `surfaces`)."""
     n, count = len(table), len(table.stages)
+    band_sets, names = thresholds.band_sets(), band_set_names(thresholds, surfaces, n)
     decision = np.full(n, REVIEW, dtype=np.int8)
     decided_by = np.full(n, PIPELINE, dtype=np.int16)
     reached = np.zeros((n, count), dtype=bool)
@@ -155,7 +201,7 @@ def simulate(table: ScoreTable, thresholds: ThresholdSet, categories: Sequence[s
     for index, stage in enumerate(table.stages):
         reached[:, index] = pending
         errored[:, index] = pending & stage.error
-        decided = stage_decisions(stage, BandArrays.from_bands(thresholds.bands(stage.name)))[0]
+        decided = _decisions_by_band_set(stage, band_sets, names)
         settled = pending & (decided != ESCALATE)
         decision[settled] = decided[settled]
         decided_by[settled] = index
@@ -166,23 +212,27 @@ def simulate(table: ScoreTable, thresholds: ThresholdSet, categories: Sequence[s
         decided_by=decided_by,
         reached=reached,
         errored=errored,
-        final_scores=final_scores(table.stages, reached, categories),
+        final_scores=final_scores(table.stages, reached, categories, band_sets, names),
         latency_ms={s.name: s.latency_ms[reached[:, i]] for i, s in enumerate(table.stages)},
         thresholds_version=thresholds.version,
+        band_set=names,
     )
 
 
-def simulate_shadow(table: ScoreTable, primary: CascadeOutcome, shadow: ThresholdSet) -> np.ndarray:
+def simulate_shadow(
+    table: ScoreTable, primary: CascadeOutcome, shadow: ThresholdSet, surfaces: np.ndarray | None = None
+) -> np.ndarray:
     """The shadow decision per item, as `CascadeRunner._shadow` records it in verdicts.
 
     Only the stages the primary run reached have scores live, so the shadow set looks at
     those alone; where it would have escalated past them, the shadow decision is review.
     """
     n = len(table)
+    band_sets, names = shadow.band_sets(), band_set_names(shadow, surfaces, n)
     decision = np.full(n, REVIEW, dtype=np.int8)
     pending = np.ones(n, dtype=bool)
     for index, stage in enumerate(table.stages):
-        decided = stage_decisions(stage, BandArrays.from_bands(shadow.bands(stage.name)))[0]
+        decided = _decisions_by_band_set(stage, band_sets, names)
         settled = pending & primary.reached[:, index] & (decided != ESCALATE)
         decision[settled] = decided[settled]
         pending &= ~settled
@@ -217,10 +267,10 @@ def outcomes_from_verdicts(
                 errored[i, j] = True
                 continue
             for category in categories:
-                if category in entry.scores:
+                if category in entry.scores and category != FLAGGED:
                     scores[category][i] = entry.scores[category]
-                elif category == FLAGGED and entry.matched:
-                    scores[category][i] = 1.0 if entry.result.value == "block" else 0.0
+        if FLAGGED in scores and verdict.score is not None:
+            scores[FLAGGED][i] = verdict.score
     batches = np.asarray(batch_of)
     latency = {}
     for j, name in enumerate(stage_names):
@@ -236,4 +286,5 @@ def outcomes_from_verdicts(
         final_scores=scores,
         latency_ms=latency,
         thresholds_version=verdicts[0].thresholds_version if verdicts else "",
+        band_set=np.array([v.band_set for v in verdicts], dtype=object),
     )

@@ -16,8 +16,9 @@ a Qdrant server, which any number of workers share.
 Points are keyed by a UUID derived from the exemplar id, so upserts are idempotent by
 exemplar id. Payload (see `cascade.exemplars.exemplar_payload`): `exemplar_id`, `text`,
 `flagged`, `labels` (known categories only), `label_keys` (the known categories),
-`violates` (the categories labelled 1), `source`, `added_at`, `added_by`. Payload indexes
-exist on the fields filters use.
+`violates` (the categories labelled 1), `source`, `added_at`, `added_by`, `encoder` (the
+identity of the encoder that embedded it). Payload indexes exist on the fields filters and
+facets use.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from cascade.settings import Settings
 Where = Mapping[str, str | int | bool]
 
 _ID_NAMESPACE = uuid.UUID("6f1c2a8e-5d1b-4c57-9a43-2f7e0c9b1d64")
-KEYWORD_FIELDS = ("exemplar_id", "source", "label_keys", "violates", "added_by")
+KEYWORD_FIELDS = ("exemplar_id", "source", "label_keys", "violates", "added_by", "encoder")
 INTEGER_FIELDS = ("flagged",)
 _FACET_LIMIT = 1000  # more categories than any policy will name
 
@@ -102,6 +103,14 @@ class VectorIndex(ABC):
 
     @abstractmethod
     def _facet(self, field: str) -> dict[str, int]: ...
+
+    @abstractmethod
+    def scroll(self, limit: int, offset: Any = None) -> tuple[list[Neighbour], Any]:
+        """A page of exemplars (similarity 0) in id order and the offset of the next page (None at the end)."""
+
+    def encoders(self) -> dict[str, int]:
+        """Exemplars per encoder identity that embedded them (exemplars without one are not counted)."""
+        return self._facet("encoder")
 
     def category_counts(self) -> dict[str, CategoryCount]:
         """Per category (plus `flagged`): exemplars labelled for it and those labelled violating."""
@@ -197,8 +206,14 @@ class EdgeIndex(VectorIndex):
         return self._shard.count(self._qe.CountRequest(exact=True, filter=self._filter(where)))
 
     def _facet(self, field: str) -> dict[str, int]:
+        # Idempotent: a store created before the field was indexed gets its index now.
+        self._shard.update(self._qe.UpdateOperation.create_field_index(field, self._qe.PayloadSchemaType.Keyword))
         response = self._shard.facet(self._qe.FacetRequest(key=field, limit=_FACET_LIMIT, exact=True))
         return {str(hit.value): hit.count for hit in response.hits}
+
+    def scroll(self, limit: int, offset: Any = None) -> tuple[list[Neighbour], Any]:
+        points, following = self._shard.scroll(self._qe.ScrollRequest(limit=limit, offset=offset, with_payload=True))
+        return [_neighbour(0.0, p.payload) for p in points], following
 
     def optimize(self) -> None:
         self._shard.optimize()
@@ -285,8 +300,14 @@ class QdrantClientIndex(VectorIndex):
         return self._client.count(self.collection, count_filter=self._filter(where), exact=True).count
 
     def _facet(self, field: str) -> dict[str, int]:
+        # Idempotent: a collection created before the field was indexed gets its index now.
+        self._client.create_payload_index(self.collection, field, self._models.PayloadSchemaType.KEYWORD)
         response = self._client.facet(self.collection, field, limit=_FACET_LIMIT, exact=True)
         return {str(hit.value): hit.count for hit in response.hits}
+
+    def scroll(self, limit: int, offset: Any = None) -> tuple[list[Neighbour], Any]:
+        points, following = self._client.scroll(self.collection, limit=limit, offset=offset, with_payload=True)
+        return [_neighbour(0.0, p.payload) for p in points], following
 
     def close(self) -> None:
         self._client.close()

@@ -1,8 +1,11 @@
-"""Shared test fixture: the ONNX embedding model, exported once and kept in pytest's cache.
+"""Shared test fixtures: the serving encoder, and the frozen MiniLM export kept in pytest's cache.
 
-Exporting takes ~15 s (torch), so test sessions reuse `.pytest_cache/d/cascade-embedding/models`;
-each test still gets its own `data_dir` (tmp_path), whose `models/` links to that cache.
-`tests/test_embedding.py::test_export_builds_missing_model` covers the export itself.
+`settings` and `embedder` serve the default model (the tuned encoder shipped in the package).
+The frozen design's export takes ~15 s (torch), so test sessions reuse
+`.pytest_cache/d/cascade-embedding/models`; each test still gets its own `data_dir` (tmp_path),
+whose `models/` links to that cache. `frozen_settings` / `frozen_embedder` select the frozen
+encoder (a model directory without a tuned card). `tests/test_embedding.py::test_export_builds_missing_model`
+covers the export itself.
 """
 
 from __future__ import annotations
@@ -35,3 +38,18 @@ def settings(tmp_path: Path, model_cache_dir: Path) -> Settings:
 @pytest.fixture(scope="session")
 def embedder(model_cache_dir: Path) -> Embedder:
     return Embedder.from_settings(Settings(data_dir=model_cache_dir.parent))
+
+
+def frozen(settings: Settings) -> Settings:
+    """The same settings serving the frozen MiniLM: a model directory that holds no tuned encoder."""
+    return settings.model_copy(update={"model_dir": settings.data_dir / "frozen-heads"})
+
+
+@pytest.fixture
+def frozen_settings(settings: Settings) -> Settings:
+    return frozen(settings)
+
+
+@pytest.fixture(scope="session")
+def frozen_embedder(model_cache_dir: Path) -> Embedder:
+    return Embedder.from_settings(frozen(Settings(data_dir=model_cache_dir.parent)))

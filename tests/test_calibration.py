@@ -21,12 +21,13 @@ from cascade.calibration import (
     fit_half,
     fit_maps,
     level_grid,
+    rows_to_certify,
 )
 from cascade.cli import app
 from cascade.evaluation import guarantee_metrics
 from cascade.scoring import LabelMatrix, ScoreTable, StageScores
 from cascade.simulation import simulate
-from cascade.thresholds import ThresholdSet
+from cascade.thresholds import Band, ThresholdSet
 
 TARGETS = Targets(block_precision=0.9, max_allow_miss=0.05, max_llm_rate=0.5, confidence=0.9)
 
@@ -145,7 +146,7 @@ def test_calibrate_cli_writes_provenance(cli_env: Path, tmp_path: Path) -> None:
     assert {s["name"] for s in prov["stages"]} == {"hash", "classifier", "llm"}
     test = prov["achieved"]["test"]
     assert test["block_precision"]["value"] >= 0.85 and len(test["block_precision"]["ci"]) == 2
-    assert prov["libraries"]["mapie"] and prov["calibration_maps"]["classifier"]["flagged"]["x"]
+    assert prov["libraries"]["mapie"] and written.score_maps["classifier"]["flagged"].x
     # The second run reuses the cached scores.
     again = CliRunner().invoke(app, [*args, *targets, "-o", str(tmp_path / "again.yaml")])
     assert again.exit_code == 0 and "from the score cache" in again.output
@@ -207,3 +208,36 @@ def test_per_source_certification_protects_the_weak_source() -> None:
     assert precision >= targets.block_precision and miss <= targets.max_allow_miss
     overall = guarantee_metrics(simulate(population, stratified.thresholds), population_labels.flagged, 0.95)
     assert _holds(overall, targets)
+
+
+def test_rows_to_certify_follows_the_hoeffding_bentkus_bound() -> None:
+    # With no errors observed, Hoeffding–Bentkus reduces to (1 - target)^n <= δ: 0.95^59 < 0.05 < 0.95^58.
+    assert rows_to_certify(0.05, 0.95) == 59
+    assert rows_to_certify(0.05, 1 - 0.05 / 4) == 86  # Bonferroni over 4 band sets: δ/4
+    with_errors = rows_to_certify(0.05, 0.95, observed=0.02)
+    assert with_errors is not None and with_errors > 59
+    assert rows_to_certify(0.05, 0.95, observed=0.05) is None, "an observed risk at the target never certifies"
+
+
+def test_calibrate_cli_hand_set_band_fills_only_uncalibrated_stages(
+    cli_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(calibrate_cli, "build_stages", lambda settings, names: _stages()[:2])  # no LLM stage
+    targets = ["--target-block-precision", "0.9", "--max-allow-miss", "0.1", "--max-llm-rate", "0.6"]
+    out = tmp_path / "hand.yaml"
+    result = CliRunner().invoke(
+        app,
+        [
+            *("calibrate", str(cli_env), "-o", str(out), *targets),
+            *("--hand-set-band", "llm.flagged=0.5:0.5", "--hand-set-band", "classifier.flagged=:0.99"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    written = ThresholdSet.load(out)
+    assert written.stages["llm"] == {"flagged": Band(allow_below=0.5, block_at=0.5)}
+    assert written.stages["classifier"]["flagged"].allow_below is not None, "a calibrated band is never replaced"
+    assert set(written.provenance["hand_set_bands"]["bands"]) == {"llm"}
+    for bad in ("llm.flagged=0.7:0.2", "llm.flagged", "lm.flagged=0.5:0.5", "llm.flaged=0.5:0.5"):
+        refused = CliRunner().invoke(app, ["calibrate", str(cli_env), "-o", str(out), *targets, "--hand-set-band", bad])
+        assert refused.exit_code == 2 and "--hand-set-band" in refused.output, bad
+        assert "Traceback" not in refused.output

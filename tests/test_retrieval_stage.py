@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from cascade.assembly import build_stages
 from cascade.contract import ContentItem, Decision
 from cascade.data import LabelledItem, Split, split_of
-from cascade.embedding import Embedder
+from cascade.embedding import Embedder, encoder_identity
 from cascade.exemplars import add_exemplars, exemplar_payload, load_seed_sets, seed_policy_exemplars
 from cascade.pipeline import CascadeRunner, new_context
 from cascade.policy import load_policy
@@ -113,7 +113,7 @@ def bank(settings: Settings, embedder: Embedder) -> Settings:
 
 async def test_stage_blocks_near_copies_clears_lookalikes_and_escalates_the_unknown(bank: Settings) -> None:
     (stage,) = build_stages(bank, ["retrieval"])
-    assert isinstance(stage, RetrievalStage) and "all-MiniLM-L6-v2" in stage.version
+    assert isinstance(stage, RetrievalStage) and encoder_identity(bank) in stage.version
     runner = CascadeRunner([stage], THRESHOLDS, "test-policy")
     batch = [
         _ctx("1", "Congratulations!! You won a free cruise - call now to claim your prize"),

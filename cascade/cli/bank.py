@@ -416,3 +416,23 @@ def seed() -> None:
     finally:
         index.close()
     console.print(f"seeded {total} policy exemplars from {settings.policies_dir / 'seeds'}")
+
+
+@bank_app.command("reindex")
+def reindex() -> None:
+    """Re-embed every exemplar with the encoder this configuration serves (after changing the model)."""
+    from cascade.embedding import Embedder, ModelError
+    from cascade.exemplars import reindex as reembed
+    from cascade.vectorindex import StoreInUseError, open_vector_index
+
+    settings = Settings()
+    try:
+        embedder = Embedder.from_settings(settings)
+        index = open_vector_index(settings)
+    except (ModelError, StoreInUseError) as exc:
+        raise fail(str(exc)) from None
+    try:
+        total = reembed(index, embedder)
+    finally:
+        index.close()
+    console.print(f"re-embedded {total} exemplars with {embedder.identity}")

@@ -6,7 +6,8 @@ import asyncio
 import json
 import shlex
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -18,20 +19,32 @@ from rich.table import Table
 
 from cascade.assembly import STAGE_ORDER, build_stages
 from cascade.calibration import (
+    CalibratedBySurface,
     CalibrationError,
     CalibrationMap,
     Family,
     InfeasibleTargets,
     Targets,
     choose_thresholds,
+    choose_thresholds_by_surface,
     level_grid,
+    with_hand_set_bands,
     with_provenance,
+    with_surfaces,
 )
 from cascade.cli.app import app, fail
 from cascade.contract import ContentItem, Verdict
 from cascade.data import FLAGGED, DataError, LabelledItem, Split, SplitChoice, file_digest, load_labelled, split_of
 from cascade.drift import Reference
-from cascade.evaluation import build_report, cost_f1_frontier, guarantee_metrics, leakage_warnings, render_report
+from cascade.evaluation import (
+    build_report,
+    cost_f1_frontier,
+    guarantee_metrics,
+    leakage_warnings,
+    render_report,
+    value_with_ci,
+)
+from cascade.evaluation import leave_one_source_out as cross_source
 from cascade.llm.answers import LLMRun, sample_rows
 from cascade.llm.shadow import shadow_agreement
 from cascade.pipeline import CascadeRunner, new_context
@@ -48,9 +61,19 @@ from cascade.simulation import (
     simulate_shadow,
 )
 from cascade.stages.base import Stage
-from cascade.thresholds import ThresholdError, ThresholdSet
+from cascade.thresholds import Band, ThresholdError, ThresholdSet
 
 T = TypeVar("T")
+
+
+class CalibrateBy(StrEnum):
+    POOL = "pool"
+    SURFACE = "surface"
+
+
+class SurfaceFallback(StrEnum):
+    DEFAULT = "default"
+    ESCALATE = "escalate"
 
 
 StagesOption = Annotated[str, typer.Option(help="Comma-separated stages to run, in cascade order.")]
@@ -134,6 +157,29 @@ def calibrate(
     per_source: Annotated[
         bool, typer.Option(help="Also certify block precision and allow-miss for each source, not only the mix.")
     ] = False,
+    by: Annotated[
+        CalibrateBy,
+        typer.Option(
+            "--by",
+            help="pool: one band set for all items; surface: also one per surface with enough rows "
+            "(Bonferroni over the band sets), the rest fall back to the pooled default.",
+        ),
+    ] = CalibrateBy.POOL,
+    fallback: Annotated[
+        SurfaceFallback,
+        typer.Option(
+            help="With --by surface, what judges a labelled surface that cannot be certified: the pooled default "
+            "band set, or no bands at all (escalate: only definitive matches decide, the rest goes to the LLM "
+            "or review).",
+        ),
+    ] = SurfaceFallback.DEFAULT,
+    hand_set_band: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="STAGE.CATEGORY=ALLOW_BELOW:BLOCK_AT (either may be empty = null), repeatable: a band for a stage "
+            "that calibration could not score (e.g. llm.flagged=0.5:0.5 with no LLM reachable); recorded as hand-set.",
+        ),
+    ] = None,
     version: Annotated[str | None, typer.Option(help="thresholds_version (default: calibrated-<timestamp>).")] = None,
     stages: StagesOption = ",".join(STAGE_ORDER),
     batch_size: BatchOption = 64,
@@ -154,12 +200,15 @@ def calibrate(
     settings = Settings()
     err = Console(stderr=True)
     targets = Targets(target_block_precision, max_allow_miss, max_llm_rate, confidence)
+    if fallback is not SurfaceFallback.DEFAULT and by is not CalibrateBy.SURFACE:
+        raise fail(f"--fallback {fallback.value} applies to surfaces: add --by surface, or drop --fallback")
     rows, digests = _load_rows(data)
     built = _stages(settings, stages)
     llm_run = LLMRun.attach(built, settings.data_dir)
     if llm_run is not None:
         rows = _confirm_llm_spend(llm_run, rows, settings, llm_sample, yes, err)
     policy = load_policy(settings.policies_dir)
+    hand_set = _hand_set_bands(hand_set_band or [], policy.names)
     version = version or f"calibrated-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
 
     async def work() -> tuple[tuple[ScoreTable, LabelMatrix, int], tuple[ScoreTable, LabelMatrix, int]]:
@@ -179,13 +228,30 @@ def calibrate(
         return cal, test
 
     (cal_table, cal_labels, cal_skipped), (test_table, test_labels, test_skipped) = _with_stages(built, work)
+    by_surface: CalibratedBySurface | None = None
     try:
-        chosen = choose_thresholds(cal_table, cal_labels, targets, version, sorted(policy.names), per_source=per_source)
+        if by is CalibrateBy.SURFACE:
+            by_surface = choose_thresholds_by_surface(
+                cal_table,
+                cal_labels,
+                targets,
+                version,
+                sorted(policy.names),
+                per_source=per_source,
+                escalate_fallbacks=fallback is SurfaceFallback.ESCALATE,
+            )
+            chosen, decision_set = by_surface.default, by_surface.decision_set(version)
+        else:
+            chosen = choose_thresholds(
+                cal_table, cal_labels, targets, version, sorted(policy.names), per_source=per_source
+            )
+            decision_set = chosen.thresholds
     except InfeasibleTargets as exc:
         raise fail(f"{exc} No file written.", code=2) from exc
     except CalibrationError as exc:
         raise fail(str(exc), code=2) from exc
-    achieved = guarantee_metrics(simulate(test_table, chosen.thresholds), test_labels.flagged, confidence)
+    outcome = simulate(test_table, decision_set, surfaces=test_labels.surfaces)
+    achieved = guarantee_metrics(outcome, test_labels.flagged, confidence)
     command = shlex.join(["cascade", "calibrate", *sys.argv[2:]]) if sys.argv[1:2] == ["calibrate"] else ""
     thresholds = with_provenance(
         chosen,
@@ -196,6 +262,13 @@ def calibrate(
         achieved,
         command,
     )
+    if by_surface is not None:
+        achieved_by_set = {
+            name: guarantee_metrics(outcome, test_labels.flagged, confidence, outcome.band_set == name)
+            for name in decision_set.band_sets()
+        }
+        thresholds = with_surfaces(thresholds, by_surface, achieved_by_set)
+    thresholds = with_hand_set_bands(thresholds, hand_set)
     # What live traffic is compared with (cascade.drift; docs/drift.md).
     thresholds.provenance["reference"] = Reference.of(cal_table, thresholds).to_doc()
     if llm_run is not None:
@@ -203,6 +276,8 @@ def calibrate(
     output.parent.mkdir(parents=True, exist_ok=True)
     thresholds.dump(output)
     _render_calibration(thresholds, achieved, chosen.accepted, chosen.candidates, Console())
+    if by_surface is not None:
+        _render_surfaces(thresholds, by_surface, Console())
     err.print(f"wrote {output} (thresholds_version {thresholds.version})")
 
 
@@ -222,6 +297,68 @@ def _confirm_llm_spend(
         if not agreed:
             raise fail("not confirmed: no llm call made (omit the llm stage with --stages, or cap --llm-sample)")
     return sampled
+
+
+def _hand_set_bands(specs: Sequence[str], categories: Iterable[str]) -> dict[str, dict[str, Band]]:
+    """`--hand-set-band` values as bands, or an operator error naming the bad one."""
+    known = set(categories)
+    out: dict[str, dict[str, Band]] = {}
+    for spec in specs:
+        try:
+            target, edges = spec.split("=", 1)
+            stage, category = target.split(".", 1)
+            allow, block = edges.split(":", 1)
+            band = Band(allow_below=float(allow) if allow else None, block_at=float(block) if block else None)
+        except ValueError as exc:
+            raise fail(
+                f"--hand-set-band {spec!r}: expected STAGE.CATEGORY=ALLOW_BELOW:BLOCK_AT with edges in [0, 1], "
+                "allow <= block (e.g. llm.flagged=0.5:0.5)"
+            ) from exc
+        if stage not in STAGE_ORDER or category not in known:
+            raise fail(
+                f"--hand-set-band {spec!r}: unknown stage or category (stages: {', '.join(STAGE_ORDER)}; "
+                f"categories: {', '.join(sorted(known))})"
+            )
+        out.setdefault(stage, {})[category] = band
+    return out
+
+
+def _render_surfaces(thresholds: ThresholdSet, by_surface: CalibratedBySurface, console: Console) -> None:
+    """Which band set each surface got, and its test-split figures."""
+    table = Table(
+        title=f"band sets by surface ({by_surface.band_sets_tested} tested, each at "
+        f"{by_surface.band_set_confidence:.2%} confidence so all hold at once); on the test split"
+    )
+    for column in ("surface", "calibration rows", "band set", "block precision", "allow miss", "llm rate"):
+        table.add_column(column, justify="left" if column in ("surface", "band set") else "right")
+    tested = thresholds.provenance["by_surface"]
+    for surface in sorted(by_surface.rows):
+        own = thresholds.surfaces.get(surface)
+        figures = own.provenance["achieved"]["test"] if own is not None else {}
+        kind = "default (fallback)"
+        if own is not None:
+            kind = "own (certified)" if surface in by_surface.surfaces else "no bands (escalates)"
+        table.add_row(
+            surface,
+            str(by_surface.rows[surface]),
+            kind,
+            *(value_with_ci(figures.get(key)) for key in ("block_precision", "allow_miss", "llm_rate")),
+        )
+    figures = tested["default_test"]
+    table.add_row(
+        "(items judged by the default)",
+        "",
+        "default",
+        *(value_with_ci(figures.get(key)) for key in ("block_precision", "allow_miss", "llm_rate")),
+    )
+    console.print(table)
+    console.print(
+        "Targets are certified per band set, on its own surface's traffic; the table above the bands is the "
+        "whole mix, where surfaces without a certified set may miss them (an escalating surface's LLM rate)."
+    )
+    for surface, reason in sorted(by_surface.fallbacks.items()):
+        instead = "gets no bands (escalates)" if by_surface.escalate_fallbacks else "falls back to the default band set"
+        console.print(f"surface {surface} {instead}: {reason}", markup=False)
 
 
 def _render_calibration(
@@ -301,6 +438,18 @@ def _stale_stages(thresholds: ThresholdSet, stages: Sequence[Stage]) -> list[str
     ]
 
 
+def _file_targets(thresholds: ThresholdSet) -> Targets:
+    """The targets a threshold file was calibrated for (to recalibrate the same way without a source)."""
+    doc = thresholds.provenance.get("targets")
+    try:
+        return Targets(doc["block_precision"], doc["max_allow_miss"], doc["max_llm_rate"], doc["confidence"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise fail(
+            f"thresholds {thresholds.version} record no calibration targets (provenance.targets); "
+            "--leave-one-source-out needs a file written by `cascade calibrate`"
+        ) from exc
+
+
 def _stage_flagged_from_verdicts(verdicts: Sequence[Verdict], stage_names: Sequence[str]) -> dict[str, np.ndarray]:
     out = {name: np.full(len(verdicts), np.nan) for name in stage_names}
     for i, verdict in enumerate(verdicts):
@@ -311,13 +460,10 @@ def _stage_flagged_from_verdicts(verdicts: Sequence[Verdict], stage_names: Seque
 
 
 def _frontier(thresholds: ThresholdSet, table: ScoreTable, labels: LabelMatrix) -> list[dict[str, float]]:
-    """The cost–F1 frontier over the calibration family, when the threshold file carries its maps."""
-    docs = thresholds.provenance.get("calibration_maps")
-    if not isinstance(docs, dict):
-        return []
+    """The cost–F1 frontier over the default set's calibration family, when the file carries its maps."""
     maps = {
-        stage: {category: CalibrationMap.from_doc(doc) for category, doc in cats.items()}
-        for stage, cats in docs.items()
+        stage: {category: CalibrationMap.of(doc) for category, doc in cats.items()}
+        for stage, cats in thresholds.score_maps.items()
         if stage in table.stage_names
     }
     if not maps:
@@ -340,6 +486,13 @@ def evaluate(
         bool, typer.Option(help="Run the cascade for real instead of replaying cached stage scores.")
     ] = False,
     confidence: Annotated[float, typer.Option(min=0.5, max=0.999, help="Level of the reported intervals.")] = 0.95,
+    leave_one_source_out: Annotated[
+        bool,
+        typer.Option(
+            help="Also, per source: bands calibrated (with the file's targets) on the other sources' calibration "
+            "rows, measured on this source's test rows."
+        ),
+    ] = False,
     stages: StagesOption = ",".join(STAGE_ORDER),
     batch_size: BatchOption = 64,
     refresh_scores: RefreshOption = False,
@@ -348,6 +501,7 @@ def evaluate(
     settings = Settings()
     err = Console(stderr=True)
     rows, digests = _load_rows(data)
+    all_rows = rows
     if split is not SplitChoice.ALL:
         rows = _split_rows(rows, Split(split.value))
     if not rows:
@@ -369,6 +523,7 @@ def evaluate(
         )
     for message in leakage_warnings(rows, settings.data_dir):
         err.print(f"[yellow]warning:[/] {message}")
+    cross_targets = _file_targets(primary) if leave_one_source_out else None
     built = _stages(settings, stages)
     stale = _stale_stages(primary, built)
     for message in stale:
@@ -390,21 +545,25 @@ def evaluate(
         table, labels, skipped = _with_stages(
             built, lambda: _score(built, rows, settings, digests, split.value, refresh_scores, batch_size, err)
         )
-        outcome = simulate(table, primary, labels_categories)
+        outcome = simulate(table, primary, labels_categories, labels.surfaces)
         stage_flagged = {s.name: s.column(FLAGGED) for s in table.stages}
-        shadow_decision = simulate_shadow(table, outcome, shadow) if shadow else None
+        shadow_decision = simulate_shadow(table, outcome, shadow, labels.surfaces) if shadow else None
         frontier = _frontier(primary, table, labels)
 
-    calibrated = {c for bands in primary.stages.values() for c in bands}
-    maps = primary.provenance.get("calibration_maps")
-    if isinstance(maps, dict):
-        calibrated |= {c for cats in maps.values() for c in cats}
+    calibrated = {
+        c
+        for band_set in primary.band_sets().values()
+        for by_stage in (band_set.stages, band_set.score_maps)
+        for cats in by_stage.values()
+        for c in cats
+    }
     report = build_report(
         outcome,
         labels,
         confidence,
         sorted(calibrated),
         (shadow.version, shadow_decision) if shadow is not None and shadow_decision is not None else None,
+        stage_flagged=stage_flagged,
     )
     report = {
         **report,
@@ -417,6 +576,21 @@ def evaluate(
     }
     if live:  # the shadow model's answers live in the verdicts' traces, not in the replayed score tables
         report["llm_shadow_model"] = shadow_agreement(verdicts)
+    if cross_targets is not None:
+
+        async def both_splits() -> tuple[tuple[ScoreTable, LabelMatrix, int], tuple[ScoreTable, LabelMatrix, int]]:
+            scored = [
+                await _score(
+                    built, _split_rows(all_rows, part), settings, digests, part.value, refresh_scores, batch_size, err
+                )
+                for part in (Split.CALIBRATION, Split.TEST)
+            ]
+            return scored[0], scored[1]
+
+        (cal_table, cal_labels, _), (test_table, test_labels, _) = _with_stages(built, both_splits)
+        report["leave_one_source_out"] = cross_source(
+            (cal_table, cal_labels), (test_table, test_labels), cross_targets, sorted(policy.names)
+        )
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)
         positive = labels.flagged == 1

@@ -21,7 +21,7 @@ def sample(
     n: Annotated[int, typer.Option("-n", min=1, help="How many items (fewer if the data has fewer).")] = 1000,
     seed: Annotated[int, typer.Option(help="Shuffle seed; the same seed gives the same sample.")] = 7,
 ) -> None:
-    """Draw a deterministic random sample of items (id and text only: labels stay out)."""
+    """Draw a deterministic random sample of items (id, text and surface: labels stay out)."""
     missing = [str(p) for p in data if not p.is_file()]
     if missing:
         raise fail(f"data file(s) not found: {', '.join(missing)}")
@@ -33,5 +33,5 @@ def sample(
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w", encoding="utf-8") as fh:
         for row in rows[:n]:
-            fh.write(json.dumps({"id": row.id, "text": row.text}, ensure_ascii=False) + "\n")
+            fh.write(json.dumps(row.item_record(), ensure_ascii=False) + "\n")
     typer.echo(f"wrote {min(n, len(rows))} items to {output}")

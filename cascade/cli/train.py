@@ -1,4 +1,8 @@
-"""`cascade train`: fit the classifier stage's model on labelled JSONL and write it with its card."""
+"""`cascade train`: fit the classifier stage's model on labelled JSONL and write it with its card.
+
+`--design mlp|logreg` (the default model's design) fits heads on the frozen MiniLM embedding
+(`cascade.train`); `--design tuned` fine-tunes the encoder with its heads (`cascade.tuning`).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from cascade.settings import Settings
 
 if TYPE_CHECKING:
     from cascade.train import TrainOptions
+    from cascade.tuning.build import TunedOptions
 
 
 def _parse_weights(pairs: list[str]) -> dict[str, float]:
@@ -47,12 +52,87 @@ def _command_line(data: list[Path], out: Path, options: TrainOptions, all_splits
     return shlex.join(words)
 
 
+def _tuned_command_line(data: list[Path], out: Path, options: TunedOptions, with_seeds: bool) -> str:
+    fit = options.fit
+    words = ["cascade", "train", *map(str, data), "--out", str(out), "--name", options.name, "--design", "tuned"]
+    words += ["--epochs", str(fit.epochs), "--max-tokens", str(fit.max_tokens), "--batch-size", str(fit.batch_size)]
+    words += ["--learning-rate", f"{fit.encoder_lr:g}", "--seed", str(fit.seed)]
+    for source, cap in sorted(fit.source_caps.items()):
+        words += ["--source-cap", f"{source}={cap}"]
+    words += ["--max-minutes", f"{fit.max_minutes:g}"] if fit.max_minutes else []
+    words += ["--compare-model", str(options.compare_model)] if options.compare_model else []
+    words += ["--policy-seeds" if with_seeds else "--no-policy-seeds"]
+    return shlex.join(words)
+
+
+def _parse_caps(pairs: list[str]) -> dict[str, int]:
+    caps: dict[str, int] = {}
+    for pair in pairs:
+        source, sep, value = pair.partition("=")
+        if not sep or not source or not value.isdigit() or int(value) < 2:
+            raise fail(f"--source-cap wants SOURCE=ROWS (an integer >= 2), got {pair!r}")
+        caps[source] = int(value)
+    return caps
+
+
+def _train_tuned(
+    data: list[Path],
+    out: Path,
+    options: TunedOptions,
+    policy_seeds: bool,
+    work_dir: Path | None,
+    from_run: Path | None,
+) -> None:
+    from cascade.data import load_labelled
+    from cascade.train import policy_seed_rows
+    from cascade.tuning.build import build
+    from cascade.tuning.card import write_card
+    from cascade.tuning.export import ExportError
+
+    settings = Settings()
+    unknown = set(options.fit.source_caps) - {r.source for r in load_labelled(data)}
+    if unknown:
+        raise fail(f"--source-cap names sources not in the data: {sorted(unknown)}")
+    if options.compare_model is not None and not (options.compare_model / "card.json").is_file():
+        raise fail(
+            f"--compare-model {options.compare_model}: no card.json there (a model directory of `cascade train`)"
+        )
+    if from_run is not None and not (from_run / "checkpoint.pt").is_file():
+        raise fail(
+            f"--from-run {from_run}: no checkpoint.pt there (a work directory of `cascade train --design tuned`)"
+        )
+    seeds = policy_seed_rows(settings.policies_dir)[0] if policy_seeds else []
+    console = Console(stderr=True)
+    run_dir = from_run or work_dir or settings.data_path("tuning") / options.name
+    try:
+        card = build(
+            data,
+            seeds,
+            out,
+            run_dir,
+            options,
+            settings.data_path("eval-cache"),
+            lambda message: console.print(message, markup=False, highlight=False),
+            from_run=from_run is not None,
+        )
+    except ExportError as exc:
+        raise fail(str(exc)) from exc
+    card["command"] = _tuned_command_line(data, out, options, policy_seeds)
+    write_card(card, out)
+    console.print(f"wrote {out}: {', '.join(card['encoder']['files'].values())}, tokenizer.json, card.json, card.md")
+    for source, heads in card["evaluation"]["test"][card["default_precision"]].items():
+        flagged = heads.get("flagged", {}).get("auprc")
+        console.print(f"  test split, {source}: flagged AUPRC {flagged}")
+
+
 @app.command()
 def train(
     data: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="Labelled JSONL files.")],
     out: Annotated[Path, typer.Option("--out", help="Model directory to write (model.onnx, card.json, card.md).")],
     name: Annotated[str | None, typer.Option(help="Model name in the card and traces (default: OUT's name).")] = None,
-    design: Annotated[str, typer.Option(help="Estimator per head: mlp or logreg.")] = "mlp",
+    design: Annotated[
+        str, typer.Option(help="tuned (fine-tune the encoder with its heads), or mlp / logreg heads on the frozen one.")
+    ] = "mlp",
     compare: Annotated[
         str, typer.Option(help="Comma-separated designs to cross-validate beside DESIGN for the card ('' for none).")
     ] = "logreg",
@@ -73,20 +153,60 @@ def train(
     min_positives: Annotated[
         int, typer.Option(min=2, help="Rows of each class a category needs to get a head (else it is skipped).")
     ] = 30,
+    epochs: Annotated[int, typer.Option(min=1, help="tuned: most epochs (early stopping may end sooner).")] = 2,
+    max_tokens: Annotated[int, typer.Option(min=8, max=512, help="tuned: truncation while training.")] = 128,
+    batch_size: Annotated[int, typer.Option(min=1, help="tuned: rows per optimisation step.")] = 16,
+    learning_rate: Annotated[float, typer.Option(min=1e-7, help="tuned: peak learning rate of the encoder.")] = 3e-5,
+    source_cap: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="tuned: SOURCE=ROWS drawn per epoch, half flagged (repeatable; default Davidson 600, SMS 400)."
+        ),
+    ] = None,
+    max_minutes: Annotated[float, typer.Option(min=0, help="tuned: wall-clock budget for the fit (0: none).")] = 0.0,
+    compare_model: Annotated[
+        Path | None, typer.Option(help="tuned: a frozen model directory measured on the same rows for the card.")
+    ] = None,
+    work_dir: Annotated[
+        Path | None, typer.Option(help="tuned: where the fit keeps its checkpoint (default: DATA_DIR/tuning/NAME).")
+    ] = None,
+    from_run: Annotated[
+        Path | None, typer.Option(help="tuned: export and measure the fit already in this work directory.")
+    ] = None,
 ) -> None:
     """Train the classifier on DATA and write it to OUT with its model card."""
-    from cascade.embedding import Embedder
+    from cascade.embedding import Embedder, frozen_spec
     from cascade.train import DESIGNS, TrainError, TrainOptions, write_model
     from cascade.train import train as run_training
+
+    weights = _parse_weights(source_weight or [])
+    if design == "tuned":
+        from cascade.tuning.build import TunedOptions
+        from cascade.tuning.fit import FitOptions
+
+        fit_options = FitOptions(
+            epochs=epochs,
+            max_tokens=max_tokens,
+            batch_size=batch_size,
+            encoder_lr=learning_rate,
+            seed=seed,
+            max_minutes=max_minutes,
+            **({"source_caps": _parse_caps(source_cap)} if source_cap else {}),
+        )
+        if weights:
+            raise fail("--source-weight is for the frozen designs (mlp, logreg); the tuned design uses --source-cap")
+        tuned = TunedOptions(name=name or out.resolve().name, fit=fit_options, compare_model=compare_model)
+        _train_tuned(data, out, tuned, policy_seeds, work_dir, from_run)
+        return
 
     compared = tuple(d for d in compare.split(",") if d.strip())
     unknown = {design, *compared} - set(DESIGNS)
     if unknown:
-        raise fail(f"unknown design(s) {sorted(unknown)}; known: {', '.join(DESIGNS)}")
+        raise fail(f"unknown design(s) {sorted(unknown)}; known: tuned, {', '.join(DESIGNS)}")
     options = TrainOptions(
         design=design,
         c=c,
-        source_weights=_parse_weights(source_weight or []),
+        source_weights=weights,
         folds=folds,
         seed=seed,
         split=None if all_splits else Split.TRAIN,
@@ -99,7 +219,7 @@ def train(
     if policy_seeds:
         options = replace(options, policy_seeds=settings.policies_dir)
     console = Console(stderr=True)
-    embedder = Embedder.from_settings(settings)
+    embedder = Embedder.from_settings(settings, frozen_spec(settings))  # heads on the frozen MiniLM
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -27,15 +27,17 @@ class ItemContext:
 
     Stages share work through it: `normalized` and `text_key` (the hash bank's matching key)
     are computed once at intake, `embedding` once by whichever stage first needs it,
-    `evidence` carries what a later stage may use (e.g. retrieval neighbours as few-shot
-    examples for the LLM). It crosses Kafka between stage workers, so everything in it
-    must survive `to_wire`/`from_wire`.
+    `head_scores` are the tuned encoder's head scores from that same pass (the classifier
+    stage's scores; None with a frozen encoder), `evidence` carries what a later stage may
+    use (e.g. retrieval neighbours as few-shot examples for the LLM). It crosses Kafka
+    between stage workers, so everything in it must survive `to_wire`/`from_wire`.
     """
 
     item: ContentItem
     normalized: str
     text_key: str
     embedding: np.ndarray | None = None
+    head_scores: dict[str, float] | None = None
     evidence: dict[str, Any] = field(default_factory=dict)
     trace: list[TraceEntry] = field(default_factory=list)
     source: str | None = None
@@ -61,6 +63,8 @@ class ItemContext:
         }
         if self.embedding is not None:
             doc["embedding"] = base64.b64encode(np.asarray(self.embedding, dtype="<f4").tobytes()).decode("ascii")
+        if self.head_scores is not None:
+            doc["head_scores"] = self.head_scores
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
     @classmethod
@@ -72,6 +76,7 @@ class ItemContext:
             normalized=doc["normalized"],
             text_key=doc["text_key"],
             embedding=None if embedding is None else np.frombuffer(base64.b64decode(embedding), dtype="<f4").copy(),
+            head_scores=doc.get("head_scores"),
             evidence=doc.get("evidence", {}),
             trace=[TraceEntry.model_validate(t) for t in doc.get("trace", [])],
             source=doc.get("source"),

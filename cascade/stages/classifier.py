@@ -1,11 +1,16 @@
-"""Classifier stage: the multi-head ONNX model written by `cascade train`, on the item's embedding.
+"""Classifier stage: the per-category scores of the model written by `cascade train`.
 
-The model directory holds `model.onnx` (input `embedding` float32 (n, 384), output `scores`
-float32 (n, heads)) and `card.json` (name, version, heads, embedder). Everything is checked
-when the stage is built, so a missing, corrupt or mismatched model stops start-up with a
-message naming the file instead of failing on the first item. Serving needs onnxruntime
-and numpy only; the embedding comes from the shared embedder and is reused when an earlier
-stage (retrieval) already put it in the context.
+Two designs, told apart by the model directory's `card.json`:
+
+- tuned (the default model): the encoder graph itself outputs the head scores beside the
+  embedding (`cascade.embedding`), so the scores come from the item's one encoder pass
+  (`ItemContext.head_scores`), whichever stage ran it first;
+- frozen: `model.onnx` (input `embedding` float32 (n, 384), output `scores` float32 (n, heads))
+  on the frozen MiniLM embedding, reused when an earlier stage already put it in the context.
+
+Everything is checked when the stage is built, so a missing, corrupt or mismatched model
+stops start-up with a message naming the file instead of failing on the first item.
+Serving needs onnxruntime, tokenizers and numpy only.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnxruntime as ort
 
-from cascade.embedding import DIMENSIONS, Embedder
+from cascade.embedding import DIMENSIONS, Embedder, ModelError, tuned_card
 from cascade.stages.base import ItemContext, Stage, StageResult
 
 if TYPE_CHECKING:
@@ -35,10 +40,6 @@ MODEL_FILE = "model.onnx"
 CARD_FILE = "card.json"
 INPUT_NAME = "embedding"
 OUTPUT_NAME = "scores"
-
-
-class ModelError(RuntimeError):
-    """The classifier model cannot be served; the message says which file and why."""
 
 
 class ClassifierModel:
@@ -88,9 +89,17 @@ class ClassifierModel:
 class ClassifierStage(Stage):
     name = "classifier"
 
-    def __init__(self, model: ClassifierModel, embedder: Embedder) -> None:
+    def __init__(self, model: ClassifierModel | None, embedder: Embedder) -> None:
+        """`model`: heads on the frozen embedding; None when the embedder's own heads score (tuned)."""
         self._model = model
         self._embedder = embedder
+        if model is None:
+            if not embedder.heads:
+                raise ModelError(f"the encoder {embedder.identity} has no heads to score with")
+            self.heads = list(embedder.heads)
+            self.version = embedder.identity
+            return
+        self.heads = model.heads
         self.version = f"{model.name}@{model.version}"
         trained_on = model.card.get("input", {}).get("embedder")
         if trained_on is not None and trained_on != embedder.identity:
@@ -103,10 +112,13 @@ class ClassifierStage(Stage):
 
     @classmethod
     def from_settings(cls, settings: Settings, resources: Resources) -> ClassifierStage:
-        model = ClassifierModel(Path(settings.model_dir))
+        model_dir = Path(settings.model_dir)
+        if tuned_card(model_dir) is not None:
+            return cls(None, resources.embedder)
+        model = ClassifierModel(model_dir)
         if model.dimensions != DIMENSIONS:
             raise ModelError(
-                f"{settings.model_dir / MODEL_FILE} takes {model.dimensions}-d input, the embedder gives {DIMENSIONS}"
+                f"{model_dir / MODEL_FILE} takes {model.dimensions}-d input, the embedder gives {DIMENSIONS}"
             )
         return cls(model, resources.embedder)
 
@@ -115,9 +127,8 @@ class ClassifierStage(Stage):
 
     def _score_sync(self, batch: Sequence[ItemContext]) -> list[StageResult]:
         self._embedder.embed_contexts(batch)
+        if self._model is None:
+            return [StageResult(scores=dict(ctx.head_scores or {})) for ctx in batch]
         embeddings = np.vstack([ctx.embedding for ctx in batch]).astype(np.float32, copy=False)
         scores = self._model.predict(embeddings)
-        return [
-            StageResult(scores={head: float(s) for head, s in zip(self._model.heads, row, strict=True)})
-            for row in scores
-        ]
+        return [StageResult(scores={head: float(s) for head, s in zip(self.heads, row, strict=True)}) for row in scores]

@@ -27,8 +27,10 @@ normalised text) go to `ctx.evidence["neighbours"]` as few-shot examples for the
 
 Failure handling: if the index cannot be opened or queried, every item of the batch gets an
 `error` (it escalates), one warning is logged per outage, and the index is retried after
-`retry_after_s` (5 s); the first successful batch logs the recovery. An empty bank makes the
-stage unavailable (items escalate) until exemplars are added.
+`retry_after_s` (5 s); the first successful batch logs the recovery. An empty bank, or one
+that holds vectors of another encoder than the one this process embeds with (the bank
+records it per exemplar), makes the stage unavailable (items escalate, with the fix in the
+trace: add exemplars, or `cascade bank reindex`) until it is fixed; it is rechecked every 30 s.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cascade.data import FLAGGED
-from cascade.embedding import model_identity
+from cascade.embedding import encoder_identity
+from cascade.exemplars import bank_problem
 from cascade.normalize import normalize, text_key
 from cascade.settings import Settings
 from cascade.stages.base import ItemContext, Stage, StageResult
@@ -56,7 +59,7 @@ log = logging.getLogger(__name__)
 
 _SCORING_VERSION = "2"
 _RETRY_AFTER_S = 5.0
-_EMPTY_RECHECK_S = 30.0
+_BANK_RECHECK_S = 30.0
 
 
 def vote(neighbours: Sequence[Neighbour], min_similarity: float, prior_weight: float) -> dict[str, float]:
@@ -145,14 +148,14 @@ class RetrievalStage(Stage):
         self.version = f"{_SCORING_VERSION}+{model_name}+{index_name}+k{k}"
         self._outage_since: float | None = None
         self._retry_at = 0.0
-        self._empty_checked_at: float | None = None
-        self._empty = False
+        self._bank_checked_at: float | None = None
+        self._bank_problem: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, resources: Resources) -> RetrievalStage:
         return cls(
             get_embedder=lambda: resources.embedder,
-            model_name=model_identity(settings.embedding_int8),
+            model_name=encoder_identity(settings),
             open_index=lambda: open_vector_index(settings),
             index_name=index_identity(settings),
             k=settings.retrieval_k,
@@ -164,15 +167,16 @@ class RetrievalStage(Stage):
     @property
     def unavailable_reason(self) -> str | None:
         now = time.monotonic()
-        if self._empty_checked_at is None or (self._empty and now - self._empty_checked_at >= _EMPTY_RECHECK_S):
+        stale = self._bank_problem is not None and now - (self._bank_checked_at or 0.0) >= _BANK_RECHECK_S
+        if self._bank_checked_at is None or stale:
             try:
-                self._empty = self._index_or_open().count() == 0
+                problem = bank_problem(self._index_or_open(), self._get_embedder().identity)
             except Exception:  # an outage is reported per batch by `score`
                 return None
-            self._empty_checked_at = now
-        if self._empty:
-            return "the exemplar bank is empty (run `cascade bank seed` or `cascade bank import`)"
-        return None
+            if problem is not None and problem != self._bank_problem:
+                log.warning("retrieval: %s", problem)
+            self._bank_problem, self._bank_checked_at = problem, now
+        return self._bank_problem
 
     def _index_or_open(self) -> VectorIndex:
         if self._index is None:
