@@ -13,6 +13,7 @@ import typer
 
 from cascade.assembly import STAGE_ORDER, build_runner
 from cascade.pipeline import CascadeRunner
+from cascade.repeats import RepeatingRunner
 from cascade.settings import Settings
 from cascade.stream import metrics
 from cascade.stream.app import create_app
@@ -62,6 +63,8 @@ def run_worker(
         )
     state = WorkerState(selected)
     metrics.watch_guards([stage for stage in runner.stages if stage.name in selected])
+    if isinstance(runner, RepeatingRunner):
+        metrics.watch_repeats(runner.cache)
     app = create_app(settings, runner, selected, state, broker_url)
 
     @app.on_before_shutdown.connect
