@@ -1,39 +1,62 @@
-"""End-to-end throughput through the embedded Kafka-protocol broker (tansu) and one stage worker.
+"""The cascade through the embedded Kafka-protocol broker (tansu): throughput, latency under load, scale-out.
 
-Uses the stream layer's own pieces (`cascade.stream`): the embedded broker, a worker process
-exactly as `cascade run` starts it (every stage in one worker, the same stage list and
-thresholds as the in-process row), the publisher and the verdict reader. A round publishes
-the bench texts under fresh ids; its throughput is items / (last verdict's `processed_at` −
-publish start), so reading the verdicts back does not count against the stream.
+Uses the stream layer's own pieces (`cascade.stream`): the embedded broker, worker processes
+exactly as `cascade run` starts them (every stage in one worker, the same stage list and
+thresholds as the in-process row), the publisher and the verdict reader.
+
+- Throughput: a round publishes the bench texts under fresh ids as fast as it can; its rate is
+  items / (last verdict's `processed_at` − publish start), so reading the verdicts back does not
+  count against the stream.
+- Latency under load: the same worker, fed at a fixed offered rate (a share of the throughput
+  just measured); per item, `processed_at` of its verdict − the moment its record was sent,
+  as percentiles over all items and by deciding stage.
+- Scale-out: workers limited to one intra-op thread each, one alone and then two in one
+  consumer group on the same partitions; the efficiency is (two / one) / 2.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from cascade.bench.config import BenchConfig
 from cascade.bench.measure import Row, cascade_breakdown, measured, not_available
 from cascade.contract import ContentItem, Verdict
 from cascade.settings import Settings
 
-STREAM_ROW = "stream_broker"
+if TYPE_CHECKING:
+    from cascade.stream.broker import EmbeddedBroker
+    from cascade.stream.local import WorkerProcess
+
 WARM_UP_ITEMS = 8
 READY_TIMEOUT_S = 120.0
+# Per-worker state that a second worker on the same machine must not share: the embedded
+# exemplar store admits one process, and faust keeps its own files under `stream`.
+_OWN_COPY = ("exemplars",)
+_NOT_SHARED = ("stream", "bench")
+
+Log = Callable[[str], None]
 
 
-def worker_env(settings: Settings, batch_size: int) -> dict[str, str]:
+def worker_env(settings: Settings, batch_size: int, threads: int | None = None) -> dict[str, str]:
     """The bench's settings for a worker process, which reads its settings from the environment."""
     return {
         "CASCADE_DATA_DIR": str(Path(settings.data_dir).resolve()),
         "CASCADE_MODEL_DIR": str(Path(settings.model_dir).resolve()),
         "CASCADE_POLICIES_DIR": str(Path(settings.policies_dir).resolve()),
-        "CASCADE_EMBEDDING_THREADS": str(settings.embedding_threads),
+        "CASCADE_EMBEDDING_THREADS": str(settings.embedding_threads if threads is None else threads),
         "CASCADE_EMBEDDING_INT8": str(settings.embedding_int8).lower(),
         "CASCADE_EMBEDDING_CACHE_SIZE": str(settings.embedding_cache_size),
+        "CASCADE_REPEAT_CACHE_SIZE": str(settings.repeat_cache_size),
         "CASCADE_FLOOD_MIN_ITEMS": str(settings.flood_min_items),
         "CASCADE_STREAM_BATCH_SIZE": str(batch_size),
     }
@@ -45,22 +68,125 @@ def _lines(items: Sequence[ContentItem], tag: str) -> list[bytes]:
     ]
 
 
-async def _round(
-    url: str, items: Sequence[ContentItem], tag: str, alive: Callable[[], bool], timeout_s: float
-) -> tuple[float, list[Verdict]]:
-    from cascade.stream.client import publish
-    from cascade.stream.local import collect
-    from cascade.stream.topics import Topics
+@dataclass
+class Round:
+    rate: float  # items/s, publish start to the last verdict
+    verdicts: list[Verdict]
+    latency_ms: list[float]  # per item, in the order of `verdicts`
 
-    topics = Topics()
-    started = datetime.now(UTC)
-    published = await publish(url, topics.content, _lines(items, tag))
-    outcomes = await collect(url, topics, published, timeout_s=timeout_s, alive=alive)
-    ours = [outcomes.verdicts[p.item_id] for p in published if p.item_id in outcomes.verdicts]
-    if len(ours) != len(items):
-        raise RuntimeError(f"{len(items) - len(ours)} of {len(items)} items came back as dead letters")
-    elapsed = (max(v.processed_at for v in ours) - started).total_seconds()
-    return len(items) / elapsed, ours
+
+def worker_data_dir(data_dir: Path, into: Path) -> Path:
+    """A data directory for one more worker on this machine: its own copy of what one process
+    may hold (the embedded exemplar store) and of the files, links to the read-only rest."""
+    if into.exists():
+        shutil.rmtree(into)
+    into.mkdir(parents=True)
+    for entry in Path(data_dir).resolve().iterdir():
+        if entry.name in _NOT_SHARED:
+            continue
+        if entry.name in _OWN_COPY and entry.is_dir():
+            shutil.copytree(entry, into / entry.name)
+        elif entry.is_dir():
+            (into / entry.name).symlink_to(entry, target_is_directory=True)
+        else:
+            shutil.copy2(entry, into / entry.name)
+    return into
+
+
+class StreamRig:
+    """The embedded broker, its topics and the workers of one consumer group."""
+
+    def __init__(self, settings: Settings, stage_names: Sequence[str], thresholds_path: Path, logs: Path) -> None:
+        self.settings = settings
+        self.stage_names = list(stage_names)
+        self.thresholds_path = thresholds_path
+        self.logs = logs
+        self.broker: EmbeddedBroker | None = None
+        self.workers: list[WorkerProcess] = []
+
+    def start(self) -> StreamRig:
+        from cascade.stream.broker import EmbeddedBroker
+        from cascade.stream.kafka import ensure_topics
+        from cascade.stream.topics import Topics
+
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.broker = EmbeddedBroker(log_path=self.logs / "broker.log").start()
+        topics = Topics().all_topics(self.stage_names)
+        partitions, replication = self.settings.stream_partitions, self.settings.stream_replication_factor
+        asyncio.run(ensure_topics(self.broker.url, topics, partitions, replication))
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self.broker is not None, "start() first"
+        return self.broker.url
+
+    def add_worker(self, env: dict[str, str]) -> float:
+        """Start one more worker of the group; seconds until it (and the others) are ready."""
+        from cascade.stream.local import WorkerProcess
+
+        worker = WorkerProcess(
+            self.url,
+            cascade=self.stage_names,
+            thresholds=self.thresholds_path,
+            log_path=self.logs / f"worker-{len(self.workers) + 1}.log",
+            env=env,
+        ).start()
+        self.workers.append(worker)
+        ready_s = worker.wait_ready(READY_TIMEOUT_S)
+        for other in self.workers:  # a join rebalances the group: wait until everyone holds partitions
+            other.wait_ready(READY_TIMEOUT_S)
+        return ready_s
+
+    def alive(self) -> bool:
+        return all(worker.alive for worker in self.workers)
+
+    def round(self, items: Sequence[ContentItem], tag: str, rate: float | None = None) -> Round:
+        return asyncio.run(self._round(items, tag, rate))
+
+    async def _round(self, items: Sequence[ContentItem], tag: str, rate: float | None) -> Round:
+        from cascade.stream.client import publish
+        from cascade.stream.local import collect
+        from cascade.stream.topics import Topics
+
+        topics = Topics()
+        started = datetime.now(UTC)
+        published = await publish(self.url, topics.content, _lines(items, tag), rate=rate)
+        timeout_s = max(60.0, len(items) / 2.0)
+        outcomes = await collect(self.url, topics, published, timeout_s=timeout_s, alive=self.alive)
+        ours = [(p, outcomes.verdicts[p.item_id]) for p in published if p.item_id in outcomes.verdicts]
+        if len(ours) != len(items):
+            raise RuntimeError(f"{len(items) - len(ours)} of {len(items)} items came back as dead letters")
+        verdicts = [v for _, v in ours]
+        elapsed = (max(v.processed_at for v in verdicts) - started).total_seconds()
+        latency = [(v.processed_at - p.sent_at).total_seconds() * 1000 for p, v in ours]
+        return Round(len(items) / elapsed, verdicts, latency)
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        if self.broker is not None:
+            self.broker.stop()
+
+
+def _percentiles(values: Sequence[float]) -> dict[str, float]:
+    p50, p95, p99 = np.percentile(np.asarray(values, dtype=float), [50, 95, 99])
+    return {"n": len(values), "p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99)}
+
+
+def latency_row(fraction: float, max_rate: float, measured_round: Round) -> Row:
+    by_stage: dict[str, list[float]] = defaultdict(list)
+    for verdict, ms in zip(measured_round.verdicts, measured_round.latency_ms, strict=True):
+        by_stage[verdict.decided_by].append(ms)
+    return {
+        "label": f"publish to verdict at {fraction:.0%} of the measured maximum",
+        "available": True,
+        "offered_share": fraction,
+        "offered_rate": fraction * max_rate,
+        "achieved_rate": measured_round.rate,
+        "all": _percentiles(measured_round.latency_ms),
+        "by_stage": {stage: _percentiles(values) for stage, values in sorted(by_stage.items())},
+    }
 
 
 def measure_stream(
@@ -69,59 +195,77 @@ def measure_stream(
     items: Sequence[ContentItem],
     thresholds_path: Path,
     stage_names: Sequence[str],
-    log: Callable[[str], None],
-) -> Row:
+    log: Log,
+) -> tuple[Row, dict[str, Row]]:
+    """The broker throughput row, and the latency rows at `config.load_shares` of its median."""
     label = f"cascade through the embedded broker (1 worker: {', '.join(stage_names)})"
-    try:
-        from cascade.stream.broker import EmbeddedBroker
-        from cascade.stream.kafka import ensure_topics
-        from cascade.stream.local import WorkerProcess
-        from cascade.stream.topics import Topics
-    except ImportError as exc:
-        return not_available(label, f"stream layer not importable: {exc}")
     logs = settings.data_path("bench", "stream")
-    logs.mkdir(parents=True, exist_ok=True)
-    broker, worker = None, None
+    rig = StreamRig(settings, stage_names, thresholds_path, logs)
+    latency: dict[str, Row] = {}
     try:
-        broker = EmbeddedBroker(log_path=logs / "broker.log").start()
-        topics = Topics()
-        asyncio.run(
-            ensure_topics(
-                broker.url,
-                topics.all_topics(stage_names),
-                settings.stream_partitions,
-                settings.stream_replication_factor,
-            )
-        )
-        worker = WorkerProcess(
-            broker.url,
-            cascade=stage_names,
-            thresholds=thresholds_path,
-            log_path=logs / "worker.log",
-            env=worker_env(settings, config.batch_size),
-        ).start()
+        rig.start()
         log("stream: waiting for the worker to join its consumer group")
-        ready_s = worker.wait_ready(READY_TIMEOUT_S)
-        timeout_s = max(60.0, len(items) / 2.0)
-        asyncio.run(_round(broker.url, items[:WARM_UP_ITEMS], "bench-warm", lambda: worker.alive, timeout_s))
-        rounds = [
-            asyncio.run(_round(broker.url, items, f"bench-r{n}", lambda: worker.alive, timeout_s))
-            for n in range(config.stream_rounds)
-        ]
+        ready_s = rig.add_worker(worker_env(settings, config.batch_size))
+        rig.round(items[:WARM_UP_ITEMS], "bench-warm")
+        rounds = [rig.round(items, f"bench-r{n}") for n in range(config.stream_rounds)]
+        max_rate = float(np.median([r.rate for r in rounds]))
+        for share in config.load_shares:
+            log(f"stream: latency at {share:.0%} of {max_rate:.1f} items/s")
+            key = f"latency_{round(share * 100)}"
+            try:
+                latency[key] = latency_row(share, max_rate, rig.round(items, f"bench-load{key}", share * max_rate))
+            except Exception as exc:
+                latency[key] = not_available(f"latency at {share:.0%} of the maximum", f"{type(exc).__name__}: {exc}")
     except Exception as exc:  # report, don't crash the rest of the bench
-        return not_available(label, f"{type(exc).__name__}: {exc} (logs in {logs})")
+        return not_available(label, f"{type(exc).__name__}: {exc} (logs in {logs})"), latency
     finally:
-        if worker is not None:
-            worker.stop()
-        if broker is not None:
-            broker.stop()
-    return measured(
+        rig.stop()
+    row = measured(
         label,
         "items/s",
-        [rate for rate, _ in rounds],
+        [r.rate for r in rounds],
         worker_ready_s=ready_s,
         batch_size=config.batch_size,
         stages=list(stage_names),
         llm="excluded (never called by the bench)",
-        **cascade_breakdown(rounds[-1][1], stage_names),
+        **cascade_breakdown(rounds[-1].verdicts, stage_names),
     )
+    return row, latency
+
+
+def measure_scale_out(
+    config: BenchConfig,
+    settings: Settings,
+    items: Sequence[ContentItem],
+    thresholds_path: Path,
+    stage_names: Sequence[str],
+    log: Log,
+) -> dict[str, Row]:
+    """One single-thread worker, then two in one group on the same partitions: two rows."""
+    labels = {
+        "scale_one_worker": f"broker, 1 worker x 1 thread, {settings.stream_partitions} partitions",
+        "scale_two_workers": f"broker, 2 workers x 1 thread, one group, {settings.stream_partitions} partitions",
+    }
+    logs = settings.data_path("bench", "scale-out")
+    rig = StreamRig(settings, stage_names, thresholds_path, logs)
+    rows: dict[str, Row] = {}
+    try:
+        rig.start()
+        log("scale-out: one single-thread worker")
+        rig.add_worker(worker_env(settings, config.batch_size, threads=1))
+        rig.round(items[:WARM_UP_ITEMS], "scale-warm1")
+        one = [rig.round(items, f"scale-one-r{n}").rate for n in range(config.stream_rounds)]
+        log("scale-out: a second single-thread worker joins the group")
+        second = settings.model_copy(update={"data_dir": worker_data_dir(settings.data_dir, logs / "worker-2-data")})
+        rig.add_worker(worker_env(second, config.batch_size, threads=1))
+        rig.round(items[:WARM_UP_ITEMS], "scale-warm2")
+        two = [rig.round(items, f"scale-two-r{n}").rate for n in range(config.stream_rounds)]
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc} (logs in {logs})"
+        return {key: not_available(label, reason) for key, label in labels.items()}
+    finally:
+        rig.stop()
+    common = {"threads_per_worker": 1, "partitions": settings.stream_partitions, "batch_size": config.batch_size}
+    rows["scale_one_worker"] = measured(labels["scale_one_worker"], "items/s", one, workers=1, **common)
+    rows["scale_two_workers"] = measured(labels["scale_two_workers"], "items/s", two, workers=2, **common)
+    return rows

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -37,6 +38,7 @@ def key_of(line: bytes) -> bytes | None:
 class Published:
     key: bytes | None
     source: str
+    sent_at: datetime  # wall clock just before the send: where publish-to-verdict latency starts
 
     @property
     def item_id(self) -> str | None:
@@ -54,14 +56,14 @@ async def publish(
     published: list[Published] = []
     try:
         started = time.monotonic()
-        window: list[tuple[bytes | None, asyncio.Future]] = []
+        window: list[tuple[bytes | None, datetime, asyncio.Future]] = []
         for count, line in enumerate(lines):
             if rate:
                 ahead = count / rate - (time.monotonic() - started)
                 if ahead > 0:
                     await asyncio.sleep(ahead)
             key = key_of(line)
-            window.append((key, await producer.send(topic, value=line, key=key)))
+            window.append((key, datetime.now(UTC), await producer.send(topic, value=line, key=key)))
             if len(window) >= PUBLISH_WINDOW or rate:
                 published.extend(await _settle(window))
                 window = []
@@ -71,11 +73,11 @@ async def publish(
     return published
 
 
-async def _settle(window: Sequence[tuple[bytes | None, asyncio.Future]]) -> list[Published]:
-    results = await asyncio.gather(*(future for _, future in window))
+async def _settle(window: Sequence[tuple[bytes | None, datetime, asyncio.Future]]) -> list[Published]:
+    results = await asyncio.gather(*(future for _, _, future in window))
     return [
-        Published(key, record_source(meta.topic, meta.partition, meta.offset))
-        for (key, _), meta in zip(window, results, strict=True)
+        Published(key, record_source(meta.topic, meta.partition, meta.offset), sent_at)
+        for (key, sent_at, _), meta in zip(window, results, strict=True)
     ]
 
 
