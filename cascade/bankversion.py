@@ -30,10 +30,10 @@ def bump_bank_version(data_dir: Path) -> int:
     """
     path = Path(data_dir) / VERSION_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.with_suffix(".lock").open("a") as lock:
+    with path.with_name(VERSION_FILE + ".lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         new = bank_version(data_dir) + 1
-        staged = path.with_suffix(f".{os.getpid()}.tmp")
+        staged = path.with_name(f"{VERSION_FILE}.{os.getpid()}.tmp")
         staged.write_text(str(new), encoding="ascii")
         os.replace(staged, path)
     return new
