@@ -16,6 +16,11 @@ What is remembered, and for how long:
   trace names a stage version that is no longer current is a miss;
 - at most `repeat_cache_size` entries (least recently used leave first), each re-issued for at
   most `repeat_cache_ttl_s` seconds after it was judged.
+
+`run` (the whole cascade in one call: `cascade moderate`, the bench) also serves copies inside
+one batch from the cache; `run_stage` alone (a stream worker's agent, one stage per batch)
+judges copies inside one batch each, since the first one's verdict is not known before the
+batch has passed the last stage.
 """
 
 from __future__ import annotations
@@ -154,6 +159,26 @@ class RepeatingRunner(CascadeRunner):
     def current_stamp(self) -> Stamp:
         shadow = self.shadow_thresholds.version if self.shadow_thresholds is not None else None
         return Stamp(self.policy_version, self.thresholds.version, shadow, bank_version(self.data_dir))
+
+    async def run(self, batch: Sequence[ItemContext]) -> list[Verdict]:
+        """The whole cascade; copies of a text inside the batch wait for its first occurrence's verdict.
+
+        First occurrences run first, the later copies after them, so a copy is a cache hit when its
+        first occurrence's verdict may be re-issued, and is judged like any item when it may not.
+        """
+        seen: set[str] = set()
+        firsts: list[int] = []
+        copies: list[int] = []
+        for position, ctx in enumerate(batch):
+            (copies if ctx.content_key in seen else firsts).append(position)
+            seen.add(ctx.content_key)
+        if not copies:
+            return await super().run(batch)
+        verdicts: dict[int, Verdict] = {}
+        for positions in (firsts, copies):
+            judged = await super().run([batch[position] for position in positions])
+            verdicts.update(zip(positions, judged, strict=True))
+        return [verdicts[position] for position in range(len(batch))]
 
     async def run_stage(self, index: int, batch: Sequence[ItemContext]) -> list[Verdict | ItemContext]:
         stamp = self.current_stamp()

@@ -194,6 +194,20 @@ async def test_the_cache_is_bounded_least_recently_used_first(tmp_path: Path) ->
     assert len(cache) == 3 and cache.stats.evictions == 1 + 40
 
 
+async def test_copies_inside_one_batch_wait_for_the_first(tmp_path: Path) -> None:
+    cache = RepeatCache(100, 600)
+    stage_list = stages()
+    texts = ["ok one", "OK one", "bad known-bad two", "ok three", "ok  ONE", "bad known-bad two"]
+    batch = [ContentItem(id=f"i{n}", text=t) for n, t in enumerate(texts)]
+    verdicts = await repeating(stage_list, cache, tmp_path).run([new_context(item) for item in batch])
+    assert [v.id for v in verdicts] == [item.id for item in batch]
+    # Copies of "ok one" are re-issued; the bank match is judged again (the flood guard must see it).
+    assert [is_repeat(v) for v in verdicts] == [False, True, False, False, True, False]
+    assert stage_list[0].scored == 4
+    uncached = await CascadeRunner(stages(), thresholds(), "p-1").run([new_context(item) for item in batch])
+    assert [decision_of(v) for v in verdicts] == [decision_of(v) for v in uncached]
+
+
 def test_build_runner_uses_the_cache_unless_it_is_off(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path)
     assert isinstance(build_runner(settings, stage_names=["hash"]), RepeatingRunner)
@@ -215,6 +229,15 @@ def test_moderate_reports_the_hit_rate(tmp_path: Path) -> None:
     verdicts = [Verdict.model_validate_json(line) for line in out.read_text().splitlines()]
     assert [is_repeat(v) for v in verdicts] == [False, True, False, True]
     assert len({v.decision for v in verdicts}) == 1
+    batched = tmp_path / "batched.jsonl"  # one batch: the copies wait for the first occurrence
+    result = CliRunner().invoke(
+        app,
+        ["moderate", str(source), "-o", str(batched), "--stages", "hash"],
+        env={"CASCADE_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.stderr
+    again = [Verdict.model_validate_json(line) for line in batched.read_text().splitlines()]
+    assert [is_repeat(v) for v in again] == [False, True, False, True]
     row = next(line for line in result.stderr.splitlines() if "re-issued" in line)
     assert "2" in row and "50.0%" in row
 
