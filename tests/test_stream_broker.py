@@ -277,16 +277,18 @@ def test_a_worker_reissues_repeated_texts_without_the_llm(deployment: Deployment
     """Copies of judged texts (case and spacing changed) get the earlier verdicts from the worker's repeat cache."""
     worker = deployment.worker()
     worker.wait_ready()
-    originals = [(f"a-{i}", f"{text} #{i}") for i, text in enumerate(TEXTS)]
-    first = deployment.collect(deployment.publish([json.dumps({"id": i, "text": t}).encode() for i, t in originals]))
+    texts = [f"{text} #{i}" for i, text in enumerate(TEXTS)]
+    originals = [json.dumps({"id": f"a-{i}", "text": text}).encode() for i, text in enumerate(texts)]
+    first = deployment.collect(deployment.publish(originals))
     calls = len(llm.state.requests)
-    copies = [json.dumps({"id": f"b-{i}", "text": "  ".join(t.upper().split())}).encode() for i, t in originals]
+    copies = [json.dumps({"id": f"b-{i}", "text": "  ".join(t.upper().split())}).encode() for i, t in enumerate(texts)]
     second = deployment.collect(deployment.publish(copies))
 
+    assert not second.dead_letters
     assert len(llm.state.requests) == calls  # the LLM's own cache keys the exact text: these would miss it
-    for index, (original_id, _) in enumerate(originals):
-        earlier, copy = first.verdicts[original_id], second.verdicts[f"b-{index}"]
-        assert copy.trace[-1].details["repeat_of"] == original_id
+    for index in range(len(texts)):
+        earlier, copy = first.verdicts[f"a-{index}"], second.verdicts[f"b-{index}"]
+        assert copy.trace[-1].details["repeat_of"] == earlier.id
         assert (copy.decision, copy.decided_by, copy.categories) == (
             earlier.decision,
             earlier.decided_by,
@@ -295,5 +297,5 @@ def test_a_worker_reissues_repeated_texts_without_the_llm(deployment: Deployment
     with urllib.request.urlopen(f"http://127.0.0.1:{worker.health_port}/metrics", timeout=2) as response:
         families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
     hits = [s.value for s in families["cascade_repeat_cache_lookups"].samples if s.labels.get("result") == "hit"]
-    assert hits == [len(TEXTS)]
+    assert hits == [len(texts)]
     assert families["cascade_repeat_cache_hit_ratio"].samples[0].value == 0.5
