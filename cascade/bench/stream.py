@@ -68,6 +68,18 @@ def _lines(items: Sequence[ContentItem], tag: str) -> list[bytes]:
     ]
 
 
+@dataclass(frozen=True)
+class BrokerJob:
+    """What every broker measurement runs: the bench's texts through these stages under these bands."""
+
+    config: BenchConfig
+    settings: Settings
+    items: Sequence[ContentItem]
+    thresholds_path: Path
+    stage_names: Sequence[str]
+    log: Log
+
+
 @dataclass
 class Round:
     rate: float  # items/s, publish start to the last verdict
@@ -189,18 +201,12 @@ def latency_row(fraction: float, max_rate: float, measured_round: Round) -> Row:
     }
 
 
-def measure_stream(
-    config: BenchConfig,
-    settings: Settings,
-    items: Sequence[ContentItem],
-    thresholds_path: Path,
-    stage_names: Sequence[str],
-    log: Log,
-) -> tuple[Row, dict[str, Row]]:
+def measure_stream(job: BrokerJob) -> tuple[Row, dict[str, Row]]:
     """The broker throughput row, and the latency rows at `config.load_shares` of its median."""
+    config, settings, items, stage_names, log = job.config, job.settings, job.items, job.stage_names, job.log
     label = f"cascade through the embedded broker (1 worker: {', '.join(stage_names)})"
     logs = settings.data_path("bench", "stream")
-    rig = StreamRig(settings, stage_names, thresholds_path, logs)
+    rig = StreamRig(settings, stage_names, job.thresholds_path, logs)
     latency: dict[str, Row] = {}
     try:
         rig.start()
@@ -233,21 +239,15 @@ def measure_stream(
     return row, latency
 
 
-def measure_scale_out(
-    config: BenchConfig,
-    settings: Settings,
-    items: Sequence[ContentItem],
-    thresholds_path: Path,
-    stage_names: Sequence[str],
-    log: Log,
-) -> dict[str, Row]:
+def measure_scale_out(job: BrokerJob) -> dict[str, Row]:
     """One single-thread worker, then two in one group on the same partitions: two rows."""
+    config, settings, items, log = job.config, job.settings, job.items, job.log
     labels = {
         "scale_one_worker": f"broker, 1 worker x 1 thread, {settings.stream_partitions} partitions",
         "scale_two_workers": f"broker, 2 workers x 1 thread, one group, {settings.stream_partitions} partitions",
     }
     logs = settings.data_path("bench", "scale-out")
-    rig = StreamRig(settings, stage_names, thresholds_path, logs)
+    rig = StreamRig(settings, job.stage_names, job.thresholds_path, logs)
     rows: dict[str, Row] = {}
     try:
         rig.start()

@@ -22,7 +22,7 @@ from cascade.assembly import built_stage_versions
 from cascade.bench.config import BenchConfig, ScriptMissing, bench_script
 from cascade.bench.measure import Row, cascade_breakdown, interleave, items_per_s, measured, not_available, ratio
 from cascade.bench.stages import BenchStages, open_stages
-from cascade.bench.stream import measure_scale_out, measure_stream
+from cascade.bench.stream import BrokerJob, measure_scale_out, measure_stream
 from cascade.contract import ContentItem, Verdict
 from cascade.embedding import Embedder
 from cascade.pipeline import CascadeRunner, new_context
@@ -236,9 +236,10 @@ def measure_throughput(
         for name in ("scale_one_worker", "scale_two_workers"):
             rows[name] = not_available(f"broker scale-out ({name})", why)
     else:
-        rows["stream_broker"], latency = measure_stream(config, settings, items, thresholds_path, opened.names, log)
+        job = BrokerJob(config, settings, items, thresholds_path, opened.names, log)
+        rows["stream_broker"], latency = measure_stream(job)
         if config.scale_out:
-            rows |= measure_scale_out(config, settings, items, thresholds_path, opened.names, log)
+            rows |= measure_scale_out(job)
         else:
             for name in ("scale_one_worker", "scale_two_workers"):
                 rows[name] = not_available(f"broker scale-out ({name})", "disabled (--no-scale-out)")
