@@ -29,11 +29,8 @@ from cascade.contract import DeadLetter, Verdict
 from cascade.intake import parse_record
 from cascade.pipeline import new_context
 from cascade.settings import Settings
-from cascade.stream.broker import EmbeddedBroker
 from cascade.stream.client import Outcomes, publish
-from cascade.stream.kafka import ensure_topics
-from cascade.stream.local import WorkerProcess, collect
-from cascade.stream.topics import Topics
+from cascade.stream.local import LocalDeployment, collect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -65,25 +62,21 @@ async def in_process(
 
 
 def through_kafka(
-    url: str, settings: Settings, stages: list[str], lines: list[bytes], workers: int
+    url: str | None, settings: Settings, stages: list[str], lines: list[bytes], workers: int
 ) -> tuple[float, float, str]:
-    topics = Topics(settings.topic_prefix)
-    asyncio.run(ensure_topics(url, topics.all_topics(stages), settings.stream_partitions, 1))
     logs = Path(tempfile.mkdtemp(prefix="cascade-bench-"))
-    processes = [WorkerProcess(url, cascade=stages, log_path=logs / f"worker-{n}.log").start() for n in range(workers)]
-    try:
-        ready_s = max(p.wait_ready() for p in processes)
+    with LocalDeployment(settings, stages, logs, url) as deployment:
+        for _ in range(workers):
+            deployment.worker()
+        ready_s = deployment.wait_ready()
         started = time.perf_counter()
 
         async def run() -> Outcomes:
-            published = await publish(url, topics.content, lines)
-            return await collect(url, topics, published, timeout_s=900)
+            published = await publish(deployment.url, deployment.topics, lines)
+            return await collect(deployment.url, deployment.topics, published, timeout_s=900)
 
         outcomes = asyncio.run(run())
         return len(lines) / (time.perf_counter() - started), ready_s, profile(outcomes.verdicts.values())
-    finally:
-        for process in processes:
-            process.stop()
 
 
 def main() -> None:
@@ -115,8 +108,7 @@ def main() -> None:
         settings = Settings()
         # Stages' caches (e.g. LLM responses by text) would flatter whichever path runs second:
         # each path builds its own runner, in its own process or from scratch.
-        url = args.broker or stack.enter_context(EmbeddedBroker()).url
-        stream_rate, ready_s, stream_profile = through_kafka(url, settings, stages, lines, args.workers)
+        stream_rate, ready_s, stream_profile = through_kafka(args.broker, settings, stages, lines, args.workers)
         inprocess_rate, cascade, inprocess_profile = asyncio.run(
             in_process(settings, stages, lines, settings.stream_batch_size)
         )

@@ -96,6 +96,30 @@ def built_stage_versions(stages: Sequence[Stage]) -> dict[str, str]:
     return {s.name: s.version for s in stages if not (isinstance(s, DeferredStage) and not s.built)}
 
 
+def check_stage_names(names: Sequence[str]) -> None:
+    """Raise ValueError, saying how to fix it, unless `names` are known stages, each once, cheapest first."""
+    if not names:
+        raise ValueError(f"no stages given; choose from {','.join(STAGE_ORDER)}")
+    unknown = [n for n in names if n not in STAGE_ORDER]
+    if unknown:
+        raise ValueError(f"unknown stages {', '.join(unknown)}; known: {','.join(STAGE_ORDER)}")
+    repeated = sorted({n for n in names if list(names).count(n) > 1})
+    if repeated:
+        raise ValueError(f"stage {', '.join(repeated)} listed more than once in {','.join(names)}")
+    in_order = sorted(names, key=STAGE_ORDER.index)
+    if list(names) != in_order:
+        raise ValueError(f"stages {','.join(names)} are out of order: list them cheapest first, {','.join(in_order)}")
+
+
+def single_process_stages(settings: Settings) -> set[str]:
+    """Stages whose state only one process at a time can open, as configured.
+
+    Retrieval's embedded exemplar store (qdrant-edge in the data directory) is locked by the
+    process that opens it; with a Qdrant server (`CASCADE_QDRANT_URL`) any number may share it.
+    """
+    return set() if settings.qdrant_url else {"retrieval"}
+
+
 def build_stages(
     settings: Settings, names: Sequence[str] = STAGE_ORDER, load: Collection[str] | None = None
 ) -> list[Stage]:
@@ -103,15 +127,11 @@ def build_stages(
 
     `load` names the stages to build now (default: all); the others are `DeferredStage`s.
     """
-    unknown = set(names) - set(STAGE_ORDER)
-    if unknown:
-        raise ValueError(f"unknown stages {sorted(unknown)}; known: {', '.join(STAGE_ORDER)}")
+    check_stage_names(names)
     factories = _factories()
     resources = Resources(settings)
     stages: list[Stage] = []
-    for name in STAGE_ORDER:
-        if name not in names:
-            continue
+    for name in names:
         factory = factories[name]
         if load is None or name in load:
             stages.append(factory(settings, resources))

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = "1"
+MAX_ID_CHARS = 512
 
 
 def utc_now() -> datetime:
@@ -53,7 +54,9 @@ class ContentItem(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str = Field(min_length=1, max_length=512, description="Platform id of the item; verdicts are keyed by it.")
+    id: str = Field(
+        min_length=1, max_length=MAX_ID_CHARS, description="Platform id of the item; verdicts are keyed by it."
+    )
     text: str = Field(min_length=1, description="The content to moderate (UTF-8).")
     lang: str | None = Field(default=None, max_length=35, description="BCP-47 language tag, if known.")
     author_id: str | None = Field(default=None, max_length=512)
@@ -102,6 +105,7 @@ class Verdict(BaseModel):
     categories: dict[str, float] = Field(description="Latest score per category over the stages reached.")
     flagged_categories: list[str] = Field(default_factory=list)
     decided_by: str = Field(description="Stage that settled the item, or 'pipeline' when none could.")
+    surface: str | None = Field(default=None, description="The item's surface, copied from it.")
     reason: str
     trace: list[TraceEntry]
     policy_version: str
@@ -123,6 +127,10 @@ class DeadLetterCode(StrEnum):
     INVALID_TEXT = "invalid_text"
     INVALID_VALUE = "invalid_value"
     PROCESSING_ERROR = "processing_error"
+    # An item whose output (verdict or escalation record) the broker cannot take: too large, or
+    # refused for another permanent reason (invalid topic, authorization).
+    OUTPUT_TOO_LARGE = "output_too_large"
+    OUTPUT_REFUSED = "output_refused"
 
 
 class DeadLetter(BaseModel):
@@ -134,6 +142,9 @@ class DeadLetter(BaseModel):
     payload: str = Field(description="The raw payload: UTF-8 text, or base64 when it was not valid UTF-8.")
     payload_encoding: Literal["utf-8", "base64"]
     payload_truncated: bool = Field(default=False, description="True when only a prefix of a huge payload is kept.")
+    payload_bytes: int | None = Field(
+        default=None, ge=0, description="Size of the original payload in bytes, before any truncation."
+    )
     id: str | None = Field(default=None, description="The item id, when one could be read.")
     source: str | None = Field(
         default=None, description="Where it came from, e.g. 'file.jsonl:17' or 'topic[p]@offset'."

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from cascade.calibration import FamilyCounts
-from cascade.data import FLAGGED
+from cascade.data import FLAGGED, LabelledItem, Split, split_of
+from cascade.hashbank import BANK_FILE, HashBank
+from cascade.normalize import normalize, text_key
 from cascade.scoring import UNKNOWN_LABEL, LabelMatrix
 from cascade.simulation import ALLOW, BLOCK, DECISION_NAMES, LLM_STAGE, PIPELINE, REVIEW, CascadeOutcome
 
@@ -376,3 +379,29 @@ def render_report(report: Mapping[str, object], console: Console) -> None:
             f"shadow thresholds {shadow['thresholds_version']}: agreement {_fmt(shadow['agreement'])} "
             f"(shadow decisions: {', '.join(f'{k} {_fmt(v)}' for k, v in shadow['decisions'].items())})"
         )
+
+
+def leakage_warnings(rows: Sequence[LabelledItem], data_dir: Path) -> list[str]:
+    """Why figures on `rows` would flatter the cascade: rows from the train split (what models and banks
+    were built from), and rows whose text is in the hash bank (decided by an exact match, not measured)."""
+    if not rows:
+        return []
+    warnings = []
+    in_train = sum(1 for row in rows if split_of(row.id) is Split.TRAIN)
+    if in_train:
+        warnings.append(
+            f"{in_train} of {len(rows)} rows ({in_train / len(rows):.0%}) are in the train split, which the models"
+            " and banks were built from; use --split test"
+        )
+    if (data_dir / BANK_FILE).is_file():
+        bank = HashBank.open(data_dir)
+        try:
+            banked = sum(1 for row in rows if bank.exact(text_key(normalize(row.text))))
+        finally:
+            bank.close()
+        if banked:
+            warnings.append(
+                f"{banked} of {len(rows)} rows ({banked / len(rows):.0%}) are in the hash bank: their verdicts are"
+                " exact matches, not measurements; use --split test or rows that were never banked"
+            )
+    return warnings

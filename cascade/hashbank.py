@@ -9,8 +9,11 @@ removal, so an index catches up with other processes' writes by reading only the
 changed since its last sync; `refresh()` costs one `PRAGMA data_version` when nothing
 changed.
 
-`FloodGuard` watches which entries recent traffic matches: an entry that suddenly matches
-too large a share of it is quarantined (it stops deciding) until an operator confirms it.
+`FloodGuard` watches which entries recent traffic matches: an unconfirmed entry that suddenly
+matches too large a share of it is quarantined (it stops deciding) until the quarantine expires
+or an operator confirms it. A confirmed entry (added by `bank add`, or imported with
+`--confirm`) is never quarantined: a flood of copies of a confirmed known-bad text is a
+campaign to block, not a reason to stop blocking it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import threading
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 
@@ -57,7 +60,8 @@ CREATE TABLE IF NOT EXISTS entries (
     quarantine_reason TEXT,
     confirmed INTEGER NOT NULL DEFAULT 0,
     removed INTEGER NOT NULL DEFAULT 0,
-    seq INTEGER NOT NULL
+    seq INTEGER NOT NULL,
+    quarantined_until TEXT
 );
 CREATE INDEX IF NOT EXISTS entries_seq ON entries (seq);
 CREATE INDEX IF NOT EXISTS entries_text_key ON entries (text_key);
@@ -78,8 +82,13 @@ _COLUMN_NAMES = (
     "confirmed",
     "removed",
     "seq",
+    "quarantined_until",
 )
 _COLUMNS = ", ".join(_COLUMN_NAMES)
+
+
+# SQL: a quarantine in force now (`:now` bound to the current time).
+_ACTIVE_QUARANTINE = "(quarantined = 1 AND (quarantined_until IS NULL OR quarantined_until > :now))"
 
 
 class BankError(ValueError):
@@ -141,6 +150,7 @@ class EntryInput:
     polarity: Polarity
     categories: tuple[str, ...] = ()
     source: str = ""
+    confirmed: bool = False  # an operator vouches for it: the flood guard never quarantines it
 
     def __post_init__(self) -> None:
         if not self.id.strip():
@@ -199,6 +209,7 @@ class BankEntry:
     quarantined: bool
     quarantine_reason: str | None
     confirmed: bool
+    quarantined_until: str | None = None
 
 
 @dataclass(frozen=True)
@@ -251,13 +262,23 @@ class _Indexed:
     polarity: Polarity
     categories: tuple[str, ...]
     text_key: str
-    quarantined: bool
+    quarantine_flag: bool
+    quarantined_until: str | None
     confirmed: bool
     has_signature: bool
 
+    @property
+    def quarantined(self) -> bool:
+        return _in_quarantine(self.quarantine_flag, self.quarantined_until)
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+
+def _now(after_s: float = 0.0) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=after_s)).isoformat(timespec="seconds")
+
+
+def _in_quarantine(flag: object, until: str | None) -> bool:
+    """A quarantine holds until its end time (none: until an operator lifts it, as before expiry existed)."""
+    return bool(flag) and (until is None or until > _now())
 
 
 def _entry_from_row(row: sqlite3.Row) -> BankEntry:
@@ -271,8 +292,9 @@ def _entry_from_row(row: sqlite3.Row) -> BankEntry:
         source=row["source"],
         added_at=row["added_at"],
         added_by=row["added_by"],
-        quarantined=bool(row["quarantined"]),
+        quarantined=_in_quarantine(row["quarantined"], row["quarantined_until"]),
         quarantine_reason=row["quarantine_reason"],
+        quarantined_until=row["quarantined_until"],
         confirmed=bool(row["confirmed"]),
     )
 
@@ -302,6 +324,9 @@ class HashBank:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
+        if "quarantined_until" not in columns:  # a bank file from before quarantines expired
+            self._db.execute("ALTER TABLE entries ADD COLUMN quarantined_until TEXT")
         self._reset_index()
         self._upgrade_stored_keys()
         self._sync()
@@ -352,7 +377,8 @@ class HashBank:
         """Apply every row written since the last sync (by anyone) to the in-memory index."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, polarity, text_key, signature, categories, quarantined, confirmed, removed, seq "
+                "SELECT id, polarity, text_key, signature, categories, quarantined, quarantined_until, confirmed, "
+                "removed, seq "
                 "FROM entries WHERE seq > ? ORDER BY seq",
                 (self._seq,),
             ).fetchall()
@@ -370,7 +396,8 @@ class HashBank:
             polarity=Polarity(row["polarity"]),
             categories=tuple(json.loads(row["categories"])),
             text_key=row["text_key"],
-            quarantined=bool(row["quarantined"]),
+            quarantine_flag=bool(row["quarantined"]),
+            quarantined_until=row["quarantined_until"],
             confirmed=bool(row["confirmed"]),
             has_signature=blob is not None,
         )
@@ -472,6 +499,7 @@ class HashBank:
                     if (
                         before is not None
                         and not before["removed"]
+                        and bool(before["confirmed"]) >= entry.confirmed
                         and before["polarity"] == entry.polarity.value
                         and before["original"] == entry.text
                         and before["categories"] == categories
@@ -499,11 +527,12 @@ class HashBank:
                         "source": entry.source,
                         "added_at": before["added_at"] if before is not None else _now(),
                         "added_by": before["added_by"] if before is not None else added_by,
-                        "quarantined": before["quarantined"] if keep_flags else 0,
+                        "quarantined": before["quarantined"] if keep_flags and not entry.confirmed else 0,
                         "quarantine_reason": before["quarantine_reason"] if keep_flags else None,
-                        "confirmed": before["confirmed"] if keep_flags else 0,
+                        "confirmed": 1 if entry.confirmed else before["confirmed"] if keep_flags else 0,
                         "removed": 0,
                         "seq": seq,
+                        "quarantined_until": before["quarantined_until"] if keep_flags else None,
                     }
                     seq += 1
                     if before is None or before["removed"]:
@@ -524,13 +553,20 @@ class HashBank:
             bump_bank_version(self.path.parent)
         return report
 
-    def _update_flags(self, entry_id: str, assignments: str, params: tuple[object, ...], condition: str) -> bool:
+    def _update_flags(
+        self,
+        entry_id: str,
+        assignments: str,
+        params: tuple[object, ...],
+        condition: str,
+        condition_params: tuple[object, ...] = (),
+    ) -> bool:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 changed = self._db.execute(
                     f"UPDATE entries SET {assignments}, seq = ? WHERE id = ? AND removed = 0 AND {condition}",
-                    (*params, self._next_seq(), entry_id),
+                    (*params, self._next_seq(), entry_id, *condition_params),
                 ).rowcount
                 self._db.execute("COMMIT")
             except BaseException:
@@ -545,15 +581,20 @@ class HashBank:
         """Remove a live entry (kept as a tombstone so other processes' indexes drop it too)."""
         return self._update_flags(entry_id, "removed = 1", (), "1")
 
-    def quarantine(self, entry_id: str, reason: str) -> bool:
-        """Stop an entry from deciding; False if it is unknown, already quarantined or confirmed."""
+    def quarantine(self, entry_id: str, reason: str, duration_s: float) -> bool:
+        """Stop an entry from deciding for `duration_s`; False if it is unknown, already quarantined or confirmed."""
+        now = _now()
         return self._update_flags(
-            entry_id, "quarantined = 1, quarantine_reason = ?", (reason,), "quarantined = 0 AND confirmed = 0"
+            entry_id,
+            "quarantined = 1, quarantine_reason = ?, quarantined_until = ?",
+            (reason, _now(duration_s)),
+            "confirmed = 0 AND (quarantined = 0 OR (quarantined_until IS NOT NULL AND quarantined_until <= ?))",
+            (now,),
         )
 
     def confirm(self, entry_id: str) -> bool:
         """An operator vouches for the entry: lift its quarantine, and never quarantine it again."""
-        return self._update_flags(entry_id, "confirmed = 1, quarantined = 0", (), "1")
+        return self._update_flags(entry_id, "confirmed = 1, quarantined = 0, quarantined_until = NULL", (), "1")
 
     # ----- reads for operators -------------------------------------------------------------
 
@@ -565,11 +606,11 @@ class HashBank:
         return None if row is None else _entry_from_row(row)
 
     def entries(self, quarantined_only: bool = False, limit: int | None = None) -> list[BankEntry]:
-        where = "removed = 0" + (" AND quarantined = 1" if quarantined_only else "")
+        where = "removed = 0" + (f" AND {_ACTIVE_QUARANTINE}" if quarantined_only else "")
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM entries WHERE {where} ORDER BY added_at DESC, id LIMIT ?",
-                (-1 if limit is None else limit,),
+                f"SELECT {_COLUMNS} FROM entries WHERE {where} ORDER BY added_at DESC, id LIMIT :limit",
+                {"limit": -1 if limit is None else limit, "now": _now()},
             ).fetchall()
         return [_entry_from_row(row) for row in rows]
 
@@ -586,8 +627,9 @@ class HashBank:
             ):
                 by_category.update(json.loads(categories))
             quarantined, confirmed, removed = self._db.execute(
-                "SELECT COALESCE(SUM(quarantined AND NOT removed), 0), COALESCE(SUM(confirmed AND NOT removed), 0), "
-                "COALESCE(SUM(removed), 0) FROM entries"
+                f"SELECT COALESCE(SUM({_ACTIVE_QUARANTINE} AND NOT removed), 0),"
+                " COALESCE(SUM(confirmed AND NOT removed), 0), COALESCE(SUM(removed), 0) FROM entries",
+                {"now": _now()},
             ).fetchone()
         return BankStats(
             by_polarity={p.value: int(by_polarity.get(p.value, 0)) for p in Polarity},

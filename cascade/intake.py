@@ -9,14 +9,15 @@ from __future__ import annotations
 import base64
 import json
 import unicodedata
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from cascade.contract import ContentItem, DeadLetter, DeadLetterCode
+from cascade.contract import MAX_ID_CHARS, ContentItem, DeadLetter, DeadLetterCode
 from cascade.settings import Settings
 
 _FIELDS = frozenset(ContentItem.model_fields)
+_MAX_MESSAGE_CHARS = 2000
 
 # pydantic error types → our codes; anything else is an invalid value.
 _CODE_BY_PYDANTIC_TYPE = {
@@ -56,33 +57,54 @@ def dead_letter(
     source: str | None = None,
     item_id: str | None = None,
 ) -> DeadLetter:
-    kept = data[: settings.max_line_bytes]
+    """A dead letter carrying `data`, cut (and flagged) so that the whole letter fits in one Kafka message.
+
+    JSON escaping can double a payload (quotes) or grow it sixfold (control characters), and
+    base64 adds a third, so the cut is found by measuring the serialised letter.
+    """
     try:
-        payload, encoding = kept.decode("utf-8"), "utf-8"
+        data.decode("utf-8")
+        encoding: Literal["utf-8", "base64"] = "utf-8"
     except UnicodeDecodeError:
-        payload, encoding = base64.b64encode(kept).decode("ascii"), "base64"
-    return DeadLetter(
-        error_code=code,
-        message=message,
-        payload=payload,
-        payload_encoding=encoding,
-        payload_truncated=len(kept) < len(data),
-        id=item_id,
-        source=source,
-    )
+        encoding = "base64"
+    if item_id is not None and len(item_id) > MAX_ID_CHARS:
+        item_id = None
+    keep = min(len(data), settings.line_limit)
+    while True:
+        kept = data[:keep]
+        letter = DeadLetter(
+            error_code=code,
+            message=message[:_MAX_MESSAGE_CHARS],
+            # A cut inside a UTF-8 sequence drops only that last partial character.
+            payload=kept.decode("utf-8", "ignore") if encoding == "utf-8" else base64.b64encode(kept).decode("ascii"),
+            payload_encoding=encoding,
+            payload_truncated=keep < len(data),
+            payload_bytes=len(data),
+            id=item_id,
+            source=source,
+        )
+        size = len(letter.model_dump_json().encode("utf-8"))
+        if size <= settings.max_value_bytes or keep == 0:
+            return letter
+        keep = int(keep * settings.max_value_bytes / size * 0.98)
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _parse(data: bytes, settings: Settings) -> ContentItem:
-    if len(data) > settings.max_line_bytes:
+    if len(data) > settings.line_limit:
         raise _Rejected(
-            DeadLetterCode.LINE_TOO_LARGE, f"record is {len(data)} bytes; the limit is {settings.max_line_bytes}"
+            DeadLetterCode.LINE_TOO_LARGE, f"record is {len(data)} bytes; the limit is {settings.line_limit}"
         )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _Rejected(DeadLetterCode.INVALID_UTF8, f"not valid UTF-8 at byte {exc.start}: {exc.reason}") from exc
     try:
-        doc = json.loads(text)
+        # A leading byte-order mark (Windows editors write one) is not part of the record.
+        doc = json.loads(text.removeprefix("\ufeff"), parse_constant=_reject_constant)
     except RecursionError as exc:
         raise _Rejected(DeadLetterCode.MALFORMED_JSON, "JSON nested too deeply to parse") from exc
     except ValueError as exc:

@@ -185,6 +185,7 @@ class CascadeRunner:
             categories=_merged_scores(ctx.trace),
             flagged_categories=flagged,
             decided_by=decided_by,
+            surface=ctx.item.surface,
             reason=reason,
             trace=list(ctx.trace),
             policy_version=self.policy_version,

@@ -12,11 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 PACKAGE_DIR = Path(__file__).resolve().parent  # package data: policy, default thresholds and model
 PROJECT_ROOT = PACKAGE_DIR.parent
+# Room a Kafka message needs besides its value: the key (an item id, at most 512 characters,
+# so 2 KiB of UTF-8) and the record batch framing.
+MESSAGE_FRAMING_BYTES = 4096
+
+
+class SettingsError(ValueError):
+    """A setting (environment variable or config file) the operator must fix; the message says which."""
 
 
 class _YamlFileSource(PydanticBaseSettingsSource):
@@ -27,9 +35,16 @@ class _YamlFileSource(PydanticBaseSettingsSource):
         path = os.environ.get("CASCADE_CONFIG")
         self._data: dict[str, Any] = {}
         if path:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            try:
+                loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            except FileNotFoundError:
+                raise SettingsError(f"CASCADE_CONFIG names {path}, which does not exist: fix or unset it") from None
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                raise SettingsError(
+                    f"CASCADE_CONFIG file {path} is not readable YAML ({type(exc).__name__}): fix or unset it"
+                ) from None
             if not isinstance(loaded, dict):
-                raise ValueError(f"{path}: the config file must hold a mapping of setting names to values")
+                raise SettingsError(f"{path}: the config file must hold a mapping of setting names to values")
             self._data = loaded
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
@@ -44,12 +59,30 @@ class Settings(BaseSettings):
     # by name from the config file and in code, not silently ignored.
     model_config = SettingsConfigDict(env_prefix="CASCADE_", extra="ignore", populate_by_name=True)
 
+    def __init__(self, **values: Any) -> None:
+        # One line per problem, naming the variable, instead of pydantic's multi-line report.
+        # Input values are not echoed: some settings are secrets.
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                (f"CASCADE_{'.'.join(str(p) for p in err['loc']).upper()}: " if err["loc"] else "")
+                + err["msg"].removeprefix("Value error, ")
+                for err in exc.errors()
+            )
+            raise SettingsError(f"invalid settings (environment or CASCADE_CONFIG file): {problems}") from None
+        except PydanticSettingsError as exc:
+            raise SettingsError(f"{exc} (expected JSON): fix the environment variable or CASCADE_CONFIG file") from None
+
     # Where runtime state lives (banks, vector index, caches, broker files); never in the package.
     data_dir: Path = Path(".cascade")
 
-    # Intake limits.
+    # Intake limits. A record must fit in one Kafka message, so the line limit derives from the
+    # stream's message limit (below) and may not exceed it.
     max_text_bytes: int = Field(default=32 * 1024, gt=0)
-    max_line_bytes: int = Field(default=1024 * 1024, gt=0)
+    max_line_bytes: int | None = Field(
+        default=None, gt=0, description="Largest record, bytes; default: the largest message value."
+    )
     max_metadata_depth: int = Field(default=16, gt=0)
     reject_unknown_fields: bool = True
 
@@ -63,6 +96,7 @@ class Settings(BaseSettings):
     flood_window: int = Field(default=1000, gt=0, description="Recent items the flood guard looks at.")
     flood_share: float = Field(default=0.05, gt=0, le=1, description="Share of the window that quarantines an entry.")
     flood_min_items: int = Field(default=200, gt=0, description="Window size before the flood guard acts.")
+    flood_quarantine_s: float = Field(default=3600.0, gt=0, description="How long a flood quarantine lasts.")
 
     # Retrieval stage.
     qdrant_url: str | None = None
@@ -124,6 +158,17 @@ class Settings(BaseSettings):
         default_factory=lambda: {"llm": 4}, description="Batches in flight per stage (default 1), per worker."
     )
     stream_session_timeout_s: float = Field(default=6.0, gt=0, description="Consumer group session timeout.")
+    stream_max_message_bytes: int = Field(
+        default=1_000_000,
+        ge=64 * 1024,
+        description="Largest Kafka message: producers' max_request_size, max.message.bytes of created topics.",
+    )
+    stream_batch_deadline_s: float = Field(
+        default=300.0, gt=0, description="A batch in flight longer than this fails /healthz (the worker is stuck)."
+    )
+    stream_shutdown_grace_s: float = Field(
+        default=20.0, gt=0, description="On SIGTERM, how long in-flight batches may finish; the rest stays uncommitted."
+    )
     health_port: int = Field(default=8080, ge=0, le=65535, description="Worker /healthz, /readyz, /metrics.")
 
     # Drift monitor and audit sample (docs/drift.md).
@@ -134,6 +179,30 @@ class Settings(BaseSettings):
         default=0.01, ge=0, le=1, description="Share of automatic verdicts also sent to review as audits."
     )
     audit_window: int = Field(default=500, gt=0, description="Audited blocks the live precision estimate keeps.")
+
+    @model_validator(mode="after")
+    def _limits_fit_in_a_message(self) -> Settings:
+        if self.max_line_bytes is not None and self.max_line_bytes > self.max_value_bytes:
+            raise ValueError(
+                f"max_line_bytes ({self.max_line_bytes}) is over the largest message ({self.max_value_bytes}, from"
+                " stream_max_message_bytes): lower CASCADE_MAX_LINE_BYTES or raise CASCADE_STREAM_MAX_MESSAGE_BYTES"
+            )
+        if self.max_text_bytes > self.line_limit:
+            raise ValueError(
+                f"max_text_bytes ({self.max_text_bytes}) exceeds the record limit ({self.line_limit}):"
+                " lower CASCADE_MAX_TEXT_BYTES"
+            )
+        return self
+
+    @property
+    def max_value_bytes(self) -> int:
+        """The largest message value a producer may send: the message limit less room for key and framing."""
+        return self.stream_max_message_bytes - MESSAGE_FRAMING_BYTES
+
+    @property
+    def line_limit(self) -> int:
+        """The largest record intake accepts (CASCADE_MAX_LINE_BYTES, default the largest message value)."""
+        return self.max_line_bytes or self.max_value_bytes
 
     @classmethod
     def settings_customise_sources(

@@ -77,6 +77,8 @@ class ThresholdSet(BaseModel):
             raise ThresholdError(f"thresholds file not found: {path}") from exc
         except yaml.YAMLError as exc:
             raise ThresholdError(f"thresholds file {path} is not valid YAML: {exc}") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ThresholdError(f"thresholds file {path} is not a readable UTF-8 YAML file: {exc}") from exc
         if not isinstance(raw, dict):
             raise ThresholdError(f"thresholds file {path} must hold a mapping with 'version' and 'stages'")
         try:

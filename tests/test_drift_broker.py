@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_stream_broker import CASCADE, Deployment, broker, deployment, llm  # noqa: F401  (fixtures)
+from test_stream_broker import CASCADE, Deployment
 from typer.testing import CliRunner
 
 from cascade.assembly import build_stages
@@ -38,7 +38,7 @@ def texts(n: int, tag: str) -> list[str]:
 
 def _with_reference(target: Deployment) -> ThresholdSet:
     """The deployment's threshold file plus the reference `cascade calibrate` would write for it."""
-    settings = target.settings()
+    settings = target.inprocess_settings()
     thresholds = ThresholdSet.load(target.thresholds)
     thresholds.provenance["targets"] = {"block_precision": 0.9, "max_allow_miss": 0.05, "max_llm_rate": 1.0}
     stages = build_stages(settings, CASCADE)
@@ -81,7 +81,7 @@ def _read_all(url: str, topics: list[str]) -> list[bytes]:
     return asyncio.run(read())
 
 
-def test_worker_exports_drift_and_audits_and_cascade_drift_reads_the_topics(deployment: Deployment) -> None:  # noqa: F811
+def test_worker_exports_drift_and_audits_and_cascade_drift_reads_the_topics(deployment: Deployment) -> None:
     thresholds = _with_reference(deployment)
     reference = Reference.from_thresholds(thresholds)
     assert reference is not None and "flagged" in reference.stages["llm"].scores
@@ -113,15 +113,15 @@ def test_worker_exports_drift_and_audits_and_cascade_drift_reads_the_topics(depl
     # Every automatic verdict (share 1) also went to the audit topic; no review verdict did.
     automatic = {i for i, v in outcomes.verdicts.items() if v.decision is not Decision.REVIEW}
     assert automatic, "the local LLM should settle some items"
-    audits = [Verdict.model_validate_json(v) for v in _read_all(deployment.broker_url, [deployment.topics.audit])]
+    audits = [Verdict.model_validate_json(v) for v in _read_all(deployment.url, [deployment.topics.audit])]
     assert {a.id for a in audits} == automatic
     sent = sum(v for (name, _), v in samples.items() if name == "cascade_audit_sent_total")
     assert sent == len(audits)
 
     # `cascade drift` over the verdict topics: nothing moved; a time range with nothing in it is an error.
     env = {"CASCADE_TOPIC_PREFIX": deployment.topics.prefix, "CASCADE_DATA_DIR": deployment.env["CASCADE_DATA_DIR"]}
-    report = deployment.tmp_path / "drift.json"
-    args = ["drift", "--broker", deployment.broker_url, "--thresholds", str(deployment.thresholds)]
+    report = deployment.log_dir / "drift.json"
+    args = ["drift", "--broker", deployment.url, "--thresholds", str(deployment.thresholds)]
     result = CliRunner().invoke(app, [*args, "--min-items", "20", "--json", str(report)], env=env)
     assert result.exit_code == 0, result.output
     assert json.loads(report.read_text())["items"] == 80 and "No stage or category moved" in result.output

@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 import cascade.cli.calibrate as calibrate_cli
 from cascade.cli import app
-from cascade.data import load_labelled
+from cascade.data import LabelledItem, Split, load_labelled, split_of
+from cascade.evaluation import leakage_warnings
+from cascade.hashbank import EntryInput, HashBank, Polarity
 from cascade.pipeline import CascadeRunner, new_context
 from cascade.scoring import admit, collect_scores
 from cascade.settings import Settings
@@ -191,3 +193,18 @@ def test_evaluate_warns_when_a_stage_changed_since_calibration(
     result = _evaluate(str(heldout), "--thresholds", str(thresholds), "--json", str(report_path))
     assert "were calibrated on classifier synthetic-0.3, this is synthetic-retrained" in " ".join(result.output.split())
     assert len(json.loads(report_path.read_text())["stale_stages"]) == 1
+
+
+def test_leakage_warnings_name_train_rows_and_banked_rows(tmp_path: Path) -> None:
+    train_ids = [i for i in (f"row-{n}" for n in range(200)) if split_of(i) is Split.TRAIN][:3]
+    test_ids = [i for i in (f"row-{n}" for n in range(200)) if split_of(i) is Split.TEST][:7]
+    rows = [LabelledItem(i, f"ordinary text number {i}", 0) for i in [*train_ids, *test_ids]]
+    assert leakage_warnings(rows[3:], tmp_path) == []  # test rows, no bank file: nothing to say
+
+    bank = HashBank.open(tmp_path)
+    bank.upsert([EntryInput("b-1", rows[5].text.upper(), Polarity.BAD, ("spam",))], "tester")  # a normalised copy
+    bank.close()
+    warnings = leakage_warnings(rows, tmp_path)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("3 of 10 rows (30%) are in the train split")
+    assert warnings[1].startswith("1 of 10 rows (10%) are in the hash bank")

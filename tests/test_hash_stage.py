@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from cascade.assembly import build_stages
 from cascade.contract import ContentItem, Decision, StageOutcome, Verdict
@@ -13,6 +14,7 @@ from cascade.hashbank import EntryInput, HashBank, Polarity
 from cascade.pipeline import CascadeRunner, new_context
 from cascade.settings import Settings
 from cascade.stages.hash import HashStage
+from cascade.stream import metrics
 from cascade.thresholds import ThresholdSet
 
 THREAT = "I know where you live and I will hurt your family tonight"
@@ -177,4 +179,38 @@ async def test_flood_guard_quarantines_until_confirmed(tmp_path: Path) -> None:
 
     confirmed = await moderate(runner, *["lol ok"] * 10)
     assert all(v.decision is Decision.BLOCK for v in confirmed)  # never quarantined again
+    await runner.aclose()
+
+
+async def test_a_flood_of_copies_never_quarantines_a_confirmed_known_bad_entry(tmp_path: Path) -> None:
+    """The attack of issue 13: spamming copies of a banked text to switch its entry off. Default guard settings."""
+    settings = settings_for(tmp_path)
+    threat = "I know where you live and I will hurt your family tonight"
+    spam = "Congratulations you won a free cruise call now to claim your prize"
+    seed(
+        settings,
+        EntryInput("threat-1", threat, Polarity.BAD, ("violence",), "ticket-1", confirmed=True),
+        EntryInput("auto-1", spam, Polarity.BAD, ("spam",), "review-feedback"),
+    )
+    runner = CascadeRunner(build_stages(settings, ["hash"]), ThresholdSet(version="t-1"), policy_version="p-1")
+    quarantines_before = REGISTRY.get_sample_value("cascade_bank_quarantines_total", {"stage": "hash"}) or 0.0
+
+    ordinary = await moderate(runner, *[f"ordinary message number {i}" for i in range(200)])
+    flood = await moderate(runner, *[threat, spam] * 30)
+    metrics.record_batch("hash", flood, 0.01)  # what a stream worker does with the stage's outputs
+
+    threats, spams = flood[0::2], flood[1::2]
+    assert all(v.decision is Decision.BLOCK and v.decided_by == "hash" for v in threats)
+    assert all(not v.trace[0].details.get("quarantined") for v in threats)
+    # The unconfirmed entry is quarantined once it floods: its copies escalate instead of being decided.
+    assert spams[0].decision is Decision.BLOCK and spams[-1].decision is Decision.REVIEW
+    assert sum("newly_quarantined" in v.trace[0].details for v in spams) == 1
+    assert REGISTRY.get_sample_value("cascade_bank_quarantines_total", {"stage": "hash"}) == quarantines_before + 1
+    bank = HashBank.open(settings.data_dir)
+    assert [e.id for e in bank.entries(quarantined_only=True)] == ["auto-1"]
+    threat_entry = bank.get("threat-1")
+    assert threat_entry is not None and threat_entry.confirmed and not threat_entry.quarantined
+    assert bank.stats().quarantined == 1
+    bank.close()
+    assert len(ordinary) == 200
     await runner.aclose()

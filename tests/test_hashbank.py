@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def test_threshold_is_configurable(tmp_path: Path) -> None:
 
 
 def test_persists_across_reopen_without_rehashing(tmp_path: Path, bank: HashBank) -> None:
-    assert bank.quarantine("spam-1", "flood guard: test")
+    assert bank.quarantine("spam-1", "flood guard: test", 3600)
     bank.close()
 
     class CountingShingler(Shingler):
@@ -124,7 +125,7 @@ def test_upsert_is_idempotent_by_id(bank: HashBank) -> None:
     assert bank.lookup(normalize(THREAT))[0].categories == ("harassment", "violence")
 
     # A new text under the same id replaces the old one and drops its quarantine.
-    bank.quarantine("threat-1", "test")
+    bank.quarantine("threat-1", "test", 3600)
     bank.upsert([bad("threat-1", "a completely different threatening sentence here")], "tester")
     assert bank.lookup(normalize(THREAT)) == []
     entry = bank.get("threat-1")
@@ -154,7 +155,7 @@ def test_another_process_sees_writes_after_refresh(tmp_path: Path, bank: HashBan
     other = HashBank.open(tmp_path)
     other.upsert([bad("new-1", "a brand new threatening message about the school")], "other")
     other.remove("spam-1")
-    other.quarantine("threat-1", "flood")
+    other.quarantine("threat-1", "flood", 3600)
     assert bank.lookup(normalize(SPAM)) != []  # not seen before refresh
     bank.refresh()
     assert [h.entry_id for h in bank.lookup(normalize("a brand new threatening message about the school"))] == ["new-1"]
@@ -163,19 +164,29 @@ def test_another_process_sees_writes_after_refresh(tmp_path: Path, bank: HashBan
     other.close()
 
 
+def test_a_quarantine_expires(bank: HashBank) -> None:
+    assert bank.quarantine("threat-1", "flood", 1)
+    assert bank.lookup(normalize(THREAT))[0].quarantined
+    assert bank.stats().quarantined == 1
+    time.sleep(2.1)  # timestamps have one-second resolution
+    assert not bank.lookup(normalize(THREAT))[0].quarantined
+    assert bank.stats().quarantined == 0 and not bank.entries(quarantined_only=True)
+    assert bank.quarantine("threat-1", "flood again", 3600)  # an expired quarantine may be renewed
+
+
 def test_quarantine_and_confirm(bank: HashBank) -> None:
-    assert bank.quarantine("threat-1", "flood")
-    assert not bank.quarantine("threat-1", "flood")  # already
+    assert bank.quarantine("threat-1", "flood", 3600)
+    assert not bank.quarantine("threat-1", "flood", 3600)  # already
     assert [e.id for e in bank.entries(quarantined_only=True)] == ["threat-1"]
     assert bank.confirm("threat-1")
-    assert not bank.quarantine("threat-1", "flood")  # confirmed entries are never quarantined again
+    assert not bank.quarantine("threat-1", "flood", 3600)  # confirmed entries are never quarantined again
     entry = bank.get("threat-1")
     assert entry is not None and entry.confirmed and not entry.quarantined
     assert not bank.confirm("no-such-entry")
 
 
 def test_stats(bank: HashBank) -> None:
-    bank.quarantine("spam-1", "flood")
+    bank.quarantine("spam-1", "flood", 3600)
     stats = bank.stats()
     assert stats.by_polarity == {"bad": 2, "good": 1}
     assert stats.by_category == {"spam": 1, "violence": 1}
@@ -287,12 +298,16 @@ def test_cli_add_list_stats_confirm_remove(cli: CliRunner, tmp_path: Path) -> No
 
     bank = HashBank.open(tmp_path / "data")
     assert [h.entry_id for h in bank.lookup(normalize("free cash click now"))] == ["spam-7"]
-    bank.quarantine("spam-7", "flood")
+    assert not bank.quarantine("spam-7", "flood", 3600)  # an operator added it: confirmed
+    bank.upsert([EntryInput("auto-1", SPAM, Polarity.BAD, ("spam",))], "review-feedback")
+    assert bank.quarantine("auto-1", "flood guard: test", 3600)
     bank.close()
-    assert "spam-7" in cli.invoke(app, ["bank", "list", "--quarantined"]).output
-    confirmed = cli.invoke(app, ["bank", "confirm", "spam-7"])
+    assert "auto-1" in cli.invoke(app, ["bank", "list", "--quarantined"]).output
+    stats = cli.invoke(app, ["bank", "stats"])
+    assert "quarantined auto-1 until 20" in stats.output and "flood guard: test" in stats.output
+    confirmed = cli.invoke(app, ["bank", "confirm", "auto-1"])
     assert confirmed.exit_code == 0 and "was quarantined" in confirmed.output
-    assert "spam-7" not in cli.invoke(app, ["bank", "list", "--quarantined"]).output
+    assert "auto-1" not in cli.invoke(app, ["bank", "list", "--quarantined"]).output
     assert cli.invoke(app, ["bank", "remove", "spam-7"]).exit_code == 0
     assert "spam-7" not in cli.invoke(app, ["bank", "list"]).output
 
@@ -312,3 +327,17 @@ def test_cli_operator_errors_exit_2(cli: CliRunner, args: list[str]) -> None:
     result = cli.invoke(app, args)
     assert result.exit_code == 2
     assert "error:" in result.output
+
+
+def test_cli_import_confirm_and_nothing_imported(cli: CliRunner, tmp_path: Path) -> None:
+    entries = tmp_path / "entries.jsonl"
+    entries.write_text(json.dumps({"id": "c-1", "text": SPAM, "polarity": "bad", "categories": ["spam"]}) + "\n")
+    assert cli.invoke(app, ["bank", "import", str(entries), "--confirm"]).exit_code == 0
+    bank = HashBank.open(tmp_path / "data")
+    entry = bank.get("c-1")
+    assert entry is not None and entry.confirmed and not bank.quarantine("c-1", "flood", 3600)
+    bank.close()
+    only_bad = tmp_path / "bad.jsonl"
+    only_bad.write_text("not json\n{}\n")
+    failed = cli.invoke(app, ["bank", "import", str(only_bad)])
+    assert failed.exit_code == 2 and "nothing imported" in failed.output

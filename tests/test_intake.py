@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from cascade.contract import ContentItem, DeadLetter, DeadLetterCode
 from cascade.intake import parse_record
-from cascade.settings import Settings
+from cascade.settings import Settings, SettingsError
 
 SETTINGS = Settings(max_text_bytes=1024, max_line_bytes=8192, max_metadata_depth=8)
 
@@ -69,10 +69,46 @@ def test_valid_item_with_all_fields() -> None:
         (b'{"id": "a", "text": "\\ud800"}', DeadLetterCode.INVALID_TEXT),
         (b'{"id": "a", "text": "x", "flagged": 1}', DeadLetterCode.UNKNOWN_FIELD),
         (b"[" * 4000 + b"]" * 4000, DeadLetterCode.MALFORMED_JSON),  # deeper than the parser recurses
+        (b'{"id": "a", "text": "x", "metadata": {"n": NaN}}', DeadLetterCode.MALFORMED_JSON),  # not JSON
+        (b'{"id": "a", "text": "x", "metadata": {"n": -Infinity}}', DeadLetterCode.MALFORMED_JSON),
+        (b'{"id": "a", "text": "x", "metadata": {"n": [Infinity]}}', DeadLetterCode.MALFORMED_JSON),
+        (b"\xef\xbb\xbf\xef\xbb\xbf{}", DeadLetterCode.MALFORMED_JSON),  # only one leading BOM is stripped
     ],
 )
 def test_bad_records_get_a_coded_dead_letter(raw: bytes, code: DeadLetterCode) -> None:
     assert code_of(raw) is code
+
+
+def test_a_leading_byte_order_mark_is_not_part_of_the_record() -> None:
+    item = parse(b"\xef\xbb\xbf" + json.dumps({"id": "bom-1", "text": "first line of a Windows file"}).encode())
+    assert isinstance(item, ContentItem) and item.id == "bom-1"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"id": "q", "text": "' + b'\\"' * 40_000 + b'"}',  # quotes: JSON escaping doubles them again
+        bytes(range(0x80, 0x100)) * 400,  # invalid UTF-8: base64 adds a third
+        b"\x01" * 60_000,  # control characters: six bytes each once escaped
+    ],
+)
+def test_a_dead_letter_fits_in_one_message_whatever_its_payload(payload: bytes) -> None:
+    limits = Settings(stream_max_message_bytes=64 * 1024)
+    letter = parse_record(payload, limits, source="test:1")
+    assert isinstance(letter, DeadLetter)
+    assert len(letter.model_dump_json().encode()) <= limits.max_value_bytes
+    assert letter.payload_truncated and letter.payload_bytes == len(payload)
+    kept = base64.b64decode(letter.payload) if letter.payload_encoding == "base64" else letter.payload.encode()
+    assert payload.startswith(kept) and len(kept) > limits.max_value_bytes // 8
+
+
+def test_record_limits_derive_from_the_message_limit() -> None:
+    derived = Settings(stream_max_message_bytes=200_000)
+    assert derived.line_limit == derived.max_value_bytes < 200_000
+    with pytest.raises(SettingsError, match="CASCADE_MAX_LINE_BYTES"):
+        Settings(stream_max_message_bytes=200_000, max_line_bytes=300_000)
+    with pytest.raises(SettingsError, match="CASCADE_MAX_TEXT_BYTES"):
+        Settings(max_line_bytes=8192, max_text_bytes=10_000)
 
 
 def test_text_limit_counts_utf8_bytes_not_characters() -> None:
@@ -88,6 +124,7 @@ def test_oversized_line_is_rejected_before_parsing_and_truncated_in_the_dead_let
     assert isinstance(letter, DeadLetter)
     assert letter.error_code is DeadLetterCode.LINE_TOO_LARGE
     assert letter.payload_truncated and len(letter.payload) == SETTINGS.max_line_bytes
+    assert letter.payload_bytes == len(raw)
 
 
 def test_deep_metadata_is_rejected() -> None:

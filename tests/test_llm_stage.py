@@ -418,7 +418,10 @@ def test_parse_verdict_rejects_what_breaks_the_contract() -> None:
     del missing["categories"]["spam"]
     stringly = json.loads(json.dumps(good))
     stringly["flagged"] = "false"
-    for bad in (inconsistent, missing, stringly, ["a", "list"]):
+    extra_key = {**good, "decision": "allow"}  # the schema says additionalProperties: false
+    extra_nested = json.loads(json.dumps(good))
+    extra_nested["categories"]["spam"]["override"] = True
+    for bad in (inconsistent, missing, stringly, ["a", "list"], extra_key, extra_nested):
         with pytest.raises(InvalidOutput):
             parse_verdict(json.dumps(bad), CATEGORIES)
     with pytest.raises(InvalidOutput, match="empty"):

@@ -9,6 +9,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
+from aiokafka.errors import (
+    InvalidTopicError,
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    NotLeaderForPartitionError,
+    TopicAuthorizationFailedError,
+)
 from prometheus_client import REGISTRY
 
 from cascade.assembly import build_runner
@@ -16,9 +25,11 @@ from cascade.contract import DeadLetter, DeadLetterCode, Decision, Verdict
 from cascade.pipeline import CascadeRunner
 from cascade.settings import Settings
 from cascade.stages.base import ItemContext
+from cascade.stream.app import fused_runs
 from cascade.stream.broker import free_port
 from cascade.stream.health import HealthServer, WorkerState
-from cascade.stream.kafka import bootstrap_servers
+from cascade.stream.kafka import bootstrap_servers, refusal_code
+from cascade.stream.local import worker_stages
 from cascade.stream.processor import Record, StageProcessor
 from cascade.stream.topics import Topics
 
@@ -80,6 +91,9 @@ def test_bootstrap_servers_accept_the_usual_spellings() -> None:
     assert bootstrap_servers(" kafka-0.kafka:9092 ") == ["kafka-0.kafka:9092"]
     with pytest.raises(ValueError):
         bootstrap_servers(" , ")
+    for bad in ("127.0.0.1:abc", ":9092", "host:0", "host:70000"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            bootstrap_servers(bad)
 
 
 async def test_records_flow_from_content_through_escalation_to_verdict(
@@ -106,7 +120,9 @@ async def test_records_flow_from_content_through_escalation_to_verdict(
     assert (dead.topic, dead.key) == ("t.moderation.deadletter", None)
     assert letter.error_code is DeadLetterCode.MALFORMED_JSON and letter.source == "t.moderation.content[1]@3"
     assert metric("cascade_stage_items_total", stage="hash", result="escalate") == escalations_before + 1
-    assert metric("cascade_dead_letters_total", stage="hash", error_code="malformed_json") == dead_before + 1
+    # Outputs count once the broker acknowledged them (the agent calls record_delivered), not before.
+    assert metric("cascade_dead_letters_total", stage="hash", error_code="malformed_json") == dead_before
+    assert dead.outcome == letter and escalated.outcome is None
 
     (final,) = await last.process([Record(escalated.key, escalated.value, "t.moderation.escalate.llm[2]@0")])
     verdict = Verdict.model_validate_json(final.value)
@@ -157,7 +173,120 @@ async def test_probes_follow_the_worker_state() -> None:
         assert (await asyncio.to_thread(get, "/readyz"))[0] == 503
         state.rebalancing, state.stopping = False, True
         assert (await asyncio.to_thread(get, "/readyz"))[0] == 503
+        state.stopping = False
+        # A batch in flight past the deadline fails liveness (and readiness) until it ends.
+        state.batch_deadline_s = 0.2
+        release = asyncio.Event()
+        stuck = asyncio.ensure_future(release.wait())
+        state.track(stuck)  # type: ignore[arg-type]
+        assert (await asyncio.to_thread(get, "/healthz"))[0] == 200
+        await asyncio.sleep(0.3)
+        status, body = await asyncio.to_thread(get, "/healthz")
+        assert status == 503 and json.loads(body)["batches_in_flight"] == 1
+        release.set()
+        await stuck
+        assert (await asyncio.to_thread(get, "/healthz"))[0] == 200
         status, text = await asyncio.to_thread(get, "/metrics")
         assert status == 200 and "cascade_stage_batch_seconds" in text
     finally:
         await server.stop()
+
+
+async def test_drain_cancels_batches_past_the_grace_period() -> None:
+    state = WorkerState(["llm"])
+    quick = asyncio.ensure_future(asyncio.sleep(0.05))
+    stuck = asyncio.ensure_future(asyncio.sleep(3600))
+    state.track(quick)  # type: ignore[arg-type]
+    state.track(stuck)  # type: ignore[arg-type]
+    started = asyncio.get_running_loop().time()
+    assert await state.drain(0.3) == 1
+    assert asyncio.get_running_loop().time() - started < 1.0
+    assert quick.done() and not quick.cancelled() and stuck.cancelled()
+    assert state.describe()["batches_in_flight"] == 0
+
+
+async def test_an_output_too_large_for_a_message_becomes_a_dead_letter_that_fits(
+    runner: CascadeRunner, tmp_path: Path
+) -> None:
+    """A valid item whose escalation record would exceed the message limit ends as `output_too_large`."""
+    settings = Settings(data_dir=tmp_path, stream_max_message_bytes=64 * 1024)
+    first = StageProcessor(runner, 0, Topics(), settings)
+    # Within the record limit as input; the escalation record adds the normalised text to it.
+    text = " ".join(["words of a long post"] * 800)  # 16 KB
+    line = json.dumps({"id": "big-1", "text": text, "metadata": {"blob": "m" * 40_000}})
+    assert len(line.encode()) < settings.line_limit
+    (out,) = await first.process([Record(b"big-1", line.encode(), "moderation.content[0]@1")])
+    letter = DeadLetter.model_validate_json(out.value)
+    assert out.topic == "moderation.deadletter" and out.key == b"big-1"
+    assert letter.error_code is DeadLetterCode.OUTPUT_TOO_LARGE and letter.id == "big-1"
+    assert len(out.value) <= settings.max_value_bytes
+    assert letter.payload_bytes == len(line.encode())
+
+
+def test_permanent_broker_refusals_are_told_from_transient_errors() -> None:
+    assert refusal_code(MessageSizeTooLargeError()) is DeadLetterCode.OUTPUT_TOO_LARGE
+    assert refusal_code(TopicAuthorizationFailedError()) is DeadLetterCode.OUTPUT_REFUSED
+    assert refusal_code(InvalidTopicError()) is DeadLetterCode.OUTPUT_REFUSED
+    for transient in (KafkaConnectionError(), NotLeaderForPartitionError(), KafkaTimeoutError(), OSError()):
+        assert refusal_code(transient) is None
+
+
+def test_workers_share_every_stage_but_a_single_process_store() -> None:
+    cascade = ["hash", "retrieval", "classifier", "llm"]
+    assert worker_stages(cascade, 1, {"retrieval"}) == [cascade]
+    assert worker_stages(cascade, 3, {"retrieval"}) == [cascade] + [["hash", "classifier", "llm"]] * 2
+    assert worker_stages(cascade, 2, set()) == [cascade, cascade]
+    with pytest.raises(ValueError, match="CASCADE_QDRANT_URL"):
+        worker_stages(["retrieval"], 2, {"retrieval"})
+
+
+async def test_a_worker_owning_consecutive_stages_runs_them_in_process(
+    runner: CascadeRunner, settings: Settings
+) -> None:
+    """Fused: hash then llm on one batch, no escalation message; the trace is the unfused one."""
+    fused = StageProcessor(runner, 0, Topics(), settings, last=1)
+    assert fused.stages == CASCADE and fused.input_topic == "moderation.content"
+    records = [
+        Record(f"u-{i}".encode(), json.dumps({"id": f"u-{i}", "text": f"hi {i}"}).encode(), "c[0]@1") for i in range(3)
+    ]
+    out = await fused.process([*records, Record(None, b"{oops", "c[0]@4")])
+    assert sorted(m.topic for m in out) == ["moderation.deadletter"] + ["moderation.verdicts.review"] * 3
+    verdicts = [
+        Verdict.model_validate_json(m.value)
+        for m in out
+        if m.outcome is not None and m.topic != "moderation.deadletter"
+    ]
+    assert all([t.stage for t in v.trace] == CASCADE for v in verdicts)
+
+    hop = StageProcessor(runner, 0, Topics(), settings)
+    (escalated,) = await hop.process(records[:1])
+    (final,) = await StageProcessor(runner, 1, Topics(), settings).process(
+        [Record(escalated.key, escalated.value, "e[0]@0")]
+    )
+    unfused = Verdict.model_validate_json(final.value)
+    fused_first = next(v for v in verdicts if v.id == "u-0")
+    assert (unfused.decision, unfused.decided_by, unfused.reason) == (
+        fused_first.decision,
+        fused_first.decided_by,
+        fused_first.reason,
+    )
+
+
+def test_fused_runs_follow_ownership() -> None:
+    cascade = ["hash", "retrieval", "classifier", "llm"]
+    assert fused_runs(cascade, cascade) == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    assert fused_runs(cascade, ["hash", "retrieval", "classifier"]) == [(0, 2), (1, 2), (2, 2)]  # cheap-stage workers
+    assert fused_runs(cascade, ["llm"]) == [(3, 3)]
+    assert fused_runs(cascade, ["classifier", "hash", "llm"]) == [(0, 0), (2, 3), (3, 3)]
+
+
+def test_the_kubernetes_topics_take_the_messages_the_producers_may_send() -> None:
+    manifests = Path(__file__).resolve().parent.parent / "k8s" / "base" / "topics.yaml"
+    app_topics = set(Topics().all_topics(["hash", "retrieval", "classifier", "llm"]))
+    limits = {
+        doc["spec"]["topicName"]: doc["spec"]["config"].get("max.message.bytes")
+        for doc in yaml.safe_load_all(manifests.read_text())
+        if doc["spec"]["topicName"] in app_topics
+    }
+    assert set(limits) == app_topics
+    assert set(limits.values()) == {str(Settings().stream_max_message_bytes)}

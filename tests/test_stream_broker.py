@@ -13,12 +13,11 @@ import json
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from llm_server import LocalLLMServer, Mode, serve
+from llm_server import LocalLLMServer, Mode
 from prometheus_client.parser import text_string_to_metric_families
 
 from cascade.assembly import build_runner
@@ -29,9 +28,7 @@ from cascade.policy import load_policy
 from cascade.settings import Settings
 from cascade.stream.broker import EmbeddedBroker
 from cascade.stream.client import Outcomes, Published, publish
-from cascade.stream.kafka import ensure_topics
-from cascade.stream.local import WorkerProcess, collect
-from cascade.stream.topics import Topics
+from cascade.stream.local import LocalDeployment, collect
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -47,43 +44,25 @@ TEXTS = [
 BAD_PAYLOADS = [b"not json at all", b'{"id": "no-text"}', b"\xff\xfe\x00", b"[1, 2, 3]"]
 
 
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker() as running:
-        yield running
+def write_llm_thresholds(path: Path) -> Path:
+    """Bands for the LLM on every category it scores, so its answers settle items."""
+    categories = [c for c in load_policy().categories if c != "flagged"]
+    bands = {c: {"allow_below": 0.5, "block_at": 0.5} for c in categories}
+    path.write_text(yaml.safe_dump({"version": "stream-test", "stages": {"llm": bands}}))
+    return path
 
 
-@pytest.fixture(scope="module")
-def llm() -> Iterator[LocalLLMServer]:
-    with serve() as running:
-        yield running
-
-
-class Deployment:
+class Deployment(LocalDeployment):
     """One isolated deployment on the shared broker: its own topic prefix, group and data dir."""
 
     def __init__(self, broker: EmbeddedBroker, llm: LocalLLMServer, tmp_path: Path) -> None:
-        self.broker_url = broker.url
-        self.tmp_path = tmp_path
-        self.topics = Topics(f"t{uuid.uuid4().hex[:8]}.")
-        self.thresholds = tmp_path / "thresholds.yaml"
-        # Bands for the LLM on every category it scores, so its answers settle items.
-        categories = [c for c in load_policy().categories if c != "flagged"]
-        self.thresholds.write_text(
-            yaml.safe_dump(
-                {
-                    "version": "stream-test",
-                    "stages": {"llm": {c: {"allow_below": 0.5, "block_at": 0.5} for c in categories}},
-                }
-            )
-        )
-        self.env = {
+        prefix = f"t{uuid.uuid4().hex[:8]}."
+        env = {
             "CASCADE_DATA_DIR": str(tmp_path / "data"),
-            "CASCADE_TOPIC_PREFIX": self.topics.prefix,
-            "CASCADE_STREAM_GROUP": f"g-{self.topics.prefix}",
+            "CASCADE_TOPIC_PREFIX": prefix,
+            "CASCADE_STREAM_GROUP": f"g-{prefix}",
             "CASCADE_STREAM_BATCH_WAIT_S": "0.05",
             "CASCADE_STREAM_SESSION_TIMEOUT_S": "3",
-            "CASCADE_THRESHOLDS": str(self.thresholds),
             "OPENAI_BASE_URL": llm.base_url,
             "OPENAI_API_KEY": "test-key",
             "CASCADE_LLM_MODEL": MODEL,
@@ -96,12 +75,21 @@ class Deployment:
             "CASCADE_LLM_BREAKER_COOLDOWN_S": "1",
             "CASCADE_LLM_PRICES": json.dumps({MODEL: {"input": 1.0, "output": 2.0}}),
         }
-        self.workers: list[WorkerProcess] = []
-        asyncio.run(ensure_topics(self.broker_url, self.topics.all_topics(CASCADE), partitions=4, replication_factor=1))
+        super().__init__(
+            Settings(topic_prefix=prefix, stream_partitions=4, stream_replication_factor=1),
+            CASCADE,
+            tmp_path,
+            broker.url,
+            thresholds=write_llm_thresholds(tmp_path / "thresholds.yaml"),
+            env=env,
+            loglevel="info",
+        )
+        self.start()
 
-    def settings(self) -> Settings:
+    def inprocess_settings(self) -> Settings:
+        """The deployment's settings for a cascade run in this process, on its own data dir."""
         return Settings(
-            data_dir=self.tmp_path / "data-inprocess",
+            data_dir=self.log_dir / "data-inprocess",
             thresholds=self.thresholds,
             llm_base_url=self.env["OPENAI_BASE_URL"],
             llm_api_key="test-key",
@@ -111,31 +99,11 @@ class Deployment:
             llm_rate_burst=10000,
         )
 
-    def worker(self, stages: list[str] | None = None) -> WorkerProcess:
-        log = self.tmp_path / f"worker-{len(self.workers)}.log"
-        process = WorkerProcess(self.broker_url, stages, CASCADE, log_path=log, env=self.env, loglevel="info")
-        self.workers.append(process.start())
-        return process
-
     def publish(self, lines: list[bytes], rate: float | None = None) -> list[Published]:
-        return asyncio.run(publish(self.broker_url, self.topics.content, lines, rate))
+        return asyncio.run(publish(self.url, self.topics, lines, rate))
 
     def collect(self, published: list[Published], timeout_s: float = 60.0) -> Outcomes:
-        return asyncio.run(collect(self.broker_url, self.topics, published, timeout_s=timeout_s))
-
-    def kill(self) -> None:
-        for process in self.workers:  # graceful stops have their own test; a fresh group per test
-            process.kill()
-
-
-@pytest.fixture
-def deployment(broker: EmbeddedBroker, llm: LocalLLMServer, tmp_path: Path) -> Iterator[Deployment]:
-    llm.state.default_mode = Mode.OK
-    running = Deployment(broker, llm, tmp_path)
-    try:
-        yield running
-    finally:
-        running.kill()
+        return asyncio.run(collect(self.url, self.topics, published, timeout_s=timeout_s))
 
 
 def items(n: int, tag: str) -> list[bytes]:
@@ -164,8 +132,8 @@ def test_every_item_gets_one_verdict_across_stage_processes(deployment: Deployme
     assert all(d.source and d.source.startswith(deployment.topics.content) for d in outcomes.dead_letters)
 
     # The stream is a thin adapter: the same cascade in process reaches the same decisions.
-    runner = build_runner(deployment.settings(), stage_names=CASCADE)
-    contexts = [new_context(parse_record(line, deployment.settings())) for line in good]  # type: ignore[arg-type]
+    runner = build_runner(deployment.inprocess_settings(), stage_names=CASCADE)
+    contexts = [new_context(parse_record(line, deployment.inprocess_settings())) for line in good]  # type: ignore[arg-type]
     in_process = {v.id: v for v in asyncio.run(runner.run(contexts))}
     asyncio.run(runner.aclose())
     for item_id, verdict in outcomes.verdicts.items():
@@ -183,16 +151,14 @@ def test_sigkill_mid_stream_loses_nothing(deployment: Deployment) -> None:
     worker.wait_ready()
 
     async def publish_while_killing() -> list[Published]:
-        publishing = asyncio.create_task(
-            publish(deployment.broker_url, deployment.topics.content, items(120, "k"), rate=60)
-        )
+        publishing = asyncio.create_task(publish(deployment.url, deployment.topics, items(120, "k"), rate=60))
         verdicts_seen = [0]
 
         def seen(outcomes: Outcomes) -> None:
             verdicts_seen[0] = len(outcomes.verdicts)
 
         reader = asyncio.create_task(
-            collect(deployment.broker_url, deployment.topics, [], on_update=seen, until_drained=False)
+            collect(deployment.url, deployment.topics, [], on_update=seen, until_drained=False)
         )
         while verdicts_seen[0] < 10:  # the worker is under way...
             await asyncio.sleep(0.05)
@@ -216,9 +182,7 @@ def test_sigterm_finishes_in_flight_work_and_commits(deployment: Deployment) -> 
     worker.wait_ready()
 
     async def publish_then_stop() -> list[Published]:
-        publishing = asyncio.create_task(
-            publish(deployment.broker_url, deployment.topics.content, items(120, "s"), rate=120)
-        )
+        publishing = asyncio.create_task(publish(deployment.url, deployment.topics, items(120, "s"), rate=120))
         await asyncio.sleep(0.5)
         assert await asyncio.to_thread(worker.stop, 15) == 0
         return await publishing

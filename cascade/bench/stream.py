@@ -1,8 +1,8 @@
 """The cascade through the embedded Kafka-protocol broker (tansu): throughput, latency under load, scale-out.
 
-Uses the stream layer's own pieces (`cascade.stream`): the embedded broker, worker processes
-exactly as `cascade run` starts them (every stage in one worker, the same stage list and
-thresholds as the in-process row), the publisher and the verdict reader.
+Uses the stream layer's own pieces (`cascade.stream`): `LocalDeployment` (the embedded broker
+and worker processes exactly as `cascade run` starts them: every stage in one worker, the same
+stage list and thresholds as the in-process row), the publisher and the verdict reader.
 
 - Throughput: a round publishes the bench texts under fresh ids as fast as it can; its rate is
   items / (last verdict's `processed_at` − publish start), so reading the verdicts back does not
@@ -32,10 +32,10 @@ from cascade.bench.config import BenchConfig
 from cascade.bench.measure import Row, cascade_breakdown, measured, not_available
 from cascade.contract import ContentItem, Verdict
 from cascade.settings import Settings
+from cascade.stream.topics import Topics
 
 if TYPE_CHECKING:
-    from cascade.stream.broker import EmbeddedBroker
-    from cascade.stream.local import WorkerProcess
+    from cascade.stream.local import LocalDeployment
 
 WARM_UP_ITEMS = 8
 READY_TIMEOUT_S = 120.0
@@ -105,80 +105,38 @@ def worker_data_dir(data_dir: Path, into: Path) -> Path:
     return into
 
 
-class StreamRig:
-    """The embedded broker, its topics and the workers of one consumer group."""
+def _round(deployment: LocalDeployment, items: Sequence[ContentItem], tag: str, rate: float | None = None) -> Round:
+    return asyncio.run(_publish_and_collect(deployment, items, tag, rate))
 
-    def __init__(self, settings: Settings, stage_names: Sequence[str], thresholds_path: Path, logs: Path) -> None:
-        self.settings = settings
-        self.stage_names = list(stage_names)
-        self.thresholds_path = thresholds_path
-        self.logs = logs
-        self.broker: EmbeddedBroker | None = None
-        self.workers: list[WorkerProcess] = []
 
-    def start(self) -> StreamRig:
-        from cascade.stream.broker import EmbeddedBroker
-        from cascade.stream.kafka import ensure_topics
-        from cascade.stream.topics import Topics
+async def _publish_and_collect(
+    deployment: LocalDeployment, items: Sequence[ContentItem], tag: str, rate: float | None
+) -> Round:
+    from cascade.stream.client import publish
+    from cascade.stream.local import collect
 
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.broker = EmbeddedBroker(log_path=self.logs / "broker.log").start()
-        topics = Topics().all_topics(self.stage_names)
-        partitions, replication = self.settings.stream_partitions, self.settings.stream_replication_factor
-        asyncio.run(ensure_topics(self.broker.url, topics, partitions, replication))
-        return self
+    started = datetime.now(UTC)
+    published = await publish(deployment.url, deployment.topics, _lines(items, tag), rate=rate)
+    timeout_s = max(60.0, len(items) / 2.0)
+    outcomes = await collect(
+        deployment.url, deployment.topics, published, timeout_s=timeout_s, alive=lambda: deployment.alive
+    )
+    ours = [(p, outcomes.verdicts[p.item_id]) for p in published if p.item_id in outcomes.verdicts]
+    if len(ours) != len(items):
+        raise RuntimeError(f"{len(items) - len(ours)} of {len(items)} items came back as dead letters")
+    verdicts = [v for _, v in ours]
+    elapsed = (max(v.processed_at for v in verdicts) - started).total_seconds()
+    latency = [(v.processed_at - p.sent_at).total_seconds() * 1000 for p, v in ours]
+    return Round(len(items) / elapsed, verdicts, latency)
 
-    @property
-    def url(self) -> str:
-        assert self.broker is not None, "start() first"
-        return self.broker.url
 
-    def add_worker(self, env: dict[str, str]) -> float:
-        """Start one more worker of the group; seconds until it (and the others) are ready."""
-        from cascade.stream.local import WorkerProcess
+def _deployment(job: BrokerJob, logs: Path, threads: int | None = None) -> LocalDeployment:
+    from cascade.stream.local import LocalDeployment
 
-        worker = WorkerProcess(
-            self.url,
-            cascade=self.stage_names,
-            thresholds=self.thresholds_path,
-            log_path=self.logs / f"worker-{len(self.workers) + 1}.log",
-            env=env,
-        ).start()
-        self.workers.append(worker)
-        ready_s = worker.wait_ready(READY_TIMEOUT_S)
-        for other in self.workers:  # a join rebalances the group: wait until everyone holds partitions
-            other.wait_ready(READY_TIMEOUT_S)
-        return ready_s
-
-    def alive(self) -> bool:
-        return all(worker.alive for worker in self.workers)
-
-    def round(self, items: Sequence[ContentItem], tag: str, rate: float | None = None) -> Round:
-        return asyncio.run(self._round(items, tag, rate))
-
-    async def _round(self, items: Sequence[ContentItem], tag: str, rate: float | None) -> Round:
-        from cascade.stream.client import publish
-        from cascade.stream.local import collect
-        from cascade.stream.topics import Topics
-
-        topics = Topics()
-        started = datetime.now(UTC)
-        published = await publish(self.url, topics.content, _lines(items, tag), rate=rate)
-        timeout_s = max(60.0, len(items) / 2.0)
-        outcomes = await collect(self.url, topics, published, timeout_s=timeout_s, alive=self.alive)
-        ours = [(p, outcomes.verdicts[p.item_id]) for p in published if p.item_id in outcomes.verdicts]
-        if len(ours) != len(items):
-            raise RuntimeError(f"{len(items) - len(ours)} of {len(items)} items came back as dead letters")
-        verdicts = [v for _, v in ours]
-        elapsed = (max(v.processed_at for v in verdicts) - started).total_seconds()
-        latency = [(v.processed_at - p.sent_at).total_seconds() * 1000 for p, v in ours]
-        return Round(len(items) / elapsed, verdicts, latency)
-
-    def stop(self) -> None:
-        for worker in self.workers:
-            worker.stop()
-        if self.broker is not None:
-            self.broker.stop()
+    env = worker_env(job.settings, job.config.batch_size, threads)
+    return LocalDeployment(
+        job.settings, job.stage_names, logs, topics=Topics(), thresholds=job.thresholds_path, env=env
+    )
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, float]:
@@ -203,29 +161,33 @@ def latency_row(fraction: float, max_rate: float, measured_round: Round) -> Row:
 
 def measure_stream(job: BrokerJob) -> tuple[Row, dict[str, Row]]:
     """The broker throughput row, and the latency rows at `config.load_shares` of its median."""
-    config, settings, items, stage_names, log = job.config, job.settings, job.items, job.stage_names, job.log
+    config, items, stage_names, log = job.config, job.items, job.stage_names, job.log
     label = f"cascade through the embedded broker (1 worker: {', '.join(stage_names)})"
-    logs = settings.data_path("bench", "stream")
-    rig = StreamRig(settings, stage_names, job.thresholds_path, logs)
+    logs = job.settings.data_path("bench", "stream")
     latency: dict[str, Row] = {}
     try:
-        rig.start()
+        deployment = _deployment(job, logs)
+    except ImportError as exc:
+        return not_available(label, f"stream layer not importable: {exc}"), latency
+    try:
+        deployment.start().worker()
         log("stream: waiting for the worker to join its consumer group")
-        ready_s = rig.add_worker(worker_env(settings, config.batch_size))
-        rig.round(items[:WARM_UP_ITEMS], "bench-warm")
-        rounds = [rig.round(items, f"bench-r{n}") for n in range(config.stream_rounds)]
+        ready_s = deployment.wait_ready(READY_TIMEOUT_S)
+        _round(deployment, items[:WARM_UP_ITEMS], "bench-warm")
+        rounds = [_round(deployment, items, f"bench-r{n}") for n in range(config.stream_rounds)]
         max_rate = float(np.median([r.rate for r in rounds]))
         for share in config.load_shares:
             log(f"stream: latency at {share:.0%} of {max_rate:.1f} items/s")
             key = f"latency_{round(share * 100)}"
             try:
-                latency[key] = latency_row(share, max_rate, rig.round(items, f"bench-load{key}", share * max_rate))
+                offered = _round(deployment, items, f"bench-load{key}", share * max_rate)
+                latency[key] = latency_row(share, max_rate, offered)
             except Exception as exc:
                 latency[key] = not_available(f"latency at {share:.0%} of the maximum", f"{type(exc).__name__}: {exc}")
     except Exception as exc:  # report, don't crash the rest of the bench
         return not_available(label, f"{type(exc).__name__}: {exc} (logs in {logs})"), latency
     finally:
-        rig.stop()
+        deployment.stop()
     row = measured(
         label,
         "items/s",
@@ -247,25 +209,29 @@ def measure_scale_out(job: BrokerJob) -> dict[str, Row]:
         "scale_two_workers": f"broker, 2 workers x 1 thread, one group, {settings.stream_partitions} partitions",
     }
     logs = settings.data_path("bench", "scale-out")
-    rig = StreamRig(settings, job.stage_names, job.thresholds_path, logs)
-    rows: dict[str, Row] = {}
     try:
-        rig.start()
+        deployment = _deployment(job, logs, threads=1)
+    except ImportError as exc:
+        return {key: not_available(label, f"stream layer not importable: {exc}") for key, label in labels.items()}
+    try:
+        deployment.start().worker()
         log("scale-out: one single-thread worker")
-        rig.add_worker(worker_env(settings, config.batch_size, threads=1))
-        rig.round(items[:WARM_UP_ITEMS], "scale-warm1")
-        one = [rig.round(items, f"scale-one-r{n}").rate for n in range(config.stream_rounds)]
+        deployment.wait_ready(READY_TIMEOUT_S)
+        _round(deployment, items[:WARM_UP_ITEMS], "scale-warm1")
+        one = [_round(deployment, items, f"scale-one-r{n}").rate for n in range(config.stream_rounds)]
         log("scale-out: a second single-thread worker joins the group")
-        second = settings.model_copy(update={"data_dir": worker_data_dir(settings.data_dir, logs / "worker-2-data")})
-        rig.add_worker(worker_env(second, config.batch_size, threads=1))
-        rig.round(items[:WARM_UP_ITEMS], "scale-warm2")
-        two = [rig.round(items, f"scale-two-r{n}").rate for n in range(config.stream_rounds)]
+        own = worker_data_dir(settings.data_dir, logs / "worker-2-data")
+        deployment.worker(env={"CASCADE_DATA_DIR": str(own)})
+        deployment.wait_ready(READY_TIMEOUT_S)  # the join rebalances the group: every worker ready again
+        _round(deployment, items[:WARM_UP_ITEMS], "scale-warm2")
+        two = [_round(deployment, items, f"scale-two-r{n}").rate for n in range(config.stream_rounds)]
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc} (logs in {logs})"
         return {key: not_available(label, reason) for key, label in labels.items()}
     finally:
-        rig.stop()
+        deployment.stop()
     common = {"threads_per_worker": 1, "partitions": settings.stream_partitions, "batch_size": config.batch_size}
-    rows["scale_one_worker"] = measured(labels["scale_one_worker"], "items/s", one, workers=1, **common)
-    rows["scale_two_workers"] = measured(labels["scale_two_workers"], "items/s", two, workers=2, **common)
-    return rows
+    return {
+        "scale_one_worker": measured(labels["scale_one_worker"], "items/s", one, workers=1, **common),
+        "scale_two_workers": measured(labels["scale_two_workers"], "items/s", two, workers=2, **common),
+    }

@@ -10,13 +10,14 @@ from __future__ import annotations
 import getpass
 import json
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -32,6 +33,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 _SHOWN_ERRORS = 20
+_SHOWN_QUARANTINES = 20
 RowT = TypeVar("RowT", EntryInput, LabelledItem)
 
 
@@ -151,7 +153,7 @@ def parsed_batches(
             yield pending
 
 
-def _import_hash(path: Path, settings: Settings, split: SplitChoice, batch_size: int) -> ImportReport:
+def _import_hash(path: Path, settings: Settings, split: SplitChoice, batch_size: int, confirm: bool) -> ImportReport:
     report = ImportReport()
     known = load_policy(settings.policies_dir).names
     added_by = _operator()
@@ -160,7 +162,7 @@ def _import_hash(path: Path, settings: Settings, split: SplitChoice, batch_size:
         for batch in parsed_batches(
             path,
             split,
-            lambda record: entry_from_record(record, default_source=path.name),
+            lambda record: replace(entry_from_record(record, default_source=path.name), confirmed=confirm),
             lambda entry: entry.categories,
             report,
             known,
@@ -175,7 +177,9 @@ def _import_hash(path: Path, settings: Settings, split: SplitChoice, batch_size:
     return report
 
 
-def _import_exemplars(path: Path, settings: Settings, split: SplitChoice, batch_size: int) -> ImportReport:
+def _import_exemplars(
+    path: Path, settings: Settings, split: SplitChoice, batch_size: int, confirm: bool
+) -> ImportReport:
     from cascade.embedding import Embedder
     from cascade.exemplars import add_exemplars, labelled_from_record
     from cascade.vectorindex import StoreInUseError, open_vector_index
@@ -210,7 +214,7 @@ def _import_exemplars(path: Path, settings: Settings, split: SplitChoice, batch_
     return report
 
 
-Importer = Callable[[Path, Settings, SplitChoice, int], ImportReport]
+Importer = Callable[[Path, Settings, SplitChoice, int, bool], ImportReport]
 _IMPORTERS: dict[BankKind, Importer] = {BankKind.HASH: _import_hash, BankKind.EXEMPLARS: _import_exemplars}
 # Exemplars vote at serving time: by default only train rows, so evaluation rows never sit in the bank.
 _DEFAULT_SPLIT: dict[BankKind, SplitChoice] = {BankKind.HASH: SplitChoice.ALL, BankKind.EXEMPLARS: SplitChoice.TRAIN}
@@ -240,7 +244,8 @@ def add(
     polarity = Polarity.BAD if bad else Polarity.GOOD
     bank = _open_bank(settings)
     try:
-        entry = EntryInput(entry_id or _derived_id(polarity, text), text, polarity, categories, source)
+        # An operator typed this one entry: it is confirmed, so no flood of copies can quarantine it.
+        entry = EntryInput(entry_id or _derived_id(polarity, text), text, polarity, categories, source, confirmed=True)
         report = bank.upsert([entry], _operator())
     except BankError as exc:
         raise fail(str(exc)) from None
@@ -264,12 +269,23 @@ def import_(
         typer.Option(help="Only rows of this deterministic split. Default: all for hash, train for exemplars."),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per transaction.")] = 1000,
+    confirm: Annotated[
+        bool,
+        typer.Option("--confirm", help="Hash bank: vouch for the entries (the flood guard never quarantines them)."),
+    ] = False,
 ) -> None:
     """Import entries, idempotent by id: re-importing a file adds nothing."""
     if not file.is_file():
         raise fail(f"input file not found: {file}")
-    report = _IMPORTERS[kind](file, Settings(), split or _DEFAULT_SPLIT[kind], batch_size)
+    if confirm and kind is not BankKind.HASH:
+        raise fail("--confirm applies to the hash bank only (--kind hash)")
+    report = _IMPORTERS[kind](file, Settings(), split or _DEFAULT_SPLIT[kind], batch_size, confirm)
     report.render(kind)
+    if not report.added + report.updated + report.skipped:
+        raise fail(
+            f"nothing imported from {file}: {len(report.errors)} line(s) failed, {report.filtered} in another split;"
+            " fix the file or choose --split"
+        )
 
 
 @bank_app.command("remove")
@@ -326,6 +342,7 @@ def stats() -> None:
     bank = _open_bank(Settings())
     try:
         counts = bank.stats()
+        quarantined = bank.entries(quarantined_only=True, limit=_SHOWN_QUARANTINES)
     finally:
         bank.close()
     table = Table(title="bank stats")
@@ -340,6 +357,9 @@ def stats() -> None:
     table.add_row("status", "confirmed", str(counts.confirmed))
     table.add_row("status", "removed (tombstones)", str(counts.removed))
     console.print(table)
+    for entry in quarantined:
+        until = f"until {entry.quarantined_until}" if entry.quarantined_until else "until confirmed"
+        console.print(f"quarantined {escape(entry.id)} {until}: {escape(entry.quarantine_reason or '')}")
     _exemplar_stats(Settings())
 
 

@@ -32,7 +32,7 @@ from cascade.cli.app import app, fail
 from cascade.contract import ContentItem, Verdict
 from cascade.data import FLAGGED, DataError, LabelledItem, Split, file_digest, load_labelled, split_of
 from cascade.drift import Reference
-from cascade.evaluation import build_report, cost_f1_frontier, guarantee_metrics, render_report
+from cascade.evaluation import build_report, cost_f1_frontier, guarantee_metrics, leakage_warnings, render_report
 from cascade.pipeline import CascadeRunner, new_context
 from cascade.plots import cost_f1_frontier as plot_frontier
 from cascade.plots import pr_curves, reliability
@@ -331,6 +331,8 @@ def evaluate(
             f"[yellow]warning:[/] thresholds {primary.version} were calibrated on this data; "
             "use --split test for figures that were not tuned on"
         )
+    for message in leakage_warnings(rows, settings.data_dir):
+        err.print(f"[yellow]warning:[/] {message}")
     built = _stages(settings, stages)
     stale = _stale_stages(primary, built)
     for message in stale:

@@ -151,12 +151,15 @@ def moderate(
     stage_names = [s.strip() for s in stages.split(",") if s.strip()]
     if input != "-" and not Path(input).is_file():
         raise fail(f"input file not found: {input}")
+    if dead_letter is None and output is not None:
+        dead_letter = output.with_name(output.name + ".deadletter.jsonl")
+    for path, option in ((output, "-o/--output"), (dead_letter, "--dead-letter")):
+        if path is not None and not path.parent.is_dir():
+            raise fail(f"{option}: directory {path.parent} does not exist; create it or choose another path")
     try:
         runner = build_runner(settings, thresholds, shadow_thresholds, stage_names)
     except (ThresholdError, ValueError, FileNotFoundError) as exc:
         raise fail(str(exc)) from exc
-    if dead_letter is None and output is not None:
-        dead_letter = output.with_name(output.name + ".deadletter.jsonl")
 
     err = Console(stderr=True)
     summary = ModerationSummary()

@@ -12,17 +12,19 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from aiokafka.errors import KafkaError
 from rich.console import Console
+from rich.markup import escape
 
-from cascade.assembly import STAGE_ORDER
+from cascade.assembly import STAGE_ORDER, build_runner, single_process_stages
 from cascade.cli.app import app, fail
 from cascade.cli.moderate import ModerationSummary
 from cascade.contract import Decision
 from cascade.settings import Settings
-from cascade.stream.broker import BrokerError, EmbeddedBroker
-from cascade.stream.client import Outcomes, Published, publish, read_topics
-from cascade.stream.kafka import ensure_topics
-from cascade.stream.local import WorkerError, WorkerProcess, collect
+from cascade.stream.broker import BrokerError
+from cascade.stream.client import NoTopicsError, Outcomes, Published, publish, read_topics
+from cascade.stream.kafka import bootstrap_servers, client_logs_quiet, unreachable_message
+from cascade.stream.local import LocalDeployment, WorkerError, collect, worker_stages
 from cascade.stream.topics import Topics
 from cascade.stream.worker import worker_command
 
@@ -39,7 +41,15 @@ def _broker(option: str | None, settings: Settings) -> str:
     url = option or settings.kafka_url
     if not url:
         raise fail("no broker: pass --broker HOST:PORT or set CASCADE_KAFKA_URL")
+    try:
+        bootstrap_servers(url)
+    except ValueError as exc:
+        raise fail(f"{exc}: fix --broker or CASCADE_KAFKA_URL") from None
     return url
+
+
+def _unreachable(url: str, exc: BaseException) -> typer.Exit:
+    return fail(unreachable_message(url, exc))
 
 
 def _lines(path: Path, limit: int | None) -> Iterator[bytes]:
@@ -73,9 +83,26 @@ def publish_command(
         raise fail(f"input file not found: {input}")
     url = _broker(broker, settings)
     started = time.perf_counter()
-    published = asyncio.run(publish(url, Topics(settings.topic_prefix).content, _lines(input, limit), rate))
+    topics = Topics(settings.topic_prefix)
+    try:
+        with client_logs_quiet():
+            published = asyncio.run(
+                publish(url, topics, _lines(input, limit), rate, settings=settings, origin=str(input))
+            )
+    except (KafkaError, OSError) as exc:
+        raise _unreachable(url, exc) from None
     elapsed = time.perf_counter() - started
-    Console(stderr=True).print(f"published {len(published)} records to {url} in {elapsed:.1f} s")
+    _report_published(Console(stderr=True), published, url, elapsed)
+
+
+def _report_published(err: Console, published: list[Published], url: str, elapsed: float) -> None:
+    skipped = [p for p in published if p.skipped]
+    for record in skipped:
+        err.print(f"[yellow]skipped[/] record {escape(record.source)}: over the message limit, dead-lettered instead")
+    err.print(
+        f"published {len(published) - len(skipped)} records to {url} in {elapsed:.1f} s;"
+        f" {len(skipped)} over the limit (dead-lettered as line_too_large)"
+    )
 
 
 @app.command()
@@ -108,7 +135,13 @@ def tail(
                 return
 
     with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
-        asyncio.run(run())
+        try:
+            with client_logs_quiet():
+                asyncio.run(run())
+        except NoTopicsError as exc:
+            raise fail(f"{exc}: start a worker first (it creates them), or check CASCADE_TOPIC_PREFIX") from None
+        except (KafkaError, OSError) as exc:
+            raise _unreachable(url, exc) from None
 
 
 @app.command()
@@ -123,7 +156,14 @@ def run(
     until_drained: Annotated[
         bool, typer.Option("--until-drained", help="Exit once every published record has a verdict or dead letter.")
     ] = False,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes, each running every stage.")] = 1,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Worker processes. Each runs every stage, except a stage whose store one process only can open"
+            " (retrieval's embedded exemplar store): the first worker alone runs it.",
+        ),
+    ] = 1,
     thresholds: Annotated[Path | None, typer.Option(help="Threshold set (default: the packaged default set).")] = None,
     timeout: Annotated[float, typer.Option(help="With --until-drained: give up after this many seconds.")] = 900.0,
     loglevel: Annotated[str, typer.Option(help="Workers' log level (their logs: DATA_DIR/stream/).")] = "info",
@@ -134,74 +174,74 @@ def run(
         raise fail(f"input file not found: {publish_file}")
     if until_drained and publish_file is None:
         raise fail("--until-drained needs --publish FILE")
+    cascade = _names(stages)
+    try:
+        plan = worker_stages(cascade, workers, single_process_stages(settings))
+        # What every worker will load, checked once here (the stages themselves are built by the workers).
+        build_runner(settings, thresholds, stage_names=cascade, load=())
+    except ValueError as exc:  # ThresholdError is one
+        raise fail(str(exc)) from None
+    url = _broker(broker, settings) if broker is not None or settings.kafka_url else None
     err = Console(stderr=True)
     logs = settings.data_path("stream")
-    logs.mkdir(exist_ok=True)
-    embedded: EmbeddedBroker | None = None
-    processes: list[WorkerProcess] = []
+    deployment = LocalDeployment(settings, cascade, logs, url, thresholds=thresholds, loglevel=loglevel)
     exit_code = 0
     # SIGTERM (e.g. from a supervisor) must still stop the workers and the broker below.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        url = broker or settings.kafka_url
-        if not url:
-            embedded = EmbeddedBroker(log_path=logs / "broker.log").start()
-            url = embedded.url
-            err.print(f"embedded broker (tansu, in memory) on {url}")
-        topics = Topics(settings.topic_prefix)
-        # The readers below need these before the workers have created the rest.
-        asyncio.run(
-            ensure_topics(
-                url,
-                [topics.content, *topics.all_verdicts, topics.deadletter],
-                settings.stream_partitions,
-                settings.stream_replication_factor,
-            )
-        )
-        cascade = _names(stages)
-        for n in range(workers):
-            process = WorkerProcess(
-                url, cascade=cascade, thresholds=thresholds, log_path=logs / f"worker-{n}.log", loglevel=loglevel
-            )
-            processes.append(process.start())
+        try:
+            with client_logs_quiet():
+                deployment.start()
+        except (KafkaError, OSError) as exc:
+            raise _unreachable(deployment.url, exc) from None
+        if deployment.embedded is not None:
+            err.print(f"embedded broker (tansu, in memory) on {deployment.url}")
+        for worker_stage_names in plan:
+            deployment.worker(worker_stage_names)
         with err.status("starting workers (joining the consumer group)"):
-            ready_s = max(p.wait_ready() for p in processes)
+            ready_s = deployment.wait_ready()
         err.print(f"{workers} worker(s) ready in {ready_s:.1f} s; logs in {logs}")
         exit_code = asyncio.run(
-            _publish_and_watch(err, url, topics, publish_file, limit, rate, until_drained, timeout, processes, cascade)
+            _publish_and_watch(err, deployment, publish_file, limit, rate, until_drained, timeout, settings)
         )
-    except (BrokerError, WorkerError) as exc:
-        err.print(f"[red]error:[/] {exc}")
+    except BrokerError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
         exit_code = 1
+    except WorkerError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        for line in exc.log_tail:
+            err.print(f"  {escape(line)}", highlight=False)
+        # A worker that refused its configuration (exit 2) is the operator's to fix, like ours.
+        exit_code = 2 if exc.returncode == 2 else 1
     except KeyboardInterrupt:
         err.print("interrupted: stopping workers")
     finally:
-        for process in processes:
-            process.stop()
-        if embedded is not None:
-            embedded.stop()
+        deployment.stop()
     raise typer.Exit(exit_code)
 
 
 async def _publish_and_watch(
     err: Console,
-    url: str,
-    topics: Topics,
+    deployment: LocalDeployment,
     publish_file: Path | None,
     limit: int | None,
     rate: float | None,
     until_drained: bool,
     timeout: float,
-    processes: list[WorkerProcess],
-    cascade: list[str],
+    settings: Settings,
 ) -> int:
+    url, topics = deployment.url, deployment.topics
     published: list[Published] = []
     started = time.perf_counter()
 
     async def produce() -> None:
         if publish_file is not None:
-            published.extend(await publish(url, topics.content, _lines(publish_file, limit), rate))
-            err.print(f"published {len(published)} records in {time.perf_counter() - started:.1f} s")
+            published.extend(
+                await publish(
+                    url, topics, _lines(publish_file, limit), rate, settings=settings, origin=str(publish_file)
+                )
+            )
+            _report_published(err, published, url, time.perf_counter() - started)
 
     def progress(outcomes: Outcomes) -> None:
         done = len(outcomes.verdicts) + len(outcomes.dead_letters)
@@ -231,12 +271,17 @@ async def _publish_and_watch(
             published_so_far,
             timeout_s=timeout if until_drained else None,
             on_update=progress,
-            alive=lambda: all(p.alive for p in processes),
+            alive=lambda: deployment.alive,
             until_drained=until_drained,
         )
     except TimeoutError as exc:
         err.print(f"\n[red]timed out:[/] {exc}")
         return 1
+    except WorkerError:
+        dead = next((p for p in deployment.workers if not p.alive), None)
+        if dead is None:
+            raise
+        raise dead.error(f"worker exited with code {dead.returncode} while items were pending") from None
     finally:
         if not producer.done():
             producer.cancel()
@@ -251,7 +296,7 @@ async def _publish_and_watch(
         summary.add_verdict(verdict)
     for letter in outcomes.dead_letters:
         summary.add_dead_letter(letter)
-    summary.render(err, cascade)
+    summary.render(err, deployment.cascade)
     err.print(
         f"{len(published)} published, {len(outcomes.verdicts)} verdicts ({outcomes.duplicates} redelivered duplicates),"
         f" {len(outcomes.dead_letters)} dead letters in {elapsed:.1f} s: {len(published) / elapsed:.0f} items/s"

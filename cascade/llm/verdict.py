@@ -36,7 +36,7 @@ class InvalidOutput(ValueError):
 
 
 class CategoryJudgement(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     violates: bool
     severity: Severity
@@ -49,8 +49,8 @@ class CategoryJudgement(BaseModel):
 
 
 class ModelVerdict(BaseModel):
-    # Extra keys are ignored, never acted on: only the fields below can influence a decision.
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # Extra keys are rejected, as the request's schema (additionalProperties: false) says.
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     rationale: str
     categories: dict[str, CategoryJudgement]

@@ -10,7 +10,8 @@ a miss escalates. Precedence when an item matches several entries (docs/hash.md)
 3. near-duplicates only: the most similar entry decides; on a tie, bad wins.
 
 Quarantined entries never decide (see `cascade.hashbank.FloodGuard`); items that would
-have matched them escalate with a note naming them.
+have matched them escalate with a note naming them. Only unconfirmed entries are
+quarantined, for `CASCADE_FLOOD_QUARANTINE_S`; a confirmed entry keeps deciding.
 """
 
 from __future__ import annotations
@@ -36,16 +37,17 @@ _MAX_DETAILED_HITS = 5
 class HashStage(Stage):
     name = "hash"
 
-    def __init__(self, bank: HashBank, flood_guard: FloodGuard) -> None:
+    def __init__(self, bank: HashBank, flood_guard: FloodGuard, quarantine_s: float = 3600.0) -> None:
         self.bank = bank
         self.flood_guard = flood_guard
+        self.quarantine_s = quarantine_s
         self.version = f"1+normalize{NORMALIZE_VERSION}+{bank.shingler.version}@{bank.near_threshold:g}"
 
     @classmethod
     def from_settings(cls, settings: Settings, resources: Resources | None = None) -> HashStage:
         bank = HashBank.open(settings.data_dir, settings.near_dup_threshold)
         guard = FloodGuard(settings.flood_window, settings.flood_share, settings.flood_min_items)
-        return cls(bank, guard)
+        return cls(bank, guard, settings.flood_quarantine_s)
 
     async def score(self, batch: Sequence[ItemContext]) -> list[StageResult]:
         # One pragma per batch picks up entries added or quarantined by other processes.
@@ -68,7 +70,7 @@ class HashStage(Stage):
     def _quarantine(self, entry_id: str) -> bool:
         window = len(self.flood_guard)
         reason = f"flood guard: matched {self.flood_guard.count(entry_id)} of the last {window} items"
-        return self.bank.quarantine(entry_id, reason)
+        return self.bank.quarantine(entry_id, reason, self.quarantine_s)
 
     async def aclose(self) -> None:
         self.bank.close()

@@ -1,12 +1,20 @@
-"""The faust application: one agent per cascade stage, each a thin loop around `StageProcessor`.
+"""The faust application: one agent per owned stage, each a thin loop around `StageProcessor`.
+
+A worker that owns consecutive stages runs them in process on the same batch (`fused_runs`):
+Kafka hops remain only where ownership changes, e.g. from cheap-stage workers to LLM workers.
 
 Delivery is at-least-once. An agent takes a batch without acknowledging it, runs the stage,
 produces every output and waits for the broker to confirm them, and only then acknowledges the
 batch's records, so the committed offset never passes an item whose output is not durable. A
 crash (even SIGKILL) at any point redelivers the unacknowledged items; consumers dedupe by key.
 
-Faust's own shutdown (SIGTERM) stops fetching, waits until every record taken has been
-acknowledged (the in-flight batches finish), commits, and exits.
+An output the broker refuses for good (too large, an invalid topic, no authorization) is
+replaced by a dead letter saying so, and the batch moves on; only transient errors are retried,
+and a batch stuck in them past `CASCADE_STREAM_BATCH_DEADLINE_S` fails the liveness probe.
+
+On SIGTERM the worker stops taking batches, gives those in flight
+`CASCADE_STREAM_SHUTDOWN_GRACE_S` to finish, cancels the rest (unacknowledged, so uncommitted
+and redelivered to the next owner), commits what was acknowledged, and exits.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from cascade.pipeline import CascadeRunner
 from cascade.settings import Settings
 from cascade.stream import metrics
 from cascade.stream.health import WorkerState
-from cascade.stream.kafka import bootstrap_servers
+from cascade.stream.kafka import bootstrap_servers, refusal_code
 from cascade.stream.processor import Message, Record, StageProcessor, record_source
 from cascade.stream.topics import Topics
 
@@ -54,6 +62,7 @@ def create_app(
         # Items published before a worker's first join must still be processed.
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        producer_max_request_size=settings.stream_max_message_bytes,
         topic_partitions=settings.stream_partitions,
         topic_replication_factor=settings.stream_replication_factor,
         topic_allow_declare=settings.stream_create_topics,
@@ -61,7 +70,9 @@ def create_app(
         broker_session_timeout=settings.stream_session_timeout_s,
         broker_heartbeat_interval=max(settings.stream_session_timeout_s / 6, 0.5),
         broker_commit_interval=1.0,
-        stream_wait_empty=True,
+        # Shutdown waits for in-flight batches itself, for a bounded time (WorkerState.drain):
+        # faust's own wait has no limit, so one stuck batch would make SIGTERM hang.
+        stream_wait_empty=False,
         web_enabled=False,
     )
     _track_state(app, state)
@@ -73,13 +84,33 @@ def create_app(
             producer_topics[name] = app.topic(name, partitions=settings.stream_partitions)
         return producer_topics[name]
 
-    for name in stages:
-        processor = StageProcessor(runner, runner.stage_names.index(name), topics, settings)
+    for index, last in fused_runs(runner.stage_names, stages):
+        processor = StageProcessor(runner, index, topics, settings, last)
         source = app.topic(processor.input_topic, partitions=settings.stream_partitions)
-        concurrency = settings.stream_concurrency.get(name, 1)
+        concurrency = max(settings.stream_concurrency.get(name, 1) for name in processor.stages)
         agent = _stage_agent(processor, settings, concurrency, output_topic, state)
-        app.agent(source, name=f"cascade.stage.{name}")(agent)
+        app.agent(source, name=f"cascade.stage.{processor.stage}")(agent)
     return app
+
+
+def fused_runs(cascade: Sequence[str], owned: Sequence[str]) -> list[tuple[int, int]]:
+    """(first, last) stage indexes of the agents of a worker that owns `owned` stages of `cascade`.
+
+    One agent per owned stage, on that stage's input topic, running it and every owned stage
+    right after it in process: items enter the cascade on the content topic, and reach a later
+    stage's escalation topic only from a worker that does not own that stage. Consuming every
+    owned stage's topic keeps mixed deployments working (another worker owning fewer stages
+    may hand items over at any of them); in a deployment of identical workers those later
+    topics simply stay empty.
+    """
+    mine = {cascade.index(name) for name in owned}
+    runs = []
+    for first in sorted(mine):
+        last = first
+        while last + 1 in mine:
+            last += 1
+        runs.append((first, last))
+    return runs
 
 
 def _track_state(app: faust.App, state: WorkerState) -> None:
@@ -107,20 +138,46 @@ def _stage_agent(
     state: WorkerState,
 ) -> AgentFun:
     stage = processor.stage
+    deadletter_topic = processor.topics.deadletter
+
+    async def produce(message: Message) -> None:
+        await (await output_topic(message.topic).send(key=message.key, value=message.value))
 
     async def deliver(messages: Sequence[Message]) -> None:
-        """Produce and wait for the broker's acks; retry until it works (the records stay unacked meanwhile)."""
-        delay = 0.5
-        while True:
-            try:
-                pending = [await output_topic(m.topic).send(key=m.key, value=m.value) for m in messages]
-                await asyncio.gather(*pending)
-                return
-            except Exception:
+        """Produce and wait for the broker's acks; what it refuses for good becomes a dead letter, the rest retries.
+
+        The batch's records stay unacknowledged until every output (or its replacement) is durable.
+        """
+        pending, delay = list(messages), 0.5
+        while pending:
+            results = await asyncio.gather(*(produce(m) for m in pending), return_exceptions=True)
+            retry: list[Message] = []
+            transient: BaseException | None = None
+            for message, result in zip(pending, results, strict=True):
+                if result is None:
+                    metrics.record_delivered(stage, message.outcome)
+                    continue
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                code = refusal_code(result)
+                if code is not None and message.topic != deadletter_topic:
+                    log.error("stage %s: the broker refused an output on %s for good: %r", stage, message.topic, result)
+                    retry.append(processor.refused(message, code, f"the broker refused its output: {result!r}"))
+                else:  # a dead letter refused for good cannot go anywhere else: retry, and fail liveness
+                    retry.append(message)
+                    transient = result
+            if transient is not None:
                 metrics.DELIVERY_RETRIES.labels(stage).inc()
-                log.exception("stage %s: producing %d messages failed; retrying in %.1f s", stage, len(messages), delay)
+                log.warning(
+                    "stage %s: producing %d message(s) failed (%r); retrying in %.1f s",
+                    stage,
+                    len(retry),
+                    transient,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_DELAY_S)
+            pending = retry
 
     async def handle(stream: StreamT, events: Sequence[EventT]) -> None:
         metrics.IN_FLIGHT.labels(stage).inc()
@@ -141,11 +198,12 @@ def _stage_agent(
 
     async def run_stage(stream: StreamT) -> None:
         slots = asyncio.Semaphore(concurrency)
-        in_flight: set[asyncio.Task[None]] = set()
 
         async def handle_in_slot(events: Sequence[EventT]) -> None:
             try:
                 await handle(stream, events)
+            except asyncio.CancelledError:
+                raise  # shutdown past its grace: the batch stays unacknowledged, redelivered later
             except Exception as exc:  # processing is total and delivery retries, so this is a bug
                 # The batch stays unacknowledged, which blocks its partitions' commits: fail the
                 # liveness probe so that the orchestrator restarts the worker and the batch is redelivered.
@@ -157,13 +215,13 @@ def _stage_agent(
         try:
             async for events in stream.noack_take(settings.stream_batch_size, within=settings.stream_batch_wait_s):
                 await slots.acquire()
-                task = asyncio.ensure_future(handle_in_slot(list(events)))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
+                if state.stopping:  # taken but not started: left unacknowledged for the next owner
+                    slots.release()
+                    continue
+                state.track(asyncio.ensure_future(handle_in_slot(list(events))))
         finally:
-            # Stopping: let batches in flight finish producing and acking (shielded from the cancellation).
-            if in_flight:
-                await asyncio.shield(asyncio.gather(*in_flight, return_exceptions=True))
+            # Stopping: batches in flight may finish producing and acking, within the grace period.
+            await asyncio.shield(state.drain(settings.stream_shutdown_grace_s))
 
     run_stage.__name__ = run_stage.__qualname__ = f"run_stage_{stage}"  # faust labels agents by it
     return run_stage

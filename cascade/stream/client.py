@@ -7,6 +7,7 @@ are plain aiokafka clients: anything that speaks Kafka can do the same.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import time
 from collections import Counter
@@ -16,7 +17,9 @@ from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from cascade.contract import DeadLetter, Verdict
+from cascade.contract import MAX_ID_CHARS, DeadLetter, DeadLetterCode, Verdict
+from cascade.intake import dead_letter
+from cascade.settings import Settings
 from cascade.stream.kafka import bootstrap_servers
 from cascade.stream.processor import record_source
 from cascade.stream.topics import Topics
@@ -27,11 +30,17 @@ PUBLISH_WINDOW = 500  # sends awaited together; bounds memory, keeps the pipe fu
 def key_of(line: bytes) -> bytes | None:
     """The item id of a JSONL line, as the message key; None when the line has none (it will dead-letter)."""
     try:
-        doc = json.loads(line)
+        doc = json.loads(line.removeprefix(codecs.BOM_UTF8))
     except ValueError:
         return None
     item_id = doc.get("id") if isinstance(doc, dict) else None
-    return item_id.encode("utf-8", "surrogatepass") if isinstance(item_id, str) and item_id else None
+    if not isinstance(item_id, str) or not item_id or len(item_id) > MAX_ID_CHARS:
+        return None
+    return item_id.encode("utf-8", "surrogatepass")
+
+
+class NoTopicsError(RuntimeError):
+    """None of the topics to read exist (yet)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,7 @@ class Published:
     key: bytes | None
     source: str
     sent_at: datetime  # wall clock just before the send: where publish-to-verdict latency starts
+    skipped: bool = False  # over the message limit: not published, dead-lettered by the publisher
 
     @property
     def item_id(self) -> str | None:
@@ -46,24 +56,56 @@ class Published:
 
 
 async def publish(
-    url: str, topic: str, lines: Iterable[bytes], rate: float | None = None, linger_ms: int = 5
+    url: str,
+    topics: Topics,
+    lines: Iterable[bytes],
+    rate: float | None = None,
+    linger_ms: int = 5,
+    settings: Settings | None = None,
+    origin: str = "publish",
 ) -> list[Published]:
-    """Produce each line as one message keyed by its id; at most `rate` messages/s when given."""
+    """Produce each line to the content topic as one message keyed by its id; at most `rate` messages/s.
+
+    A line over the record limit cannot travel through Kafka: it is not published, and its
+    dead letter (`line_too_large`, source `ORIGIN#N` for the N-th line) goes to the dead-letter
+    topic instead, so it still gets its one outcome. Such lines come back with `skipped`.
+    """
+    settings = settings or Settings()
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap_servers(url), acks="all", linger_ms=linger_ms, client_id="cascade-publish"
+        bootstrap_servers=bootstrap_servers(url),
+        acks="all",
+        linger_ms=linger_ms,
+        max_request_size=settings.stream_max_message_bytes,
+        client_id="cascade-publish",
     )
-    await producer.start()
     published: list[Published] = []
     try:
+        await producer.start()
         started = time.monotonic()
-        window: list[tuple[bytes | None, datetime, asyncio.Future]] = []
+        # (key, send time, send future, the dead letter's source when the line was dead-lettered instead)
+        window: list[tuple[bytes | None, datetime, asyncio.Future, str | None]] = []
         for count, line in enumerate(lines):
             if rate:
                 ahead = count / rate - (time.monotonic() - started)
                 if ahead > 0:
                     await asyncio.sleep(ahead)
             key = key_of(line)
-            window.append((key, datetime.now(UTC), await producer.send(topic, value=line, key=key)))
+            sent_at = datetime.now(UTC)
+            if len(line) > settings.line_limit:
+                source = f"{origin}#{count + 1}"
+                letter = dead_letter(
+                    line,
+                    DeadLetterCode.LINE_TOO_LARGE,
+                    f"record is {len(line)} bytes; the limit is {settings.line_limit}"
+                    " (CASCADE_STREAM_MAX_MESSAGE_BYTES): not published",
+                    settings,
+                    source,
+                    None if key is None else key.decode("utf-8", "surrogatepass"),
+                )
+                sent = await producer.send(topics.deadletter, value=letter.model_dump_json().encode(), key=key)
+                window.append((key, sent_at, sent, source))
+            else:
+                window.append((key, sent_at, await producer.send(topics.content, value=line, key=key), None))
             if len(window) >= PUBLISH_WINDOW or rate:
                 published.extend(await _settle(window))
                 window = []
@@ -73,11 +115,13 @@ async def publish(
     return published
 
 
-async def _settle(window: Sequence[tuple[bytes | None, datetime, asyncio.Future]]) -> list[Published]:
-    results = await asyncio.gather(*(future for _, _, future in window))
+async def _settle(window: Sequence[tuple[bytes | None, datetime, asyncio.Future, str | None]]) -> list[Published]:
+    results = await asyncio.gather(*(future for _, _, future, _ in window))
     return [
         Published(key, record_source(meta.topic, meta.partition, meta.offset), sent_at)
-        for (key, sent_at, _), meta in zip(window, results, strict=True)
+        if dead_letter_source is None
+        else Published(key, dead_letter_source, sent_at, skipped=True)
+        for (key, sent_at, _, dead_letter_source), meta in zip(window, results, strict=True)
     ]
 
 
@@ -101,7 +145,7 @@ async def read_topics(url: str, topics: Sequence[str], poll_ms: int = 200) -> As
             TopicPartition(topic, p) for topic in topics for p in sorted(consumer.partitions_for_topic(topic) or ())
         ]
         if not partitions:
-            raise RuntimeError(f"none of the topics {list(topics)} exist on {url}")
+            raise NoTopicsError(f"none of the topics {', '.join(topics)} exist on {url}")
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         while True:

@@ -1,7 +1,8 @@
 """Kubernetes probes and Prometheus scraping for a stage worker, on one HTTP port.
 
-- `GET /healthz` (liveness): 200 while the worker's event loop answers and no batch has been left
-  unacknowledged by an unexpected error (that blocks commits: a restart redelivers the batch).
+- `GET /healthz` (liveness): 200 while the worker's event loop answers, no batch has been left
+  unacknowledged by an unexpected error, and no batch has been in flight longer than
+  `CASCADE_STREAM_BATCH_DEADLINE_S` (either blocks its partitions: a restart redelivers the batch).
 - `GET /readyz` (readiness): 200 once the worker has joined its consumer group and holds an
   assignment (possibly empty, with more replicas than partitions); 503 while starting,
   rebalancing or stopping.
@@ -12,7 +13,10 @@ It starts before the group join (which takes seconds), so liveness answers durin
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,31 +24,68 @@ from aiohttp import web
 from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+log = logging.getLogger(__name__)
+
 
 class WorkerState:
-    """What the probes report; updated by the faust app's rebalance callbacks."""
+    """What the probes report, and the batches in flight; updated by the agents and rebalance callbacks."""
 
-    def __init__(self, stages: Sequence[str]) -> None:
+    def __init__(self, stages: Sequence[str], batch_deadline_s: float = float("inf")) -> None:
         self.stages = list(stages)
+        self.batch_deadline_s = batch_deadline_s
         self.assigned = False
         self.rebalancing = False
         self.stopping = False
         self.crashed: str | None = None
         self.partitions = 0
+        self._batches: dict[asyncio.Task[None], float] = {}  # batch task → when it started (monotonic)
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        """Register a batch in flight until it finishes."""
+        self._batches[task] = time.monotonic()
+        task.add_done_callback(self._batches.pop)
+
+    @property
+    def oldest_batch_s(self) -> float:
+        return time.monotonic() - min(self._batches.values()) if self._batches else 0.0
+
+    @property
+    def live(self) -> bool:
+        return self.crashed is None and self.oldest_batch_s <= self.batch_deadline_s
 
     @property
     def ready(self) -> bool:
-        return self.assigned and not self.rebalancing and not self.stopping and self.crashed is None
+        return self.assigned and not self.rebalancing and not self.stopping and self.live
+
+    async def drain(self, grace_s: float) -> int:
+        """Let the batches in flight finish for up to `grace_s`, then cancel the rest; returns how many were cancelled.
+
+        A cancelled batch was never acknowledged, so its offsets are not committed and the next
+        owner of its partitions processes it again.
+        """
+        batches = list(self._batches)
+        if not batches:
+            return 0
+        _, late = await asyncio.wait(batches, timeout=grace_s)
+        for task in late:
+            task.cancel()
+        if late:
+            log.warning("%d batch(es) still in flight after %.0f s: cancelled, left uncommitted", len(late), grace_s)
+            await asyncio.wait(late)
+        return len(late)
 
     def describe(self) -> dict[str, Any]:
         return {
             "stages": self.stages,
+            "live": self.live,
             "ready": self.ready,
             "assigned": self.assigned,
             "rebalancing": self.rebalancing,
             "stopping": self.stopping,
             "crashed": self.crashed,
             "partitions": self.partitions,
+            "batches_in_flight": len(self._batches),
+            "oldest_batch_s": round(self.oldest_batch_s, 1),
         }
 
 
@@ -64,7 +105,7 @@ class HealthServer(Service):
         )
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return self._json(self.worker_state.crashed is None)
+        return self._json(self.worker_state.live)
 
     async def _readyz(self, request: web.Request) -> web.Response:
         return self._json(self.worker_state.ready)

@@ -25,7 +25,7 @@ from cascade.thresholds import ThresholdSet
 
 VERDICTS = Counter(
     "cascade_verdicts_total",
-    "Verdicts produced, by decision and the stage that settled the item.",
+    "Verdicts the broker acknowledged, by decision and the stage that settled the item.",
     ["decision", "decided_by"],
 )
 STAGE_ITEMS = Counter(
@@ -47,10 +47,20 @@ BATCH_SIZE = Histogram(
     ["stage"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
-DEAD_LETTERS = Counter("cascade_dead_letters_total", "Records sent to the dead-letter topic.", ["stage", "error_code"])
+DEAD_LETTERS = Counter("cascade_dead_letters_total", "Dead letters the broker acknowledged.", ["stage", "error_code"])
+REFUSED_OUTPUTS = Counter(
+    "cascade_refused_outputs_total",
+    "Outputs the broker refused for good (size, topic, authorization), dead-lettered instead.",
+    ["stage", "error_code"],
+)
 IN_FLIGHT = Gauge("cascade_stage_batches_in_flight", "Batches being processed or delivered.", ["stage"])
 DELIVERY_RETRIES = Counter(
     "cascade_delivery_retries_total", "Failed attempts to produce a batch's output (retried).", ["stage"]
+)
+QUARANTINES = Counter(
+    "cascade_bank_quarantines_total",
+    "Bank entries a stage's flood guard quarantined (reported in the trace as newly_quarantined).",
+    ["stage"],
 )
 FALLBACKS = Counter(
     "cascade_stage_item_fallbacks_total", "Batches the cascade raised on, retried item by item.", ["stage"]
@@ -240,19 +250,16 @@ def record_batch(
     touched: set[tuple[str, str]] = set()
     for context, out in zip(inputs, outputs, strict=True):
         surface = context.item.surface
-        if isinstance(out, Verdict):
-            VERDICTS.labels(out.decision.value, out.decided_by).inc()
-            admitted = _surfaces.admit(surface)
-            if admitted is not None:
-                SURFACE_VERDICTS.labels(admitted, out.decision.value, out.decided_by).inc()
-            if is_repeat(out):
-                # Re-issued, not judged: this stage did no work on it, and its trace is another run's.
-                REPEAT_VERDICTS.labels(out.decision.value, out.decided_by).inc()
-                continue
+        if isinstance(out, Verdict) and is_repeat(out):
+            # Re-issued, not judged: this stage did no work on it, and its trace is another run's.
+            REPEAT_VERDICTS.labels(out.decision.value, out.decided_by).inc()
+            continue
         entry = out.trace[-1]
         STAGE_ITEMS.labels(stage, entry.result.value).inc()
         if entry.error is not None:
             STAGE_ERRORS.labels(stage).inc()
+        if entry.details.get("newly_quarantined"):
+            QUARANTINES.labels(stage).inc(len(entry.details["newly_quarantined"]))
         cost += entry.cost_usd
         if _drift is not None:
             touched.update(_drift.observe(stage, surface, entry))
@@ -288,5 +295,12 @@ def export_audit(audit: AuditPrecision) -> None:
         AUDIT_PRECISION.labels("high").set(interval[1])
 
 
-def record_dead_letter(stage: str, letter: DeadLetter) -> None:
-    DEAD_LETTERS.labels(stage, letter.error_code.value).inc()
+def record_delivered(stage: str, outcome: Verdict | DeadLetter | None) -> None:
+    """Count an output once the broker has acknowledged it (escalations, None, are counted by the next stage)."""
+    if isinstance(outcome, Verdict):
+        VERDICTS.labels(outcome.decision.value, outcome.decided_by).inc()
+        admitted = _surfaces.admit(outcome.surface)
+        if admitted is not None:
+            SURFACE_VERDICTS.labels(admitted, outcome.decision.value, outcome.decided_by).inc()
+    elif isinstance(outcome, DeadLetter):
+        DEAD_LETTERS.labels(stage, outcome.error_code.value).inc()

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cascade.contract import DeadLetter, DeadLetterCode, Decision, Verdict
+from cascade.contract import MAX_ID_CHARS, DeadLetter, DeadLetterCode, Decision, Verdict
 from cascade.drift import audited
 from cascade.intake import dead_letter, parse_record
 from cascade.pipeline import CascadeRunner, new_context
@@ -49,6 +49,8 @@ class Message:
     topic: str
     key: bytes | None
     value: bytes
+    outcome: Verdict | DeadLetter | None = None  # counted in metrics once acknowledged (None: an escalation)
+    origin: Record | None = None  # the record it answers: the payload of a dead letter if the broker refuses it
 
 
 def _key(item_id: str | None, fallback: bytes | None) -> bytes | None:
@@ -56,15 +58,26 @@ def _key(item_id: str | None, fallback: bytes | None) -> bytes | None:
 
 
 class StageProcessor:
-    """Runs stage `index` of `runner` on batches of records and routes each outcome to its topic."""
+    """Runs stages `index`..`last` of `runner` (default: stage `index` alone) on batches of records
+    read from stage `index`'s input topic, and routes each outcome to its topic.
 
-    def __init__(self, runner: CascadeRunner, index: int, topics: Topics, settings: Settings) -> None:
+    Consecutive stages that one worker owns are fused: an item one of them escalates goes on to
+    the next in process, in the same batch, with no Kafka hop; only what the last of them
+    escalates crosses to the next stage's escalation topic, whose owner may be another worker.
+    """
+
+    def __init__(
+        self, runner: CascadeRunner, index: int, topics: Topics, settings: Settings, last: int | None = None
+    ) -> None:
         self.runner = runner
         self.index = index
+        self.last = index if last is None else last
+        if not index <= self.last < len(runner.stages):
+            raise ValueError(f"stages {index}..{self.last} are not a run of the cascade {runner.stage_names}")
         self.topics = topics
         self.settings = settings
-        self.stage = runner.stage_names[index]
-        self.is_last = index == len(runner.stages) - 1
+        self.stage = runner.stage_names[index]  # the entry stage names the agent and labels its metrics
+        self.stages = runner.stage_names[index : self.last + 1]
         self.input_topic = topics.stage_input(runner.stage_names, index)
 
     async def process(self, records: Sequence[Record]) -> list[Message]:
@@ -74,7 +87,7 @@ class StageProcessor:
         for record in records:
             decoded = self._decode(record)
             if isinstance(decoded, DeadLetter):
-                messages.append(self._dead_letter_message(decoded, record.key))
+                messages.append(self._dead_letter_message(decoded, record))
             else:
                 contexts.append(decoded)
                 originals.append(record)
@@ -99,61 +112,106 @@ class StageProcessor:
             )
 
     async def _judge(self, contexts: list[ItemContext], originals: list[Record]) -> list[Message]:
-        started = time.perf_counter()
         try:
-            outputs = await self.runner.run_stage(self.index, contexts)
+            return await self._run_stages(contexts, originals)
         except Exception:
             # The runner already turns stage failures into escalations; reaching here is a bug.
             # Isolate it to the items that trigger it instead of failing the whole batch.
-            log.exception("stage %s raised on a batch of %d; retrying item by item", self.stage, len(contexts))
+            log.exception("stages %s raised on a batch of %d; retrying item by item", self.stages, len(contexts))
             metrics.FALLBACKS.labels(self.stage).inc()
             messages: list[Message] = []
             for record in originals:
                 messages.extend(await self._judge_one(record))
             return messages
-        metrics.record_batch(self.stage, contexts, outputs, time.perf_counter() - started)
-        return self._routes(outputs)
+
+    async def _run_stages(self, contexts: list[ItemContext], originals: list[Record]) -> list[Message]:
+        """The batch through stages index..last in process: verdicts as they come, escalations after the last."""
+        messages: list[Message] = []
+        pending = list(zip(contexts, originals, strict=True))
+        for index in range(self.index, self.last + 1):
+            if not pending:
+                break
+            started = time.perf_counter()
+            inputs = [ctx for ctx, _ in pending]
+            outputs = await self.runner.run_stage(index, inputs)
+            metrics.record_batch(self.runner.stage_names[index], inputs, outputs, time.perf_counter() - started)
+            escalated = []
+            for (_, record), out in zip(pending, outputs, strict=True):
+                if isinstance(out, Verdict):
+                    messages.extend(self._verdict_messages(out, record))
+                else:
+                    escalated.append((out, record))
+            pending = escalated
+        messages.extend(self._route(ctx, record) for ctx, record in pending)
+        return messages
+
+    def _verdict_messages(self, verdict: Verdict, record: Record) -> list[Message]:
+        """The verdict, plus an audit copy when it is a sampled automatic decision (docs/drift.md)."""
+        message = self._route(verdict, record)
+        messages = [message]
+        if (
+            message.outcome is verdict
+            and verdict.decision is not Decision.REVIEW
+            and audited(verdict.id, self.settings.audit_share)
+        ):
+            metrics.AUDIT_SENT.labels(verdict.decision.value).inc()
+            messages.append(Message(self.topics.audit, message.key, message.value, None, record))
+        return messages
 
     async def _judge_one(self, record: Record) -> list[Message]:
-        started = time.perf_counter()
         # The failed batch may have appended trace entries before raising: start from the record again.
         fresh = self._decode(record)
         if isinstance(fresh, DeadLetter):
-            return [self._dead_letter_message(fresh, record.key)]
+            return [self._dead_letter_message(fresh, record)]
         try:
-            outputs = await self.runner.run_stage(self.index, [fresh])
+            return await self._run_stages([fresh], [record])
         except Exception as exc:
             letter = dead_letter(
                 record.value,
                 DeadLetterCode.PROCESSING_ERROR,
-                f"stage {self.stage} raised: {type(exc).__name__}: {exc}",
+                f"stages {','.join(self.stages)} raised: {type(exc).__name__}: {exc}",
                 self.settings,
                 record.source,
                 fresh.item.id,
             )
-            return [self._dead_letter_message(letter, record.key)]
-        metrics.record_batch(self.stage, [fresh], outputs, time.perf_counter() - started)
-        return self._routes(outputs)
+            return [self._dead_letter_message(letter, record)]
 
-    def _routes(self, outputs: Sequence[Verdict | ItemContext]) -> list[Message]:
-        """Each output to its topic, plus an audit copy of the sampled automatic verdicts (docs/drift.md)."""
-        messages = [self._route(out) for out in outputs]
-        for out in outputs:
-            if (
-                isinstance(out, Verdict)
-                and out.decision is not Decision.REVIEW
-                and audited(out.id, self.settings.audit_share)
-            ):
-                metrics.AUDIT_SENT.labels(out.decision.value).inc()
-                messages.append(Message(self.topics.audit, _key(out.id, None), out.model_dump_json().encode()))
-        return messages
-
-    def _route(self, out: Verdict | ItemContext) -> Message:
+    def _route(self, out: Verdict | ItemContext, record: Record) -> Message:
         if isinstance(out, Verdict):
-            return Message(self.topics.verdicts(out.decision), _key(out.id, None), out.model_dump_json().encode())
-        next_stage = self.runner.stage_names[self.index + 1]
-        return Message(self.topics.escalate(next_stage), _key(out.item.id, None), out.to_wire())
+            message = Message(
+                self.topics.verdicts(out.decision), _key(out.id, None), out.model_dump_json().encode(), out, record
+            )
+        else:
+            next_stage = self.runner.stage_names[self.last + 1]
+            message = Message(self.topics.escalate(next_stage), _key(out.item.id, None), out.to_wire(), None, record)
+        if len(message.value) > self.settings.max_value_bytes:
+            # Producing it would fail for good and block the partition: the item ends here instead.
+            what = "verdict" if isinstance(out, Verdict) else f"escalation record for stage {next_stage}"
+            return self.refused(
+                message,
+                DeadLetterCode.OUTPUT_TOO_LARGE,
+                f"its {what} is {len(message.value)} bytes; the largest message value is"
+                f" {self.settings.max_value_bytes} (CASCADE_STREAM_MAX_MESSAGE_BYTES)",
+            )
+        return message
 
-    def _dead_letter_message(self, letter: DeadLetter, fallback_key: bytes | None) -> Message:
-        metrics.record_dead_letter(self.stage, letter)
-        return Message(self.topics.deadletter, _key(letter.id, fallback_key), letter.model_dump_json().encode())
+    def refused(self, message: Message, code: DeadLetterCode, reason: str) -> Message:
+        """The dead letter that replaces an output the broker cannot take; its payload is the record answered."""
+        origin = message.origin
+        letter = dead_letter(
+            origin.value if origin is not None else message.value,
+            code,
+            f"stage {self.stage}: {reason}",
+            self.settings,
+            origin.source if origin is not None else None,
+            message.key.decode("utf-8", "replace") if message.key else None,
+        )
+        metrics.REFUSED_OUTPUTS.labels(self.stage, code.value).inc()
+        return self._dead_letter_message(letter, origin)
+
+    def _dead_letter_message(self, letter: DeadLetter, record: Record | None) -> Message:
+        # An input key can be anything a producer chose; only an id-sized one is reused.
+        fallback = record.key if record is not None and len(record.key or b"") <= 4 * MAX_ID_CHARS else None
+        return Message(
+            self.topics.deadletter, _key(letter.id, fallback), letter.model_dump_json().encode(), letter, record
+        )

@@ -4,36 +4,60 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import faust
 import typer
+from aiokafka.errors import KafkaError
 
 from cascade.assembly import STAGE_ORDER, build_runner
 from cascade.pipeline import CascadeRunner
 from cascade.repeats import RepeatingRunner
-from cascade.settings import Settings
+from cascade.settings import Settings, SettingsError
 from cascade.stream import metrics
 from cascade.stream.app import create_app
 from cascade.stream.health import HealthServer, WorkerState
-from cascade.stream.kafka import ensure_topics
+from cascade.stream.kafka import bootstrap_servers, client_logs_quiet, ensure_topics, unreachable_message
 from cascade.stream.topics import Topics
 
 log = logging.getLogger(__name__)
+EXIT_SHUTDOWN_HUNG = 3
+
+
+# Past the grace period, what else may still hang at shutdown (closing clients) gets this long.
+SHUTDOWN_MARGIN_S = 5.0
 
 
 class StageWorker(faust.Worker):
-    """faust's worker, reporting "stopping" to the readiness probe as soon as shutdown begins."""
+    """faust's worker with a bounded shutdown.
 
-    def __init__(self, app: faust.App, *services: Any, state: WorkerState, **kwargs: Any) -> None:
+    On SIGTERM it reports "stopping" to the readiness probe, stops taking batches, lets those in
+    flight finish within the grace period and cancels the rest (unacknowledged, so uncommitted),
+    before faust stops the app and commits. A watchdog ends the process if anything still hangs.
+    """
+
+    def __init__(self, app: faust.App, *services: Any, state: WorkerState, grace_s: float, **kwargs: Any) -> None:
         super().__init__(app, *services, **kwargs)
         self.worker_state = state
+        self.grace_s = grace_s
 
     async def on_stop(self) -> None:
         self.worker_state.stopping = True
+        watchdog = threading.Timer(self.grace_s + SHUTDOWN_MARGIN_S, _exit_now, args=(self.grace_s,))
+        watchdog.daemon = True
+        watchdog.start()
+        await self.worker_state.drain(self.grace_s)
         await super().on_stop()
+
+
+def _exit_now(grace_s: float) -> None:
+    log.error("shutdown still not done %.0f s after the grace period of %.0f s: exiting", SHUTDOWN_MARGIN_S, grace_s)
+    logging.shutdown()
+    os._exit(EXIT_SHUTDOWN_HUNG)
 
 
 def run_worker(
@@ -53,15 +77,17 @@ def run_worker(
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     if settings.stream_create_topics:
-        loop.run_until_complete(
-            ensure_topics(
-                broker_url,
-                Topics(settings.topic_prefix).all_topics(runner.stage_names),
-                settings.stream_partitions,
-                settings.stream_replication_factor,
+        with client_logs_quiet():
+            loop.run_until_complete(
+                ensure_topics(
+                    broker_url,
+                    Topics(settings.topic_prefix).all_topics(runner.stage_names),
+                    settings.stream_partitions,
+                    settings.stream_replication_factor,
+                    settings.stream_max_message_bytes,
+                )
             )
-        )
-    state = WorkerState(selected)
+    state = WorkerState(selected, settings.stream_batch_deadline_s)
     metrics.watch_guards([stage for stage in runner.stages if stage.name in selected])
     if isinstance(runner, RepeatingRunner):
         metrics.watch_repeats(runner.cache)
@@ -74,7 +100,16 @@ def run_worker(
     port = settings.health_port if health_port is None else health_port
     services = [HealthServer(state, port, loop=loop)] if port else []
     log.info("worker for stages %s of cascade %s", ",".join(selected), ",".join(runner.stage_names))
-    worker = StageWorker(app, *services, state=state, loop=loop, loglevel=loglevel, redirect_stdouts=False, quiet=True)
+    worker = StageWorker(
+        app,
+        *services,
+        state=state,
+        grace_s=settings.stream_shutdown_grace_s,
+        loop=loop,
+        loglevel=loglevel,
+        redirect_stdouts=False,
+        quiet=True,
+    )
     worker.execute_from_commandline()
 
 
@@ -96,22 +131,35 @@ def worker_command(
     """Run stage agents against a Kafka cluster until SIGTERM (graceful: finishes in-flight batches, commits)."""
     # Defined here rather than in cascade.cli so that `python -m cascade.stream` starts without
     # importing every other command (seconds of start-up per worker).
-    settings = Settings()
+    try:
+        settings = Settings()
+    except SettingsError as exc:
+        _fail(str(exc))
     url = broker or settings.kafka_url
     if not url:
-        typer.secho("error: no broker: pass --broker HOST:PORT or set CASCADE_KAFKA_URL", fg="red", err=True)
-        raise typer.Exit(2)
+        _fail("no broker: pass --broker HOST:PORT or set CASCADE_KAFKA_URL")
+    try:
+        bootstrap_servers(url)
+    except ValueError as exc:
+        _fail(f"{exc}: fix --broker or CASCADE_KAFKA_URL")
     names = [s.strip() for s in (stages or "").split(",") if s.strip()]
     order = [s.strip() for s in cascade.split(",") if s.strip()]
     try:
         runner = build_runner(settings, thresholds, shadow_thresholds, order, load=names or None)
         unknown = [name for name in names if name not in runner.stage_names]
         if unknown:
-            raise ValueError(f"stages {unknown} are not in the cascade {runner.stage_names}")
+            raise ValueError(f"--stages {','.join(unknown)} are not in the cascade {','.join(runner.stage_names)}")
         metrics.start_drift(
             runner.thresholds, settings.drift_window, settings.drift_min_items, settings.drift_max_surfaces
         )
     except Exception as exc:  # any stage that cannot be built (missing model, bad thresholds): say so, exit
-        typer.secho(f"error: cannot build the cascade: {type(exc).__name__}: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from exc
-    run_worker(settings, url, runner, names, health_port, loglevel)
+        _fail(f"cannot build the cascade: {exc}")
+    try:
+        run_worker(settings, url, runner, names, health_port, loglevel)
+    except (KafkaError, OSError) as exc:  # raised before faust takes over: the broker is not reachable
+        _fail(unreachable_message(url, exc))
+
+
+def _fail(message: str) -> NoReturn:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(2)
