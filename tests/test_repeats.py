@@ -267,6 +267,7 @@ async def test_worker_metrics_count_repeats_apart_from_stage_work(tmp_path: Path
     before_items = sample("cascade_stage_items_total", {"stage": "first", "result": repeat.decision.value})
     metrics.record_batch("first", contexts, outputs, 0.001)
     assert sample("cascade_repeat_verdicts_total", labels) == before_repeats + 1
+    metrics.record_delivered("first", repeat)  # verdicts count once the broker has them, repeats too
     assert sample("cascade_verdicts_total", labels) == before_verdicts + 1
     # The first stage did no work on it: its item counts (and drift windows) do not see it.
     assert sample("cascade_stage_items_total", {"stage": "first", "result": repeat.decision.value}) == before_items
