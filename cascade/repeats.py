@@ -18,9 +18,9 @@ What is remembered, and for how long:
   most `repeat_cache_ttl_s` seconds after it was judged.
 
 `run` (the whole cascade in one call: `cascade moderate`, the bench) also serves copies inside
-one batch from the cache; `run_stage` alone (a stream worker's agent, one stage per batch)
-judges copies inside one batch each, since the first one's verdict is not known before the
-batch has passed the last stage.
+one batch from the cache; a stream worker, which calls `run_stage` stage by stage, judges
+copies inside one batch each, since the first one's verdict is not known before the batch has
+passed its last stage.
 """
 
 from __future__ import annotations
