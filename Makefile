@@ -8,7 +8,7 @@ SAMPLE_SIZE ?= 2000
 export CASCADE_DATA_DIR ?= .cascade
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install system-packages banks run test lint format clean
+.PHONY: install system-packages banks run review test lint format clean
 
 # torch comes first and pinned: the CPU wheel on local disk (a bare `torch` pulls a CUDA build).
 $(STAMP): pyproject.toml
@@ -40,6 +40,10 @@ banks: $(BANKS_STAMP)
 run: $(BANKS_STAMP)
 	$(BIN)/cascade sample $(DATA_FILES) --split test -n $(SAMPLE_SIZE) -o $(CASCADE_DATA_DIR)/sample.jsonl
 	$(BIN)/cascade run --publish $(CASCADE_DATA_DIR)/sample.jsonl --until-drained
+
+# The human review page on what `make run` left in review (same CASCADE_DATA_DIR); Ctrl-C stops it.
+review: $(STAMP)
+	$(BIN)/cascade review serve
 
 lint: install
 	$(BIN)/ruff check .

@@ -105,13 +105,61 @@ class Verdict(BaseModel):
     categories: dict[str, float] = Field(description="Latest score per category over the stages reached.")
     flagged_categories: list[str] = Field(default_factory=list)
     decided_by: str = Field(description="Stage that settled the item, or 'pipeline' when none could.")
-    surface: str | None = Field(default=None, description="The item's surface, copied from it.")
     reason: str
     trace: list[TraceEntry]
     policy_version: str
     thresholds_version: str
     processed_at: datetime = Field(default_factory=utc_now)
     shadow: ShadowDecision | None = Field(default=None, description="Decision under shadow thresholds; never acted on.")
+    item: ContentItem | None = Field(
+        default=None, description="The item judged: what human review, appeals and audits show."
+    )
+    evidence: dict[str, Any] | None = Field(
+        default=None, description="Evidence gathered on the way (retrieval neighbours), on review verdicts only."
+    )
+
+
+HUMAN = "human"  # `decided_by` of a verdict a reviewer made (cascade.review)
+
+
+class AppealOutcome(StrEnum):
+    UPHELD = "upheld"
+    OVERTURNED = "overturned"
+
+
+class ReviewDecision(BaseModel):
+    """A reviewer's decision on one item, published on `moderation.decisions` keyed by item id.
+
+    The same outcome also goes to `moderation.verdicts.allow|block` as a Verdict with
+    `decided_by: "human"`, which supersedes the cascade's `review` (or appealed `block`) verdict.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    decision_id: str = Field(description="Unique per decision; consumers dedupe redeliveries by it.")
+    id: str = Field(description="The item id (also the message key).")
+    decision: Literal["allow", "block"]
+    categories: list[str] = Field(default_factory=list, description="Policy categories violated (block only).")
+    reviewer: str
+    decided_at: datetime
+    policy_version: str
+    appeal: bool = Field(default=False, description="True when this decides an appeal.")
+    appeal_outcome: AppealOutcome | None = Field(default=None, description="Upheld or overturned, for appeals.")
+    audit: bool = Field(default=False, description="True when this decides an audit sample (moderation.audit).")
+    settles: Verdict = Field(description="The cascade (or earlier human) verdict this decision settles.")
+
+
+class Appeal(BaseModel):
+    """An appeal against a block, read from `moderation.appeals` (key: item id)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    id: str = Field(min_length=1, max_length=512, description="The id of the blocked item.")
+    reason: str = Field(min_length=1, max_length=4000)
+    author: str | None = Field(default=None, max_length=512, description="Who appeals (e.g. the item's author).")
+    appealed_at: datetime = Field(default_factory=utc_now)
 
 
 class DeadLetterCode(StrEnum):
@@ -156,6 +204,8 @@ CONTRACT_MODELS: dict[str, type[BaseModel]] = {
     "content_item": ContentItem,
     "verdict": Verdict,
     "dead_letter": DeadLetter,
+    "review_decision": ReviewDecision,
+    "appeal": Appeal,
 }
 
 

@@ -185,12 +185,13 @@ class CascadeRunner:
             categories=_merged_scores(ctx.trace),
             flagged_categories=flagged,
             decided_by=decided_by,
-            surface=ctx.item.surface,
             reason=reason,
             trace=list(ctx.trace),
             policy_version=self.policy_version,
             thresholds_version=self.thresholds.version,
             shadow=self._shadow(ctx.trace),
+            item=ctx.item,  # reviewers, appeals and audits show what was judged
+            evidence=(ctx.evidence or None) if decision is Decision.REVIEW else None,
         )
 
     def _shadow(self, trace: Sequence[TraceEntry]) -> ShadowDecision | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
@@ -179,6 +179,25 @@ class Settings(BaseSettings):
         default=0.01, ge=0, le=1, description="Share of automatic verdicts also sent to review as audits."
     )
     audit_window: int = Field(default=500, gt=0, description="Audited blocks the live precision estimate keeps.")
+
+    # Human review (`cascade review serve`, docs/review.md). The URL may hold a password: a secret.
+    review_db_url: SecretStr | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir.")
+    review_host: str = "127.0.0.1"
+    review_port: int = Field(default=8090, ge=0, le=65535)
+    review_auth: Literal["password", "header"] = Field(
+        default="password", description="Accounts in the store, or an identity header set by a fronting proxy."
+    )
+    review_identity_header: str = Field(default="X-Forwarded-User", min_length=1)
+    review_secret_key: SecretStr | None = Field(
+        default=None, description="Signs session cookies; default: a random key kept in data_dir/review/."
+    )
+    review_cookie_secure: bool = Field(default=False, description="Send the session cookie over HTTPS only.")
+    review_session_hours: float = Field(default=8.0, gt=0)
+    review_lease_s: float = Field(default=300.0, gt=0, description="How long a claim keeps a task to its reviewer.")
+    review_group: str = Field(default="cascade-review", min_length=1, description="Consumer group of the review app.")
+    review_bank_feedback: bool = Field(
+        default=False, description="Decisions feed the hash and exemplar banks (audited); off by default."
+    )
 
     @model_validator(mode="after")
     def _limits_fit_in_a_message(self) -> Settings:

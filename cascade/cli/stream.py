@@ -19,7 +19,7 @@ from rich.markup import escape
 from cascade.assembly import STAGE_ORDER, build_runner, single_process_stages
 from cascade.cli.app import app, fail
 from cascade.cli.moderate import ModerationSummary
-from cascade.contract import Decision
+from cascade.contract import Decision, Verdict
 from cascade.settings import Settings
 from cascade.stream.broker import BrokerError
 from cascade.stream.client import NoTopicsError, Outcomes, Published, publish, read_topics
@@ -301,4 +301,31 @@ async def _publish_and_watch(
         f"{len(published)} published, {len(outcomes.verdicts)} verdicts ({outcomes.duplicates} redelivered duplicates),"
         f" {len(outcomes.dead_letters)} dead letters in {elapsed:.1f} s: {len(published) / elapsed:.0f} items/s"
     )
+    _hand_to_review(err, list(outcomes.verdicts.values()))
     return 0
+
+
+def _hand_to_review(err: Console, verdicts: list[Verdict]) -> None:
+    """Leave the run's review items (and its blocks, for appeals) in the review store, and say how to open it.
+
+    The embedded broker forgets everything when the run ends, so the page (`make review`) reads the store.
+    """
+    from cascade.review.store import ReviewStore
+
+    settings = Settings()
+    if not any(v.decision is Decision.REVIEW for v in verdicts):
+        return
+    store = ReviewStore.from_settings(settings)
+    try:
+        before = store.stats().queue_depth
+        store.ingest([v for v in verdicts if v.decision is not Decision.ALLOW])  # one transaction
+        waiting = store.stats().queue_depth
+    finally:
+        store.close()
+    added = waiting - before
+    err.print(
+        f"human review: {added} new tasks, {waiting} waiting. Open them with `make review` (or `cascade review serve`)"
+        f" at http://{settings.review_host}:{settings.review_port}/ ; add an account first with"
+        " `cascade review user add NAME` (password on stdin).",
+        soft_wrap=True,  # the URL and the commands stay copyable
+    )

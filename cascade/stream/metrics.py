@@ -299,7 +299,7 @@ def record_delivered(stage: str, outcome: Verdict | DeadLetter | None) -> None:
     """Count an output once the broker has acknowledged it (escalations, None, are counted by the next stage)."""
     if isinstance(outcome, Verdict):
         VERDICTS.labels(outcome.decision.value, outcome.decided_by).inc()
-        admitted = _surfaces.admit(outcome.surface)
+        admitted = _surfaces.admit(outcome.item.surface if outcome.item else None)
         if admitted is not None:
             SURFACE_VERDICTS.labels(admitted, outcome.decision.value, outcome.decided_by).inc()
     elif isinstance(outcome, DeadLetter):

@@ -4,7 +4,8 @@
 consecutive stages runs `{prefix}moderation.escalate.<stage>`, named after the stage it feeds.
 Verdicts go to `{prefix}moderation.verdicts.<allow|block|review>`, unusable input to
 `{prefix}moderation.deadletter`. A sampled share of automatic verdicts is copied to
-`{prefix}moderation.audit` for human review (docs/drift.md). Keys are item ids on every topic. The prefix is prepended
+`{prefix}moderation.audit` for human review (docs/drift.md); the review app reads it and
+`moderation.appeals`, and writes `moderation.decisions`. Keys are item ids on every topic. The prefix is prepended
 verbatim (e.g. `staging.`), so one cluster can host several deployments.
 """
 
@@ -20,6 +21,8 @@ ESCALATE = "moderation.escalate."
 VERDICTS = "moderation.verdicts."
 DEADLETTER = "moderation.deadletter"
 AUDIT = "moderation.audit"
+DECISIONS = "moderation.decisions"  # human review decisions (cascade.review)
+APPEALS = "moderation.appeals"  # appeals against blocks, read by the review app
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,14 @@ class Topics:
     def audit(self) -> str:
         """Copies of automatic verdicts sampled for review as audits (not verdicts: consumers of verdicts skip it)."""
         return f"{self.prefix}{AUDIT}"
+
+    @property
+    def decisions(self) -> str:
+        return f"{self.prefix}{DECISIONS}"
+
+    @property
+    def appeals(self) -> str:
+        return f"{self.prefix}{APPEALS}"
 
     def escalate(self, stage: str) -> str:
         """The input topic of `stage` when it is not the first stage of the cascade."""
