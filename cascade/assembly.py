@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cascade.pipeline import CascadeRunner
 from cascade.policy import load_policy
+from cascade.repeats import RepeatCache, RepeatingRunner
 from cascade.settings import Settings
 from cascade.stages.base import ItemContext, Resources, Stage, StageResult, StageUnavailable
 from cascade.thresholds import ThresholdSet
@@ -99,9 +100,18 @@ class DeferredStage(Stage):
     async def score(self, batch: Sequence[ItemContext]) -> list[StageResult]:
         return await self._built().score(batch)
 
+    @property
+    def built(self) -> bool:
+        return self._stage is not None
+
     async def aclose(self) -> None:
         if self._stage is not None:
             await self._stage.aclose()
+
+
+def built_stage_versions(stages: Sequence[Stage]) -> dict[str, str]:
+    """Versions of the stages this process has built; asking a deferred one would build it."""
+    return {s.name: s.version for s in stages if not (isinstance(s, DeferredStage) and not s.built)}
 
 
 def check_stage_names(names: Sequence[str]) -> None:
@@ -161,4 +171,10 @@ def build_runner(
     if shadow_thresholds_path is not None:
         shadow = ThresholdSet.load(shadow_thresholds_path)
         shadow.check_names(STAGE_ORDER, policy.names)
-    return CascadeRunner(build_stages(settings, stage_names, load), thresholds, policy.version, shadow)
+    stages = build_stages(settings, stage_names, load)
+    if settings.repeat_cache_size == 0:
+        return CascadeRunner(stages, thresholds, policy.version, shadow)
+    cache = RepeatCache(settings.repeat_cache_size, settings.repeat_cache_ttl_s)
+    return RepeatingRunner(
+        stages, thresholds, policy.version, shadow, cache, settings.data_dir, lambda: built_stage_versions(stages)
+    )

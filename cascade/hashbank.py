@@ -32,6 +32,7 @@ import numpy as np
 import xxhash
 from datasketch import MinHash, MinHashLSH
 
+from cascade.bankversion import bump_bank_version
 from cascade.normalize import NORMALIZE_VERSION, has_content, normalize, text_key
 
 BANK_FILE = "banks.sqlite"
@@ -548,6 +549,8 @@ class HashBank:
                 self._db.execute("ROLLBACK")
                 raise
             self._sync()
+        if changed:
+            bump_bank_version(self.path.parent)
         return report
 
     def _update_flags(
@@ -570,7 +573,9 @@ class HashBank:
                 self._db.execute("ROLLBACK")
                 raise
             self._sync()
-            return changed > 0
+        if changed:
+            bump_bank_version(self.path.parent)
+        return changed > 0
 
     def remove(self, entry_id: str) -> bool:
         """Remove a live entry (kept as a tombstone so other processes' indexes drop it too)."""

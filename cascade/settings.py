@@ -146,6 +146,10 @@ class Settings(BaseSettings):
     embedding_cache_size: int = Field(default=50_000, ge=0, description="Per-process LRU entries by text key.")
     embedding_int8: bool = Field(default=False, description="Serve the int8-quantised export (see docs/retrieval.md).")
 
+    # Repeat cache (cascade.repeats): a repeated text gets the earlier verdict without re-running the cascade.
+    repeat_cache_size: int = Field(default=10_000, ge=0, description="Verdicts kept per process; 0 = off.")
+    repeat_cache_ttl_s: float = Field(default=600.0, gt=0, description="Seconds a cached verdict may be re-issued.")
+
     # LLM stage (OpenAI-compatible). The OPENAI_* names are the openai client's own.
     llm_base_url: str | None = Field(
         default=None, validation_alias=AliasChoices("CASCADE_LLM_BASE_URL", "OPENAI_BASE_URL")

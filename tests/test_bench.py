@@ -165,6 +165,24 @@ def test_missing_pieces_are_reported_not_invented(settings: Settings, data: Path
     assert "not available" in console.export_text()
 
 
+def test_repeat_rows_reissue_repeats_and_keep_the_verdicts(settings: Settings, data: Path, bands: Path) -> None:
+    """The repeat-stream rows on the hash stage alone: same length, a share repeated, same verdicts."""
+    bare = settings.model_copy(update={"model_dir": settings.data_dir / "no-model"})
+    config = tiny(data, sections=("throughput",), thresholds=bands, throughput_items=60, repeat_share=0.5)
+    result, _ = run_bench(config, bare)
+    rows, ratios = result["throughput"]["rows"], result["throughput"]["ratios"]
+    repeats, plain = rows["cascade_repeats"], rows["cascade_no_repeats"]
+    assert repeats["available"] and plain["available"]
+    assert len(repeats["samples"]) == len(plain["samples"]) == config.rounds
+    assert 0 < repeats["reissued"] <= repeats["repeated_items"] < result["throughput"]["input"]["items"]
+    assert repeats["verdicts_identical_to_uncached"] is True
+    made = ratios["repeats_vs_no_repeats"]
+    assert made["value"] == pytest.approx(repeats["median"] / plain["median"]) and "paired_median" in made
+    console = Console(record=True, width=200)
+    render(result, console)
+    assert "re-issued from the cache; verdicts vs the uncached cascade: identical" in console.export_text()
+
+
 def test_cli_rejects_unknown_sections_and_missing_files(data: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     bad = runner.invoke(app, ["bench", "--data", str(data), "--sections", "speed"])
@@ -189,3 +207,24 @@ def test_stream_row_through_the_embedded_broker(settings: Settings, data: Path, 
     made = result["throughput"]["ratios"]["stream_vs_inprocess"]
     assert "paired_median" not in made  # the broker rounds are not interleaved with the others
     assert made["value"] == pytest.approx(stream["median"] / rows["cascade_inprocess"]["median"])
+
+    latency = result["throughput"]["latency"]
+    assert set(latency) == {"latency_50", "latency_90"}
+    for key, share in (("latency_50", 0.5), ("latency_90", 0.9)):
+        row = latency[key]
+        assert row["available"], row
+        assert row["offered_rate"] == pytest.approx(share * stream["median"]) and row["achieved_rate"] > 0
+        every = row["all"]
+        assert every["n"] == result["throughput"]["input"]["items"]
+        assert 0 < every["p50_ms"] <= every["p95_ms"] <= every["p99_ms"]
+        assert set(row["by_stage"]) <= {"hash", "pipeline"}
+        assert sum(p["n"] for p in row["by_stage"].values()) == every["n"]
+    one, two = rows["scale_one_worker"], rows["scale_two_workers"]
+    assert one["available"] and two["available"], (one, two)
+    assert (one["workers"], two["workers"], one["threads_per_worker"]) == (1, 2, 1)
+    scaling = result["throughput"]["ratios"]["two_vs_one_worker"]
+    assert scaling["value"] == pytest.approx(two["median"] / one["median"])
+    assert scaling["efficiency"] == pytest.approx(scaling["value"] / 2)
+    console = Console(record=True, width=200)
+    render(result, console)
+    assert "Latency under load" in console.export_text()

@@ -235,3 +235,31 @@ def test_failing_llm_sends_items_to_review_workers_stay_up_and_metrics_count(
     assert value("cascade_dead_letters_total", stage="hash", error_code="malformed_json") == 1
     assert value("cascade_stage_batch_seconds_count", stage="llm") >= 2
     assert value("cascade_stage_cost_usd_total", stage="llm") > 0  # the recovered calls were priced
+
+
+def test_a_worker_reissues_repeated_texts_without_the_llm(deployment: Deployment, llm: LocalLLMServer) -> None:
+    """Copies of judged texts (case and spacing changed) get the earlier verdicts from the worker's repeat cache."""
+    worker = deployment.worker()
+    worker.wait_ready()
+    texts = [f"{text} #{i}" for i, text in enumerate(TEXTS)]
+    originals = [json.dumps({"id": f"a-{i}", "text": text}).encode() for i, text in enumerate(texts)]
+    first = deployment.collect(deployment.publish(originals))
+    calls = len(llm.state.requests)
+    copies = [json.dumps({"id": f"b-{i}", "text": "  ".join(t.upper().split())}).encode() for i, t in enumerate(texts)]
+    second = deployment.collect(deployment.publish(copies))
+
+    assert not second.dead_letters
+    assert len(llm.state.requests) == calls  # the LLM's own cache keys the exact text: these would miss it
+    for index in range(len(texts)):
+        earlier, copy = first.verdicts[f"a-{index}"], second.verdicts[f"b-{index}"]
+        assert copy.trace[-1].details["repeat_of"] == earlier.id
+        assert (copy.decision, copy.decided_by, copy.categories) == (
+            earlier.decision,
+            earlier.decided_by,
+            earlier.categories,
+        )
+    with urllib.request.urlopen(f"http://127.0.0.1:{worker.health_port}/metrics", timeout=2) as response:
+        families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+    hits = [s.value for s in families["cascade_repeat_cache_lookups"].samples if s.labels.get("result") == "hit"]
+    assert hits == [len(texts)]
+    assert families["cascade_repeat_cache_hit_ratio"].samples[0].value == 0.5

@@ -23,6 +23,9 @@ class BenchConfig:
     torch: bool = True  # sentence-transformers comparison (loads torch)
     stream: bool = True  # end-to-end through the embedded broker
     stream_rounds: int = 3
+    load_shares: tuple[float, ...] = (0.5, 0.9)  # offered rates for latency, as shares of the measured maximum
+    scale_out: bool = True  # one vs two single-thread workers through the broker
+    repeat_share: float = 0.3  # items of the repeat stream that repeat an earlier text
     quality_items: int | None = None  # per split; None = the whole test and calibration splits
     refresh_scores: bool = False  # re-score even when the score cache matches (e.g. the bank changed)
     scaling_rows: int | None = None  # real rows embedded for the bank; None = all
@@ -53,7 +56,8 @@ class BenchConfig:
 def bench_settings(settings: Settings) -> Settings:
     """The settings under test, with two changes that keep the measurement honest and harmless.
 
-    No embedding cache: repeated rounds over the same texts would otherwise time cache hits.
+    No embedding or repeat cache: repeated rounds over the same texts would otherwise time
+    cache hits (the repeat-stream rows build their own fresh cache per round).
     No flood-guard quarantine: rounds repeat texts, and the bench must not write to the banks.
     """
-    return settings.model_copy(update={"embedding_cache_size": 0, "flood_min_items": 10**9})
+    return settings.model_copy(update={"embedding_cache_size": 0, "repeat_cache_size": 0, "flood_min_items": 10**9})

@@ -72,6 +72,14 @@ def _render_throughput(section: Mapping[str, Any], console: Console) -> None:
         else:
             ratios.add_row(row["label"], _na(row), "")
     console.print(ratios)
+    repeats = section["rows"].get("cascade_repeats", {})
+    if repeats.get("available"):
+        same = "identical" if repeats["verdicts_identical_to_uncached"] else "[red]DIFFERENT[/]"
+        console.print(
+            f"repeat stream: {repeats['repeated_items']} of {given['items']} items repeat an earlier text, "
+            f"{repeats['reissued']} re-issued from the cache; verdicts vs the uncached cascade: {same}"
+        )
+    _render_latency(section.get("latency", {}), console)
     inprocess, stream = section["rows"].get("cascade_inprocess", {}), section["rows"].get("stream_broker", {})
     if inprocess.get("available") and stream.get("available"):
         shares = inprocess["decided_by"].keys() | stream["decided_by"].keys()
@@ -89,6 +97,25 @@ def _render_throughput(section: Mapping[str, Any], console: Console) -> None:
                 f"{key}, last round: stage ms per item: {split}; decided by: {decided}; "
                 f"items with a stage error: {row['items_with_stage_error']}"
             )
+
+
+def _render_latency(rows: Mapping[str, Any], console: Console) -> None:
+    """Publish-to-verdict latency through the broker at fixed offered rates, by deciding stage."""
+    if not rows:
+        return
+    table = Table(title="Latency under load: publish to verdict, one worker through the broker")
+    for column in ("offered", "items/s offered / achieved", "decided by", "items", "p50 ms", "p95 ms", "p99 ms"):
+        table.add_column(column, justify="left" if column in ("offered", "decided by") else "right")
+    for row in rows.values():
+        if not row["available"]:
+            table.add_row(row["label"], _na(row), "", "", "", "", "")
+            continue
+        rates = f"{row['offered_rate']:.1f} / {row['achieved_rate']:.1f}"
+        for stage, p in [("all", row["all"]), *row["by_stage"].items()]:
+            offered = f"{row['offered_share']:.0%} of max" if stage == "all" else ""
+            cells = (_num(p["p50_ms"]), _num(p["p95_ms"]), _num(p["p99_ms"]))
+            table.add_row(offered, rates if stage == "all" else "", stage, str(p["n"]), *cells)
+    console.print(table)
 
 
 def _render_quality(section: Mapping[str, Any], console: Console) -> None:

@@ -1,19 +1,32 @@
-"""End-to-end throughput through the embedded Kafka-protocol broker (tansu) and one stage worker.
+"""The cascade through the embedded Kafka-protocol broker (tansu): throughput, latency under load, scale-out.
 
-Uses the stream layer's own pieces (`cascade.stream`): the embedded broker, a worker process
-exactly as `cascade run` starts it (every stage in one worker, the same stage list and
-thresholds as the in-process row), the publisher and the verdict reader. A round publishes
-the bench texts under fresh ids; its throughput is items / (last verdict's `processed_at` −
-publish start), so reading the verdicts back does not count against the stream.
+Uses the stream layer's own pieces (`cascade.stream`): `LocalDeployment` (the embedded broker
+and worker processes exactly as `cascade run` starts them: every stage in one worker, the same
+stage list and thresholds as the in-process row), the publisher and the verdict reader.
+
+- Throughput: a round publishes the bench texts under fresh ids as fast as it can; its rate is
+  items / (last verdict's `processed_at` − publish start), so reading the verdicts back does not
+  count against the stream.
+- Latency under load: the same worker, fed at a fixed offered rate (a share of the throughput
+  just measured); per item, `processed_at` of its verdict − the moment its record was sent,
+  as percentiles over all items and by deciding stage.
+- Scale-out: workers limited to one intra-op thread each, one alone and then two in one
+  consumer group on the same partitions; the efficiency is (two / one) / 2.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from cascade.bench.config import BenchConfig
 from cascade.bench.measure import Row, cascade_breakdown, measured, not_available
@@ -21,20 +34,29 @@ from cascade.contract import ContentItem, Verdict
 from cascade.settings import Settings
 from cascade.stream.topics import Topics
 
-STREAM_ROW = "stream_broker"
+if TYPE_CHECKING:
+    from cascade.stream.local import LocalDeployment
+
 WARM_UP_ITEMS = 8
 READY_TIMEOUT_S = 120.0
+# Per-worker state that a second worker on the same machine must not share: the embedded
+# exemplar store admits one process, and faust keeps its own files under `stream`.
+_OWN_COPY = ("exemplars",)
+_NOT_SHARED = ("stream", "bench")
+
+Log = Callable[[str], None]
 
 
-def worker_env(settings: Settings, batch_size: int) -> dict[str, str]:
+def worker_env(settings: Settings, batch_size: int, threads: int | None = None) -> dict[str, str]:
     """The bench's settings for a worker process, which reads its settings from the environment."""
     return {
         "CASCADE_DATA_DIR": str(Path(settings.data_dir).resolve()),
         "CASCADE_MODEL_DIR": str(Path(settings.model_dir).resolve()),
         "CASCADE_POLICIES_DIR": str(Path(settings.policies_dir).resolve()),
-        "CASCADE_EMBEDDING_THREADS": str(settings.embedding_threads),
+        "CASCADE_EMBEDDING_THREADS": str(settings.embedding_threads if threads is None else threads),
         "CASCADE_EMBEDDING_INT8": str(settings.embedding_int8).lower(),
         "CASCADE_EMBEDDING_CACHE_SIZE": str(settings.embedding_cache_size),
+        "CASCADE_REPEAT_CACHE_SIZE": str(settings.repeat_cache_size),
         "CASCADE_FLOOD_MIN_ITEMS": str(settings.flood_min_items),
         "CASCADE_STREAM_BATCH_SIZE": str(batch_size),
     }
@@ -46,68 +68,170 @@ def _lines(items: Sequence[ContentItem], tag: str) -> list[bytes]:
     ]
 
 
-async def _round(
-    url: str, topics: Topics, items: Sequence[ContentItem], tag: str, alive: Callable[[], bool], timeout_s: float
-) -> tuple[float, list[Verdict]]:
+@dataclass(frozen=True)
+class BrokerJob:
+    """What every broker measurement runs: the bench's texts through these stages under these bands."""
+
+    config: BenchConfig
+    settings: Settings
+    items: Sequence[ContentItem]
+    thresholds_path: Path
+    stage_names: Sequence[str]
+    log: Log
+
+
+@dataclass
+class Round:
+    rate: float  # items/s, publish start to the last verdict
+    verdicts: list[Verdict]
+    latency_ms: list[float]  # per item, in the order of `verdicts`
+
+
+def worker_data_dir(data_dir: Path, into: Path) -> Path:
+    """A data directory for one more worker on this machine: its own copy of what one process
+    may hold (the embedded exemplar store) and of the files, links to the read-only rest."""
+    if into.exists():
+        shutil.rmtree(into)
+    into.mkdir(parents=True)
+    for entry in Path(data_dir).resolve().iterdir():
+        if entry.name in _NOT_SHARED:
+            continue
+        if entry.name in _OWN_COPY and entry.is_dir():
+            shutil.copytree(entry, into / entry.name)
+        elif entry.is_dir():
+            (into / entry.name).symlink_to(entry, target_is_directory=True)
+        else:
+            shutil.copy2(entry, into / entry.name)
+    return into
+
+
+def _round(deployment: LocalDeployment, items: Sequence[ContentItem], tag: str, rate: float | None = None) -> Round:
+    return asyncio.run(_publish_and_collect(deployment, items, tag, rate))
+
+
+async def _publish_and_collect(
+    deployment: LocalDeployment, items: Sequence[ContentItem], tag: str, rate: float | None
+) -> Round:
     from cascade.stream.client import publish
     from cascade.stream.local import collect
 
     started = datetime.now(UTC)
-    published = await publish(url, topics, _lines(items, tag))
-    outcomes = await collect(url, topics, published, timeout_s=timeout_s, alive=alive)
-    ours = [outcomes.verdicts[p.item_id] for p in published if p.item_id in outcomes.verdicts]
+    published = await publish(deployment.url, deployment.topics, _lines(items, tag), rate=rate)
+    timeout_s = max(60.0, len(items) / 2.0)
+    outcomes = await collect(
+        deployment.url, deployment.topics, published, timeout_s=timeout_s, alive=lambda: deployment.alive
+    )
+    ours = [(p, outcomes.verdicts[p.item_id]) for p in published if p.item_id in outcomes.verdicts]
     if len(ours) != len(items):
         raise RuntimeError(f"{len(items) - len(ours)} of {len(items)} items came back as dead letters")
-    elapsed = (max(v.processed_at for v in ours) - started).total_seconds()
-    return len(items) / elapsed, ours
+    verdicts = [v for _, v in ours]
+    elapsed = (max(v.processed_at for v in verdicts) - started).total_seconds()
+    latency = [(v.processed_at - p.sent_at).total_seconds() * 1000 for p, v in ours]
+    return Round(len(items) / elapsed, verdicts, latency)
 
 
-def measure_stream(
-    config: BenchConfig,
-    settings: Settings,
-    items: Sequence[ContentItem],
-    thresholds_path: Path,
-    stage_names: Sequence[str],
-    log: Callable[[str], None],
-) -> Row:
-    label = f"cascade through the embedded broker (1 worker: {', '.join(stage_names)})"
-    try:
-        from cascade.stream.local import LocalDeployment
-    except ImportError as exc:
-        return not_available(label, f"stream layer not importable: {exc}")
-    logs = settings.data_path("bench", "stream")
-    deployment = LocalDeployment(
-        settings,
-        stage_names,
-        logs,
-        topics=Topics(),
-        thresholds=thresholds_path,
-        env=worker_env(settings, config.batch_size),
+def _deployment(job: BrokerJob, logs: Path, threads: int | None = None) -> LocalDeployment:
+    from cascade.stream.local import LocalDeployment
+
+    env = worker_env(job.settings, job.config.batch_size, threads)
+    return LocalDeployment(
+        job.settings, job.stage_names, logs, topics=Topics(), thresholds=job.thresholds_path, env=env
     )
+
+
+def _percentiles(values: Sequence[float]) -> dict[str, float]:
+    p50, p95, p99 = np.percentile(np.asarray(values, dtype=float), [50, 95, 99])
+    return {"n": len(values), "p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99)}
+
+
+def latency_row(fraction: float, max_rate: float, measured_round: Round) -> Row:
+    by_stage: dict[str, list[float]] = defaultdict(list)
+    for verdict, ms in zip(measured_round.verdicts, measured_round.latency_ms, strict=True):
+        by_stage[verdict.decided_by].append(ms)
+    return {
+        "label": f"publish to verdict at {fraction:.0%} of the measured maximum",
+        "available": True,
+        "offered_share": fraction,
+        "offered_rate": fraction * max_rate,
+        "achieved_rate": measured_round.rate,
+        "all": _percentiles(measured_round.latency_ms),
+        "by_stage": {stage: _percentiles(values) for stage, values in sorted(by_stage.items())},
+    }
+
+
+def measure_stream(job: BrokerJob) -> tuple[Row, dict[str, Row]]:
+    """The broker throughput row, and the latency rows at `config.load_shares` of its median."""
+    config, items, stage_names, log = job.config, job.items, job.stage_names, job.log
+    label = f"cascade through the embedded broker (1 worker: {', '.join(stage_names)})"
+    logs = job.settings.data_path("bench", "stream")
+    latency: dict[str, Row] = {}
+    try:
+        deployment = _deployment(job, logs)
+    except ImportError as exc:
+        return not_available(label, f"stream layer not importable: {exc}"), latency
     try:
         deployment.start().worker()
         log("stream: waiting for the worker to join its consumer group")
         ready_s = deployment.wait_ready(READY_TIMEOUT_S)
-        timeout_s = max(60.0, len(items) / 2.0)
-
-        def round_(items: Sequence[ContentItem], tag: str) -> tuple[float, list[Verdict]]:
-            return asyncio.run(
-                _round(deployment.url, deployment.topics, items, tag, lambda: deployment.alive, timeout_s)
-            )
-
-        round_(items[:WARM_UP_ITEMS], "bench-warm")
-        rounds = [round_(items, f"bench-r{n}") for n in range(config.stream_rounds)]
+        _round(deployment, items[:WARM_UP_ITEMS], "bench-warm")
+        rounds = [_round(deployment, items, f"bench-r{n}") for n in range(config.stream_rounds)]
+        max_rate = float(np.median([r.rate for r in rounds]))
+        for share in config.load_shares:
+            log(f"stream: latency at {share:.0%} of {max_rate:.1f} items/s")
+            key = f"latency_{round(share * 100)}"
+            try:
+                offered = _round(deployment, items, f"bench-load{key}", share * max_rate)
+                latency[key] = latency_row(share, max_rate, offered)
+            except Exception as exc:
+                latency[key] = not_available(f"latency at {share:.0%} of the maximum", f"{type(exc).__name__}: {exc}")
     except Exception as exc:  # report, don't crash the rest of the bench
-        return not_available(label, f"{type(exc).__name__}: {exc} (logs in {logs})")
+        return not_available(label, f"{type(exc).__name__}: {exc} (logs in {logs})"), latency
     finally:
         deployment.stop()
-    return measured(
+    row = measured(
         label,
         "items/s",
-        [rate for rate, _ in rounds],
+        [r.rate for r in rounds],
         worker_ready_s=ready_s,
         batch_size=config.batch_size,
         stages=list(stage_names),
         llm="excluded (never called by the bench)",
-        **cascade_breakdown(rounds[-1][1], stage_names),
+        **cascade_breakdown(rounds[-1].verdicts, stage_names),
     )
+    return row, latency
+
+
+def measure_scale_out(job: BrokerJob) -> dict[str, Row]:
+    """One single-thread worker, then two in one group on the same partitions: two rows."""
+    config, settings, items, log = job.config, job.settings, job.items, job.log
+    labels = {
+        "scale_one_worker": f"broker, 1 worker x 1 thread, {settings.stream_partitions} partitions",
+        "scale_two_workers": f"broker, 2 workers x 1 thread, one group, {settings.stream_partitions} partitions",
+    }
+    logs = settings.data_path("bench", "scale-out")
+    try:
+        deployment = _deployment(job, logs, threads=1)
+    except ImportError as exc:
+        return {key: not_available(label, f"stream layer not importable: {exc}") for key, label in labels.items()}
+    try:
+        deployment.start().worker()
+        log("scale-out: one single-thread worker")
+        deployment.wait_ready(READY_TIMEOUT_S)
+        _round(deployment, items[:WARM_UP_ITEMS], "scale-warm1")
+        one = [_round(deployment, items, f"scale-one-r{n}").rate for n in range(config.stream_rounds)]
+        log("scale-out: a second single-thread worker joins the group")
+        own = worker_data_dir(settings.data_dir, logs / "worker-2-data")
+        deployment.worker(env={"CASCADE_DATA_DIR": str(own)})
+        deployment.wait_ready(READY_TIMEOUT_S)  # the join rebalances the group: every worker ready again
+        _round(deployment, items[:WARM_UP_ITEMS], "scale-warm2")
+        two = [_round(deployment, items, f"scale-two-r{n}").rate for n in range(config.stream_rounds)]
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc} (logs in {logs})"
+        return {key: not_available(label, reason) for key, label in labels.items()}
+    finally:
+        deployment.stop()
+    common = {"threads_per_worker": 1, "partitions": settings.stream_partitions, "batch_size": config.batch_size}
+    return {
+        "scale_one_worker": measured(labels["scale_one_worker"], "items/s", one, workers=1, **common),
+        "scale_two_workers": measured(labels["scale_two_workers"], "items/s", two, workers=2, **common),
+    }

@@ -1,5 +1,9 @@
 """Throughput, all rows on the same texts in one run: hash stage, embeddings, the in-process cascade.
 
+The repeat rows run the cascade with a fresh repeat cache (`cascade.repeats`) per round on the
+same texts, and on the same stream where `repeat_share` of the items repeat an earlier text;
+the uncached cascade judges the repeat stream once more to check that the verdicts are identical.
+
 Rounds are interleaved (`measure.interleave`), so load from other work on a shared machine
 hits every row alike, and ratios are taken between medians of the same run. The stream
 rows (`cascade.bench.stream`) need the exemplar store, which one process may hold at a
@@ -10,17 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from cascade.assembly import built_stage_versions
 from cascade.bench.config import BenchConfig
 from cascade.bench.embedders import rate, torch_embedder
 from cascade.bench.measure import Row, cascade_breakdown, interleave, items_per_s, measured, not_available, ratio
 from cascade.bench.stages import BenchStages, open_stages
-from cascade.bench.stream import measure_stream
+from cascade.bench.stream import BrokerJob, measure_scale_out, measure_stream
 from cascade.contract import ContentItem, Verdict
 from cascade.embedding import Embedder, EncoderUnavailable
 from cascade.pipeline import CascadeRunner, new_context
+from cascade.repeats import RepeatCache, RepeatingRunner, is_repeat
 from cascade.settings import Settings
 from cascade.stages.base import Stage
 from cascade.stages.hash import HashStage
@@ -35,6 +42,8 @@ ROW_LABELS = {
     "embedding_onnx_b1": "embedding, ONNX serving path, batch 1",
     "embedding_torch_b64": "embedding, sentence-transformers torch, batch 64 (same model batches as ONNX)",
     "embedding_torch_b1": "embedding, sentence-transformers torch, batch 1",
+    "cascade_no_repeats": "cascade in-process, repeat cache on, the bench texts",
+    "cascade_repeats": "cascade in-process, repeat cache on, same length, {share:.0%} repeats of earlier texts",
 }
 
 
@@ -55,6 +64,49 @@ def _cascade_round(
         return items_per_s(len(items), work)
 
     return one
+
+
+def repeat_stream(items: Sequence[ContentItem], share: float, seed: int) -> list[ContentItem]:
+    """`items`, with `share` of them (never the first) replaced by a repeat of an earlier item's text."""
+    rng = random.Random(seed)
+    stream: list[ContentItem] = []
+    for index, item in enumerate(items):
+        if stream and rng.random() < share:
+            item = item.model_copy(update={"text": stream[rng.randrange(index)].text})
+        stream.append(item)
+    return stream
+
+
+def _repeating_round(
+    runner: asyncio.Runner,
+    stages: Sequence[Stage],
+    thresholds: ThresholdSet,
+    policy_version: str,
+    settings: Settings,
+    items: Sequence[ContentItem],
+    batch_size: int,
+    last: list,
+) -> Callable[[], float]:
+    def one() -> float:
+        # A fresh cache each round: a cache warm from the previous round would time only hits.
+        cache = RepeatCache(max(len(items), 1), ttl_s=3600)
+        cascade = RepeatingRunner(
+            stages, thresholds, policy_version, None, cache, settings.data_dir, lambda: built_stage_versions(stages)
+        )
+
+        def work() -> None:
+            last[:] = runner.run(run_cascade(cascade, items, batch_size))
+
+        return items_per_s(len(items), work)
+
+    return one
+
+
+def _same_decisions(cached: Sequence[Verdict], uncached: Sequence[Verdict]) -> bool:
+    def decision(v: Verdict) -> tuple:
+        return (v.id, v.decision, v.decided_by, v.categories, v.flagged_categories)
+
+    return [decision(v) for v in cached] == [decision(v) for v in uncached]
 
 
 def _hash_round(runner: asyncio.Runner, stage: Stage, items: Sequence[ContentItem]) -> Callable[[], float]:
@@ -93,7 +145,12 @@ def _embedding_runs(
     return runs
 
 
-UNITS = {"hash_stage": ITEMS_PER_S, "cascade_inprocess": ITEMS_PER_S}
+UNITS = {
+    "hash_stage": ITEMS_PER_S,
+    "cascade_inprocess": ITEMS_PER_S,
+    "cascade_no_repeats": ITEMS_PER_S,
+    "cascade_repeats": ITEMS_PER_S,
+}
 RATIOS = {
     "onnx_vs_torch_b64": ("ONNX / torch embedding, batch 64", "embedding_onnx_b64", "embedding_torch_b64"),
     "onnx_vs_torch_b1": ("ONNX / torch embedding, batch 1", "embedding_onnx_b1", "embedding_torch_b1"),
@@ -103,7 +160,18 @@ RATIOS = {
         "embedding_onnx_b64",
     ),
     "stream_vs_inprocess": ("broker end-to-end / in-process cascade", "stream_broker", "cascade_inprocess"),
+    "repeats_vs_no_repeats": (
+        "stream with repeats / same stream without, repeat cache on",
+        "cascade_repeats",
+        "cascade_no_repeats",
+    ),
+    "two_vs_one_worker": (
+        "2 single-thread workers / 1, one group (efficiency = half of it)",
+        "scale_two_workers",
+        "scale_one_worker",
+    ),
 }
+UNPAIRED = {"stream_vs_inprocess", "two_vs_one_worker"}  # measured apart from the interleaved rounds
 
 
 def measure_throughput(
@@ -119,6 +187,8 @@ def measure_throughput(
     rows: dict[str, Row] = {}
     extras: dict[str, dict[str, object]] = {}
     last: list[Verdict] = []
+    last_repeats: list[Verdict] = []
+    repeated = repeat_stream(items, config.repeat_share, config.seed)
     with asyncio.Runner() as runner:
         opened = runner.run(open_stages(settings))
         try:
@@ -137,18 +207,45 @@ def measure_throughput(
                 cascade = CascadeRunner(opened.stages, thresholds, policy_version)
                 runs["cascade_inprocess"] = _cascade_round(runner, cascade, items, config.batch_size, last)
                 runner.run(run_cascade(cascade, items[: config.batch_size], config.batch_size))  # warm-up
+                for name, stream in (("cascade_no_repeats", items), ("cascade_repeats", repeated)):
+                    runs[name] = _repeating_round(
+                        runner,
+                        opened.stages,
+                        thresholds,
+                        policy_version,
+                        settings,
+                        stream,
+                        config.batch_size,
+                        last_repeats if name == "cascade_repeats" else [],
+                    )
             else:
                 rows["cascade_inprocess"] = not_available(cascade_label, _no_stages(opened))
             log(f"throughput: {len(runs)} rows x {config.rounds} interleaved rounds on {len(items)} texts")
             samples = interleave(runs, config.rounds)
+            if last_repeats:
+                uncached = runner.run(run_cascade(cascade, repeated, config.batch_size))
+                extras["cascade_repeats"] = {
+                    "repeat_share": config.repeat_share,
+                    "repeated_items": sum(a.text != b.text for a, b in zip(items, repeated, strict=True)),
+                    "reissued": sum(map(is_repeat, last_repeats)),
+                    "verdicts_identical_to_uncached": _same_decisions(last_repeats, uncached),
+                }
         finally:
             runner.run(opened.aclose())
-    if not config.stream:
-        rows["stream_broker"] = not_available("cascade through the embedded broker", "disabled (--no-stream)")
-    elif not opened.stages:
-        rows["stream_broker"] = not_available("cascade through the embedded broker", _no_stages(opened))
+    latency: dict[str, Row] = {}
+    if not config.stream or not opened.stages:
+        why = "disabled (--no-stream)" if not config.stream else _no_stages(opened)
+        rows["stream_broker"] = not_available("cascade through the embedded broker", why)
+        for name in ("scale_one_worker", "scale_two_workers"):
+            rows[name] = not_available(f"broker scale-out ({name})", why)
     else:
-        rows["stream_broker"] = measure_stream(config, settings, items, thresholds_path, opened.names, log)
+        job = BrokerJob(config, settings, items, thresholds_path, opened.names, log)
+        rows["stream_broker"], latency = measure_stream(job)
+        if config.scale_out:
+            rows |= measure_scale_out(job)
+        else:
+            for name in ("scale_one_worker", "scale_two_workers"):
+                rows[name] = not_available(f"broker scale-out ({name})", "disabled (--no-scale-out)")
         if rows["stream_broker"]["available"]:
             log("throughput: in-process cascade again after the stream rounds (A B A)")
             samples["cascade_inprocess"] += _inprocess_again(config, settings, items, thresholds, policy_version, last)
@@ -162,12 +259,14 @@ def measure_throughput(
             }
             rows[name] = measured(cascade_label, ITEMS_PER_S, values, **extra)
         else:
-            rows[name] = measured(ROW_LABELS[name], UNITS.get(name, SENTENCES_PER_S), values, **extras.get(name, {}))
+            label = ROW_LABELS[name].format(share=config.repeat_share)
+            rows[name] = measured(label, UNITS.get(name, SENTENCES_PER_S), values, **extras.get(name, {}))
     # The broker rounds run apart from the interleaved ones (A B A), so they have no per-round pairs.
     ratios = {
-        key: ratio(label, rows, num, den, paired=key != "stream_vs_inprocess")
-        for key, (label, num, den) in RATIOS.items()
+        key: ratio(label, rows, num, den, paired=key not in UNPAIRED) for key, (label, num, den) in RATIOS.items()
     }
+    if ratios["two_vs_one_worker"]["available"]:
+        ratios["two_vs_one_worker"]["efficiency"] = ratios["two_vs_one_worker"]["value"] / 2
     return {
         "input": {
             "items": len(items),
@@ -179,6 +278,7 @@ def measure_throughput(
         "stages_missing": opened.missing,
         "rows": rows,
         "ratios": ratios,
+        "latency": latency,
     }
 
 

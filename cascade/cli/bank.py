@@ -24,6 +24,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from cascade.banktopic import BankTopic, change_shared
+from cascade.bankversion import bump_bank_version
 from cascade.cli.app import bank_app, fail
 from cascade.data import LabelledItem, SplitChoice, labelled_from_record
 from cascade.hashbank import BankError, EntryInput, HashBank, Polarity, entry_from_record
@@ -217,6 +218,7 @@ def _import_exemplars(
             batch_size,
         ):
             report.updated += add_exemplars(index, embedder, batch, added_by)
+        bump_bank_version(settings.data_dir)
         index.optimize()
         # Upserts by id: what did not grow the bank replaced an exemplar with the same id.
         report.added = index.count() - before
@@ -413,6 +415,7 @@ def seed() -> None:
         raise fail(str(exc)) from None
     try:
         total = seed_policy_exemplars(index, Embedder.from_settings(settings), settings.policies_dir, _operator())
+        bump_bank_version(settings.data_dir)
     finally:
         index.close()
     console.print(f"seeded {total} policy exemplars from {settings.policies_dir / 'seeds'}")

@@ -35,6 +35,9 @@ def bench(
     rounds: Annotated[int | None, typer.Option(min=1, help="Interleaved rounds per throughput row.")] = None,
     torch: Annotated[bool, typer.Option(help="Compare sentence-transformers (torch) embeddings.")] = True,
     stream: Annotated[bool, typer.Option(help="Measure end to end through the embedded broker.")] = True,
+    scale_out: Annotated[
+        bool, typer.Option(help="Through the broker: two single-thread workers in one group against one.")
+    ] = True,
     refresh_scores: Annotated[
         bool, typer.Option(help="Re-score the quality items even when cached scores match (e.g. after a bank change).")
     ] = False,
@@ -59,6 +62,7 @@ def bench(
         "thresholds": thresholds,
         "torch": torch,
         "stream": stream,
+        "scale_out": scale_out,
         "refresh_scores": refresh_scores,
     }
     if rounds is not None:

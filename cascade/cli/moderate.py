@@ -21,6 +21,7 @@ from cascade.cli.app import app, fail
 from cascade.contract import DeadLetter, Verdict
 from cascade.intake import parse_record
 from cascade.pipeline import CascadeRunner, new_context
+from cascade.repeats import is_repeat
 from cascade.settings import Settings
 from cascade.stages.base import ItemContext
 from cascade.thresholds import ThresholdError
@@ -35,11 +36,13 @@ class ModerationSummary:
         self.decided_by: Counter[str] = Counter()
         self.dead_letters: Counter[str] = Counter()
         self.stage_errors: Counter[tuple[str, str]] = Counter()
+        self.repeats = 0
         self.started = time.perf_counter()
 
     def add_verdict(self, verdict: Verdict) -> None:
         self.decisions[verdict.decision.value] += 1
         self.decided_by[verdict.decided_by] += 1
+        self.repeats += is_repeat(verdict)
         for entry in verdict.trace:
             if entry.error:
                 self.stage_errors[(entry.stage, entry.error)] += 1
@@ -72,6 +75,8 @@ class ModerationSummary:
                 n = self.decided_by[stage]
                 label = stage if stage != "pipeline" else "nobody (review)"
                 table.add_row("decided by", label, str(n), share(n, verdicts))
+        # Every item is looked up before the first stage, so this share is the cache's hit rate.
+        table.add_row("repeat cache", "re-issued (hit rate)", str(self.repeats), share(self.repeats, verdicts))
         for code, n in sorted(self.dead_letters.items()):
             table.add_row("dead letter", code, str(n), share(n, self.items))
         console.print(table)

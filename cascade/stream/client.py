@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -47,6 +48,7 @@ class NoTopicsError(RuntimeError):
 class Published:
     key: bytes | None
     source: str
+    sent_at: datetime  # wall clock just before the send: where publish-to-verdict latency starts
     skipped: bool = False  # over the message limit: not published, dead-lettered by the publisher
 
     @property
@@ -99,14 +101,15 @@ async def publish(
     try:
         await producer.start()  # inside the try: a failed bootstrap must still release the client
         started = time.monotonic()
-        # (key, send future, the dead letter's source when the line was dead-lettered instead)
-        window: list[tuple[bytes | None, asyncio.Future, str | None]] = []
+        # (key, send time, send future, the dead letter's source when the line was dead-lettered instead)
+        window: list[tuple[bytes | None, datetime, asyncio.Future, str | None]] = []
         for count, line in enumerate(lines):
             if rate:
                 ahead = count / rate - (time.monotonic() - started)
                 if ahead > 0:
                     await asyncio.sleep(ahead)
             key = key_of(line)
+            sent_at = datetime.now(UTC)
             if len(line) > settings.line_limit:
                 source = f"{origin}#{count + 1}"
                 letter = dead_letter(
@@ -119,9 +122,9 @@ async def publish(
                     None if key is None else key.decode("utf-8", "surrogatepass"),
                 )
                 sent = await producer.send(topics.deadletter, value=letter.model_dump_json().encode(), key=key)
-                window.append((key, sent, source))
+                window.append((key, sent_at, sent, source))
             else:
-                window.append((key, await producer.send(topics.content, value=line, key=key), None))
+                window.append((key, sent_at, await producer.send(topics.content, value=line, key=key), None))
             if len(window) >= PUBLISH_WINDOW or rate:
                 published.extend(await _settle(window))
                 window = []
@@ -131,13 +134,13 @@ async def publish(
     return published
 
 
-async def _settle(window: Sequence[tuple[bytes | None, asyncio.Future, str | None]]) -> list[Published]:
-    results = await asyncio.gather(*(future for _, future, _ in window))
+async def _settle(window: Sequence[tuple[bytes | None, datetime, asyncio.Future, str | None]]) -> list[Published]:
+    results = await asyncio.gather(*(future for _, _, future, _ in window))
     return [
-        Published(key, record_source(meta.topic, meta.partition, meta.offset))
+        Published(key, record_source(meta.topic, meta.partition, meta.offset), sent_at)
         if dead_letter_source is None
-        else Published(key, dead_letter_source, skipped=True)
-        for (key, _, dead_letter_source), meta in zip(window, results, strict=True)
+        else Published(key, dead_letter_source, sent_at, skipped=True)
+        for (key, sent_at, _, dead_letter_source), meta in zip(window, results, strict=True)
     ]
 
 

@@ -198,15 +198,18 @@ class LocalDeployment:
         )
         return self
 
-    def worker(self, stages: Sequence[str] | None = None) -> WorkerProcess:
-        """Start a worker running `stages` (default: all) of the cascade; its log is `log_dir/worker-N.log`."""
+    def worker(self, stages: Sequence[str] | None = None, env: dict[str, str] | None = None) -> WorkerProcess:
+        """Start a worker running `stages` (default: all) of the cascade; its log is `log_dir/worker-N.log`.
+
+        `env` adds to the deployment's environment for this worker only (e.g. its own data dir).
+        """
         process = WorkerProcess(
             self.url,
             stages,
             self.cascade,
             self.thresholds,
             log_path=self.log_dir / f"worker-{len(self.workers)}.log",
-            env=self.env,
+            env={**self.env, **(env or {})},
             loglevel=self.loglevel,
         )
         self.workers.append(process.start())

@@ -12,12 +12,13 @@ import logging
 from collections.abc import Iterator, Sequence
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from cascade.contract import DeadLetter, Verdict
 from cascade.drift import AuditPrecision, DriftMonitor, Reference, SurfaceLimit
 from cascade.llm.resilience import BreakerState, CircuitBreaker, RollingBudget
+from cascade.repeats import RepeatCache, is_repeat
 from cascade.settings import Settings
 from cascade.stages.base import ItemContext, Stage
 from cascade.thresholds import ThresholdSet
@@ -65,6 +66,12 @@ FALLBACKS = Counter(
     "cascade_stage_item_fallbacks_total", "Batches the cascade raised on, retried item by item.", ["stage"]
 )
 
+
+REPEAT_VERDICTS = Counter(
+    "cascade_repeat_verdicts_total",
+    "Verdicts re-issued from the repeat cache (cascade.repeats), by decision and the stage that first decided.",
+    ["decision", "decided_by"],
+)
 
 SURFACE_VERDICTS = Counter(
     "cascade_surface_verdicts_total",
@@ -151,6 +158,52 @@ class GuardCollector(Collector):
         yield budget
 
 
+class RepeatCollector(Collector):
+    """The repeat cache's counters and hit ratio, read at scrape time (cascade.repeats)."""
+
+    def __init__(self, cache: RepeatCache) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        stats = self.cache.stats
+        lookups = CounterMetricFamily(
+            "cascade_repeat_cache_lookups",
+            "Items looked up in the repeat cache before the first stage, by result (hit, stale, miss).",
+            labels=["result"],
+        )
+        lookups.add_metric(["hit"], stats.hits)
+        lookups.add_metric(["stale"], stats.stale)
+        lookups.add_metric(["miss"], stats.lookups - stats.hits - stats.stale)
+        yield lookups
+        yield CounterMetricFamily(
+            "cascade_repeat_cache_invalidations",
+            "Whole-cache drops because the policy, thresholds or banks changed.",
+            value=stats.invalidations,
+        )
+        yield CounterMetricFamily(
+            "cascade_repeat_cache_evictions",
+            "Entries dropped to keep the cache within its size.",
+            value=stats.evictions,
+        )
+        yield GaugeMetricFamily(
+            "cascade_repeat_cache_entries", "Verdicts held in the repeat cache.", value=len(self.cache)
+        )
+        ratio = GaugeMetricFamily(
+            "cascade_repeat_cache_hit_ratio",
+            "Share of lookups answered from the repeat cache since the worker started (windowed: rate of the lookups).",
+        )
+        if stats.hit_ratio is not None:
+            ratio.add_metric([], stats.hit_ratio)
+        yield ratio
+
+
+def watch_repeats(cache: RepeatCache) -> RepeatCollector:
+    """Export this process's repeat cache on /metrics."""
+    collector = RepeatCollector(cache)
+    REGISTRY.register(collector)
+    return collector
+
+
 def watch_guards(stages: Sequence[Stage]) -> GuardCollector:
     """Export the breaker and budget of `stages` (those this process built) on /metrics."""
     collector = GuardCollector(stages)
@@ -196,8 +249,12 @@ def record_batch(
     cost = 0.0
     touched: set[tuple[str, str]] = set()
     for context, out in zip(inputs, outputs, strict=True):
-        entry = out.trace[-1]
         surface = context.item.surface
+        if isinstance(out, Verdict) and is_repeat(out):
+            # Re-issued, not judged: this stage did no work on it, and its trace is another run's.
+            REPEAT_VERDICTS.labels(out.decision.value, out.decided_by).inc()
+            continue
+        entry = out.trace[-1]
         STAGE_ITEMS.labels(stage, entry.result.value).inc()
         if entry.error is not None:
             STAGE_ERRORS.labels(stage).inc()

@@ -18,6 +18,7 @@ from cascade.assembly import STAGE_ORDER, build_runner
 from cascade.banktopic import BankTopic
 from cascade.drift import Reference
 from cascade.pipeline import CascadeRunner
+from cascade.repeats import RepeatingRunner
 from cascade.settings import Settings, SettingsError
 from cascade.stages.hash import HashStage
 from cascade.stream import metrics
@@ -94,6 +95,8 @@ def run_worker(
     state = WorkerState(selected, settings.stream_batch_deadline_s)
     metrics.watch_guards([stage for stage in runner.stages if stage.name in selected])
     metrics.start_drift(runner.thresholds, settings.drift_window, settings.drift_min_items, settings.drift_max_surfaces)
+    if isinstance(runner, RepeatingRunner):
+        metrics.watch_repeats(runner.cache)
     app = create_app(settings, runner, selected, state, broker_url)
     _follow_banks(app, settings, broker_url, runner, selected)
 
