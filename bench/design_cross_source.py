@@ -18,9 +18,9 @@ from sklearn.metrics import average_precision_score
 from sklearn.neural_network import MLPClassifier
 
 from cascade.data import Split, labelled_files, load_labelled
-from cascade.embedding import Embedder
+from cascade.embedding import Embedder, cached_embeddings
 from cascade.settings import Settings
-from cascade.train import SEED, TrainOptions, cached_embeddings, head_data, policy_seed_rows
+from cascade.train import SEED, TrainOptions, head_data, policy_seed_rows
 
 DATA = labelled_files()  # ../shared/data: run from the repository root
 WEIGHTS = {"davidson2017": 0.25, "toxicchat0124": 2.0, "policy-seed": 1.0}

@@ -26,9 +26,8 @@ import numpy as np
 
 from cascade.bench.embedders import Embed, rate, torch_embedder
 from cascade.data import DEFAULT_DATA_DIR, Split, categories_of, labelled_files, load_labelled, split_of
-from cascade.embedding import Embedder
+from cascade.embedding import Embedder, cached_embeddings
 from cascade.settings import Settings
-from cascade.train import cached_embeddings
 
 
 def sample_texts(data_dir: Path, n: int, seed: int = 3) -> list[str]:

@@ -20,11 +20,10 @@ import numpy as np
 from sklearn.metrics import average_precision_score
 
 from cascade.data import Split, categories_of, labelled_files, load_labelled, split_of
-from cascade.embedding import Embedder
+from cascade.embedding import Embedder, cached_embeddings
 from cascade.exemplars import exemplar_payload
 from cascade.settings import Settings
 from cascade.stages.retrieval import score_item
-from cascade.train import cached_embeddings
 from cascade.vectorindex import Neighbour
 
 

@@ -28,10 +28,10 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
 from cascade.data import Split, labelled_files, load_labelled
-from cascade.embedding import Embedder
+from cascade.embedding import Embedder, cached_embeddings
 from cascade.exemplars import load_seed_sets
 from cascade.settings import Settings
-from cascade.train import TrainOptions, cached_embeddings, head_data
+from cascade.train import TrainOptions, head_data
 
 DATA = labelled_files()  # ../shared/data: run from the repository root
 SOURCES = ("davidson2017", "sms_spam_collection", "toxicchat0124")

@@ -28,9 +28,8 @@ import numpy as np
 
 from cascade.bench.vectorbank import build_bank, fill, measure_queries
 from cascade.data import DEFAULT_DATA_DIR, LabelledItem, labelled_files, load_labelled
-from cascade.embedding import Embedder
+from cascade.embedding import Embedder, cached_embeddings
 from cascade.settings import Settings
-from cascade.train import cached_embeddings
 from cascade.vectorindex import EdgeIndex, HnswTuning, QdrantClientIndex
 
 

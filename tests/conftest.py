@@ -40,3 +40,17 @@ def deployment(broker: EmbeddedBroker, llm: LocalLLMServer, tmp_path: Path) -> I
         yield running
     finally:
         running.kill()
+
+
+@pytest.fixture
+def no_ambient_llm_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No LLM endpoint or config from the developer's environment leaks into a test's settings."""
+    for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "CASCADE_LLM_BASE_URL", "CASCADE_LLM_API_KEY", "CASCADE_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def server(no_ambient_llm_env: None) -> Iterator[LocalLLMServer]:
+    """tests/llm_server.py on a free port, one per test (its state is per test)."""
+    with serve() as running:
+        yield running

@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 REFERENCE_ROWS, HALF, BATCH = 400, 250, 25
 WINDOW = MIN_ITEMS = 200
-AUDIT_SHARE = 0.5
+AUDIT_SHARE = 0.6
 TOPICS = Topics("drift.")
 
 

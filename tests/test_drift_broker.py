@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from scrape import scrape
 from test_stream_broker import CASCADE, Deployment
 from typer.testing import CliRunner
 
@@ -56,16 +55,6 @@ def _with_reference(target: Deployment) -> ThresholdSet:
     return thresholds
 
 
-def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
 def _read_all(url: str, topics: list[str]) -> list[bytes]:
     async def read() -> list[bytes]:
         values: list[bytes] = []
@@ -95,7 +84,7 @@ def test_worker_exports_drift_and_audits_and_cascade_drift_reads_the_topics(depl
     outcomes = deployment.collect(deployment.publish(lines))
     assert len(outcomes.verdicts) == 80
 
-    samples = _scrape(worker.health_port)
+    samples = scrape(worker.health_port)
 
     def value(name: str, **labels: str) -> float | None:
         return samples.get((name, tuple(sorted(labels.items()))))

@@ -11,7 +11,6 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +37,7 @@ CLEAN = "what a lovely day for a walk"
 BANDS = ThresholdSet(version="test-llm", stages={"llm": {"flagged": Band(allow_below=0.5, block_at=0.5)}})
 
 
-@pytest.fixture(autouse=True)
-def _no_ambient_llm_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "CASCADE_LLM_BASE_URL", "CASCADE_LLM_API_KEY", "CASCADE_CONFIG"):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def server() -> Iterator[LocalLLMServer]:
-    with serve() as running:
-        yield running
+pytestmark = pytest.mark.usefixtures("no_ambient_llm_env")
 
 
 def settings_for(tmp_path: Path, server: LocalLLMServer, **overrides: Any) -> Settings:

@@ -10,13 +10,12 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from llm_server import HIJACK_JSON, HIJACK_PLAIN, LocalLLMServer, Mode, judged_text, serve
+from llm_server import HIJACK_JSON, HIJACK_PLAIN, LocalLLMServer, Mode, judged_text
 
 from cascade.assembly import build_runner, build_stages
 from cascade.contract import ContentItem, Decision, Verdict
@@ -46,16 +45,7 @@ CLEAN = "what a lovely day for a walk"
 CATEGORIES = [c for c in load_policy().categories if c != "flagged"]
 
 
-@pytest.fixture(autouse=True)
-def _no_ambient_llm_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "CASCADE_LLM_BASE_URL", "CASCADE_LLM_API_KEY", "CASCADE_CONFIG"):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def server() -> Iterator[LocalLLMServer]:
-    with serve() as running:
-        yield running
+pytestmark = pytest.mark.usefixtures("no_ambient_llm_env")
 
 
 def make_settings(tmp_path: Path, server: LocalLLMServer, **overrides: Any) -> Settings:

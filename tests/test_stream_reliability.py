@@ -18,14 +18,13 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from llm_server import LocalLLMServer, Mode
-from prometheus_client.parser import text_string_to_metric_families
+from scrape import scrape
 from test_stream_broker import Deployment, items, write_llm_thresholds
 
 from cascade.contract import DeadLetter, DeadLetterCode, Decision, Verdict
@@ -216,11 +215,11 @@ def test_a_refused_output_does_not_block_the_next_batch_of_its_partition(deploym
 
     # Metrics count what the broker acknowledged: one dead letter and one refused output from the hash
     # worker, which produced no verdict; the one verdict came from the LLM worker.
-    samples = _metrics(worker.health_port)
+    samples = scrape(worker.health_port)
     assert samples[("cascade_dead_letters_total", (("error_code", "output_too_large"), ("stage", "hash")))] == 1
     assert samples[("cascade_refused_outputs_total", (("error_code", "output_too_large"), ("stage", "hash")))] == 1
     assert not any(name == "cascade_verdicts_total" and value for (name, _), value in samples.items())
-    llm_samples = _metrics(llm_worker.health_port)
+    llm_samples = scrape(llm_worker.health_port)
     assert llm_samples[("cascade_verdicts_total", (("decided_by", "llm"), ("decision", "allow")))] == 1
 
 
@@ -256,16 +255,6 @@ def test_a_stuck_batch_fails_liveness_and_sigterm_still_exits_within_grace(
 
 def _item(item_id: str, text: str) -> bytes:
     return json.dumps({"id": item_id, "text": text}).encode()
-
-
-def _metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"

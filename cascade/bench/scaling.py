@@ -26,7 +26,7 @@ from cascade.bench.measure import Row, interleave, measured, not_available
 from cascade.bench.quality import sample
 from cascade.bench.vectorbank import build_bank, fill, measure_queries
 from cascade.data import LabelledItem
-from cascade.embedding import Embedder, EncoderUnavailable
+from cascade.embedding import Embedder, EncoderUnavailable, cached_embeddings
 from cascade.settings import Settings
 from cascade.vectorindex import EdgeIndex, HnswTuning
 
@@ -84,9 +84,6 @@ def knn_at_size(rows: list[LabelledItem], vectors: np.ndarray, size: int, querie
 def _base(config: BenchConfig, settings: Settings, rows: Sequence[LabelledItem]) -> tuple[list, np.ndarray]:
     chosen = sample(rows, config.scaling_rows, config.seed)
     embedder = Embedder.from_settings(settings)
-    # cascade.train imports onnx (the `train` extra): only reached once an encoder could load.
-    from cascade.train import cached_embeddings
-
     path = settings.data_path("train-cache", f"{embedder.identity}.npz")  # shared with `cascade train`
     return chosen, cached_embeddings([r.text for r in chosen], embedder.embed, path)
 

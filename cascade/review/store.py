@@ -22,7 +22,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, case, create_engine, delete, event, func, select, update
+from sqlalchemy import ColumnElement, Engine, case, create_engine, delete, event, func, select, update
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -460,14 +460,7 @@ class ReviewStore:
     # --- the outbox (the publisher) ---
 
     def unpublished(self, limit: int = 100) -> list[ReviewDecision]:
-        with self._session() as session:
-            rows = session.scalars(
-                select(DecisionRow.record_json)
-                .where(DecisionRow.published_at.is_(None))
-                .order_by(DecisionRow.decided_at)
-                .limit(limit)
-            ).all()
-            return [ReviewDecision.model_validate_json(row) for row in rows]
+        return self._decisions_where(DecisionRow.published_at.is_(None), limit)
 
     def mark_published(self, decision_ids: Iterable[str], now: datetime | None = None) -> None:
         with self._session() as session:
@@ -476,12 +469,13 @@ class ReviewStore:
             )
 
     def pending_feedback(self, limit: int = 100) -> list[ReviewDecision]:
+        return self._decisions_where(DecisionRow.feedback_done.is_(False), limit)
+
+    def _decisions_where(self, condition: ColumnElement[bool], limit: int) -> list[ReviewDecision]:
+        """The oldest `limit` decisions meeting `condition` (the outbox and the feedback queue)."""
         with self._session() as session:
             rows = session.scalars(
-                select(DecisionRow.record_json)
-                .where(DecisionRow.feedback_done.is_(False))
-                .order_by(DecisionRow.decided_at)
-                .limit(limit)
+                select(DecisionRow.record_json).where(condition).order_by(DecisionRow.decided_at).limit(limit)
             ).all()
             return [ReviewDecision.model_validate_json(row) for row in rows]
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import xxhash
 
 from cascade.llm.backends.base import redact
-from cascade.llm.resilience import Clock, LRUCache
+from cascade.llm.resilience import CircuitBreaker, Clock, LRUCache, RollingBudget
 from cascade.llm.route import Endpoint, Route
 from cascade.llm.shadow import ANSWERS, DETAILS_KEY, SHADOW_ITEMS, compare, sampled
 from cascade.policy import Policy, load_policy
@@ -84,6 +84,16 @@ class LLMStage(Stage):
         }
         primary = Route.build(main, settings, policy, clock=clock)
         return cls(settings, policy, primary, routes.get("fallback"), routes.get("shadow"))
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        """The primary route's circuit breaker: the stage's, as /metrics reports it."""
+        return self.primary.breaker
+
+    @property
+    def budget(self) -> RollingBudget:
+        """The primary route's budget cap: the stage's, as /metrics reports it."""
+        return self.primary.budget
 
     @property
     def unavailable_reason(self) -> str | None:
