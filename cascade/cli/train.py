@@ -82,7 +82,9 @@ def _train_tuned(
     policy_seeds: bool,
     work_dir: Path | None,
     from_run: Path | None,
+    explicit_caps: dict[str, int],
 ) -> None:
+    """Train (or take `from_run`), export, measure; the default caps may name sources the data lacks."""
     from cascade.data import load_labelled
     from cascade.train import policy_seed_rows
     from cascade.tuning.build import build
@@ -90,7 +92,7 @@ def _train_tuned(
     from cascade.tuning.export import ExportError
 
     settings = Settings()
-    unknown = set(options.fit.source_caps) - {r.source for r in load_labelled(data)}
+    unknown = set(explicit_caps) - {r.source for r in load_labelled(data)}
     if unknown:
         raise fail(f"--source-cap names sources not in the data: {sorted(unknown)}")
     if options.compare_model is not None and not (options.compare_model / "card.json").is_file():
@@ -184,6 +186,7 @@ def train(
         from cascade.tuning.build import TunedOptions
         from cascade.tuning.fit import FitOptions
 
+        caps = _parse_caps(source_cap or [])
         fit_options = FitOptions(
             epochs=epochs,
             max_tokens=max_tokens,
@@ -191,12 +194,12 @@ def train(
             encoder_lr=learning_rate,
             seed=seed,
             max_minutes=max_minutes,
-            **({"source_caps": _parse_caps(source_cap)} if source_cap else {}),
+            **({"source_caps": caps} if caps else {}),
         )
         if weights:
             raise fail("--source-weight is for the frozen designs (mlp, logreg); the tuned design uses --source-cap")
         tuned = TunedOptions(name=name or out.resolve().name, fit=fit_options, compare_model=compare_model)
-        _train_tuned(data, out, tuned, policy_seeds, work_dir, from_run)
+        _train_tuned(data, out, tuned, policy_seeds, work_dir, from_run, caps)
         return
 
     compared = tuple(d for d in compare.split(",") if d.strip())
