@@ -155,14 +155,14 @@ def train(
     min_positives: Annotated[
         int, typer.Option(min=2, help="Rows of each class a category needs to get a head (else it is skipped).")
     ] = 30,
-    epochs: Annotated[int, typer.Option(min=1, help="tuned: most epochs (early stopping may end sooner).")] = 2,
+    epochs: Annotated[int, typer.Option(min=1, help="tuned: most epochs (early stopping may end sooner).")] = 3,
     max_tokens: Annotated[int, typer.Option(min=8, max=512, help="tuned: truncation while training.")] = 128,
     batch_size: Annotated[int, typer.Option(min=1, help="tuned: rows per optimisation step.")] = 16,
     learning_rate: Annotated[float, typer.Option(min=1e-7, help="tuned: peak learning rate of the encoder.")] = 3e-5,
     source_cap: Annotated[
         list[str] | None,
         typer.Option(
-            help="tuned: SOURCE=ROWS drawn per epoch, half flagged (repeatable; default Davidson 600, SMS 400)."
+            help="tuned: SOURCE=ROWS drawn per epoch, half flagged (repeatable; default Davidson 300, SMS 200)."
         ),
     ] = None,
     max_minutes: Annotated[float, typer.Option(min=0, help="tuned: wall-clock budget for the fit (0: none).")] = 0.0,
