@@ -59,6 +59,8 @@ def _tuned_command_line(data: list[Path], out: Path, options: TunedOptions, with
     words += ["--learning-rate", f"{fit.encoder_lr:g}", "--seed", str(fit.seed)]
     for source, cap in sorted(fit.source_caps.items()):
         words += ["--source-cap", f"{source}={cap}"]
+    for source in fit.flagged_ignored:
+        words += ["--ignore-flagged-of", source]
     words += ["--max-minutes", f"{fit.max_minutes:g}"] if fit.max_minutes else []
     words += ["--compare-model", str(options.compare_model)] if options.compare_model else []
     words += ["--policy-seeds" if with_seeds else "--no-policy-seeds"]
@@ -92,9 +94,10 @@ def _train_tuned(
     from cascade.tuning.export import ExportError
 
     settings = Settings()
-    unknown = set(explicit_caps) - {r.source for r in load_labelled(data)}
+    sources = {r.source for r in load_labelled(data)}
+    unknown = (set(explicit_caps) | set(options.fit.flagged_ignored)) - sources
     if unknown:
-        raise fail(f"--source-cap names sources not in the data: {sorted(unknown)}")
+        raise fail(f"--source-cap / --ignore-flagged-of name sources not in the data: {sorted(unknown)}")
     if options.compare_model is not None and not (options.compare_model / "card.json").is_file():
         raise fail(
             f"--compare-model {options.compare_model}: no card.json there (a model directory of `cascade train`)"
@@ -166,6 +169,10 @@ def train(
         ),
     ] = None,
     max_minutes: Annotated[float, typer.Option(min=0, help="tuned: wall-clock budget for the fit (0: none).")] = 0.0,
+    ignore_flagged_of: Annotated[
+        list[str] | None,
+        typer.Option(help="tuned: SOURCE whose `flagged` label is masked; its categories still train (repeatable)."),
+    ] = None,
     compare_model: Annotated[
         Path | None, typer.Option(help="tuned: a frozen model directory measured on the same rows for the card.")
     ] = None,
@@ -194,6 +201,7 @@ def train(
             encoder_lr=learning_rate,
             seed=seed,
             max_minutes=max_minutes,
+            flagged_ignored=tuple(ignore_flagged_of or ()),
             **({"source_caps": caps} if caps else {}),
         )
         if weights:
