@@ -56,7 +56,7 @@ SCORES_OUTPUT = "scores"
 CARD_FILE = "card.json"
 FROZEN_ENCODER_FILE = "frozen_encoder.json"  # lists a frozen MiniLM export shipped with a model (shipped_frozen)
 _EXPORT_FORMAT = 1  # bump when the export recipe changes: it renames the cached file
-_TOKEN_BUDGET = 4096  # padded tokens per model batch: 64 tweets, or 16 texts of 256 tokens
+_TOKEN_BUDGET = 256  # padded tokens per model batch (docs/retrieval.md: larger model batches ran slower per text)
 _HIDDEN_SIZE = 384
 _NUM_HEADS = 12
 

@@ -61,6 +61,8 @@ def test_missing_labels_are_masked_not_counted_as_zero() -> None:
     ]
     y, mask = label_matrix(rows, ["flagged", "hate", "spam"])
     assert mask.tolist() == [[1, 1, 0], [1, 0, 1]]
+    _, ignored = label_matrix(rows, ["flagged", "hate", "spam"], flagged_ignored=("s",))
+    assert ignored.tolist() == [[0, 1, 0], [1, 0, 1]]  # source s's `flagged` is masked, its `hate` is not
     logits = torch.zeros((2, 3), requires_grad=True)
     loss = masked_bce(logits, torch.from_numpy(y), torch.from_numpy(mask))
     loss.backward()
@@ -209,6 +211,8 @@ def test_operator_mistakes_get_one_line_and_exit_2(tuned_dir: Path, tmp_path: Pa
     assert bad_cap.exit_code == 2 and "SOURCE=ROWS" in bad_cap.output
     unknown = runner.invoke(app, [*tuned, "--source-cap", "nope=10"])
     assert unknown.exit_code == 2 and "not in the data" in unknown.output
+    ignored = runner.invoke(app, [*tuned, "--ignore-flagged-of", "nope"])
+    assert ignored.exit_code == 2 and "not in the data" in ignored.output
     no_run = runner.invoke(app, [*tuned, "--from-run", str(tmp_path)])
     assert no_run.exit_code == 2 and "no checkpoint.pt" in no_run.output
     partial = tmp_path / "partial"

@@ -59,6 +59,8 @@ def _tuned_command_line(data: list[Path], out: Path, options: TunedOptions, with
     words += ["--learning-rate", f"{fit.encoder_lr:g}", "--seed", str(fit.seed)]
     for source, cap in sorted(fit.source_caps.items()):
         words += ["--source-cap", f"{source}={cap}"]
+    for source in fit.flagged_ignored:
+        words += ["--ignore-flagged-of", source]
     words += ["--max-minutes", f"{fit.max_minutes:g}"] if fit.max_minutes else []
     words += ["--compare-model", str(options.compare_model)] if options.compare_model else []
     words += ["--policy-seeds" if with_seeds else "--no-policy-seeds"]
@@ -82,7 +84,9 @@ def _train_tuned(
     policy_seeds: bool,
     work_dir: Path | None,
     from_run: Path | None,
+    explicit_caps: dict[str, int],
 ) -> None:
+    """Train (or take `from_run`), export, measure; the default caps may name sources the data lacks."""
     from cascade.data import load_labelled
     from cascade.train import policy_seed_rows
     from cascade.tuning.build import build
@@ -90,9 +94,10 @@ def _train_tuned(
     from cascade.tuning.export import ExportError
 
     settings = Settings()
-    unknown = set(options.fit.source_caps) - {r.source for r in load_labelled(data)}
+    sources = {r.source for r in load_labelled(data)}
+    unknown = (set(explicit_caps) | set(options.fit.flagged_ignored)) - sources
     if unknown:
-        raise fail(f"--source-cap names sources not in the data: {sorted(unknown)}")
+        raise fail(f"--source-cap / --ignore-flagged-of name sources not in the data: {sorted(unknown)}")
     if options.compare_model is not None and not (options.compare_model / "card.json").is_file():
         raise fail(
             f"--compare-model {options.compare_model}: no card.json there (a model directory of `cascade train`)"
@@ -153,17 +158,21 @@ def train(
     min_positives: Annotated[
         int, typer.Option(min=2, help="Rows of each class a category needs to get a head (else it is skipped).")
     ] = 30,
-    epochs: Annotated[int, typer.Option(min=1, help="tuned: most epochs (early stopping may end sooner).")] = 2,
+    epochs: Annotated[int, typer.Option(min=1, help="tuned: most epochs (early stopping may end sooner).")] = 3,
     max_tokens: Annotated[int, typer.Option(min=8, max=512, help="tuned: truncation while training.")] = 128,
     batch_size: Annotated[int, typer.Option(min=1, help="tuned: rows per optimisation step.")] = 16,
     learning_rate: Annotated[float, typer.Option(min=1e-7, help="tuned: peak learning rate of the encoder.")] = 3e-5,
     source_cap: Annotated[
         list[str] | None,
         typer.Option(
-            help="tuned: SOURCE=ROWS drawn per epoch, half flagged (repeatable; default Davidson 600, SMS 400)."
+            help="tuned: SOURCE=ROWS drawn per epoch, half flagged (repeatable; default Davidson 300, SMS 200)."
         ),
     ] = None,
     max_minutes: Annotated[float, typer.Option(min=0, help="tuned: wall-clock budget for the fit (0: none).")] = 0.0,
+    ignore_flagged_of: Annotated[
+        list[str] | None,
+        typer.Option(help="tuned: SOURCE whose `flagged` label is masked; its categories still train (repeatable)."),
+    ] = None,
     compare_model: Annotated[
         Path | None, typer.Option(help="tuned: a frozen model directory measured on the same rows for the card.")
     ] = None,
@@ -184,6 +193,7 @@ def train(
         from cascade.tuning.build import TunedOptions
         from cascade.tuning.fit import FitOptions
 
+        caps = _parse_caps(source_cap or [])
         fit_options = FitOptions(
             epochs=epochs,
             max_tokens=max_tokens,
@@ -191,12 +201,13 @@ def train(
             encoder_lr=learning_rate,
             seed=seed,
             max_minutes=max_minutes,
-            **({"source_caps": _parse_caps(source_cap)} if source_cap else {}),
+            flagged_ignored=tuple(ignore_flagged_of or ()),
+            **({"source_caps": caps} if caps else {}),
         )
         if weights:
             raise fail("--source-weight is for the frozen designs (mlp, logreg); the tuned design uses --source-cap")
         tuned = TunedOptions(name=name or out.resolve().name, fit=fit_options, compare_model=compare_model)
-        _train_tuned(data, out, tuned, policy_seeds, work_dir, from_run)
+        _train_tuned(data, out, tuned, policy_seeds, work_dir, from_run, caps)
         return
 
     compared = tuple(d for d in compare.split(",") if d.strip())

@@ -39,7 +39,7 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class FitOptions:
-    epochs: int = 2
+    epochs: int = 3
     batch_size: int = 16
     max_tokens: int = 128
     encoder_lr: float = 3e-5
@@ -47,7 +47,7 @@ class FitOptions:
     weight_decay: float = 0.01
     warmup: float = 0.06
     dropout: float = 0.1
-    source_caps: Mapping[str, int] = field(default_factory=lambda: {"davidson2017": 600, "sms_spam_collection": 400})
+    source_caps: Mapping[str, int] = field(default_factory=lambda: {"davidson2017": 300, "sms_spam_collection": 200})
     """Rows per epoch from these sources, half flagged and half not; other sources come whole."""
     flagged_ignored: tuple[str, ...] = ()
     """Sources whose `flagged` label is masked (their categories still train their heads)."""
