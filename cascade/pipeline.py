@@ -219,7 +219,9 @@ class CascadeRunner:
             band_set=band_set,
             score=calibrated_score(ctx.trace, self._band_sets[band_set]),
             shadow=self._shadow(ctx.trace, ctx.item.surface),
-            item=ctx.item,  # reviewers, appeals and audits show what was judged
+            # Reviewers, appeals and audits show what was judged; metadata stays on the input topic, so a
+            # verdict is never larger than its item's text allows (CASCADE_STREAM_MAX_MESSAGE_BYTES).
+            item=ctx.item.model_copy(update={"metadata": None}),
             evidence=(ctx.evidence or None) if decision is Decision.REVIEW else None,
         )
 

@@ -196,8 +196,10 @@ async def test_a_flood_of_copies_never_quarantines_a_confirmed_known_bad_entry(t
     quarantines_before = REGISTRY.get_sample_value("cascade_bank_quarantines_total", {"stage": "hash"}) or 0.0
 
     ordinary = await moderate(runner, *[f"ordinary message number {i}" for i in range(200)])
-    flood = await moderate(runner, *[threat, spam] * 30)
-    metrics.record_batch("hash", flood, 0.01)  # what a stream worker does with the stage's outputs
+    flood_texts = [threat, spam] * 30
+    flood = await moderate(runner, *flood_texts)
+    inputs = [new_context(ContentItem(id=v.id, text=t)) for v, t in zip(flood, flood_texts, strict=True)]
+    metrics.record_batch("hash", inputs, flood, 0.01)  # what a stream worker does with the stage's outputs
 
     threats, spams = flood[0::2], flood[1::2]
     assert all(v.decision is Decision.BLOCK and v.decided_by == "hash" for v in threats)

@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -148,7 +149,7 @@ def test_verdicts_through_tls_only(
         )
         assert published.returncode == 0, published.stderr.decode()
         assert "published 5 records" in published.stderr.decode()
-        expected = [Published(r["id"].encode(), "") for r in records]
+        expected = [Published(r["id"].encode(), "", sent_at=datetime.now(UTC)) for r in records]
         outcomes = asyncio.run(collect(url, topics, expected, timeout_s=120, security=security))
         assert outcomes.verdicts["bad"].decision.value == "block"
         assert {outcomes.verdicts[f"ok{n}"].decision.value for n in range(4)} == {"review"}

@@ -93,7 +93,7 @@ def test_calibrate_with_the_llm_stage_end_to_end(server: LocalLLMServer, tmp_pat
     band = written.stages["llm"]["flagged"]
     assert 0 < band.allow_below <= band.block_at <= 1
     prov = yaml.safe_load(out.read_text())["provenance"]
-    assert "llm" in prov["calibration_maps"]  # the band comes from the LLM's own scores, not set by hand
+    assert "llm" in yaml.safe_load(out.read_text())["score_maps"]  # the band comes from the LLM's own scores
     llm = prov["llm"]
     assert llm["backend"] == "chat" and llm["model"] == MODEL and llm["rows_per_split"] == 90
     assert llm["items"] == {"calibration": 90, "test": 90} and llm["errors"] == 0

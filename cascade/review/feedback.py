@@ -43,7 +43,10 @@ def labelled_rows(
         latest.pop(record.id, None)  # re-insert: order by the latest decision
         latest[record.id] = (record, text)
     for record, text in latest.values():
-        yield asdict(labelled_row(record, text, known))
+        row = asdict(labelled_row(record, text, known))
+        if row["surface"] is None:  # the labelled format has no null surface: absent means "not known"
+            del row["surface"]
+        yield row
 
 
 def labelled_row(record: ReviewDecision, text: str, categories: Iterable[str]) -> LabelledItem:
