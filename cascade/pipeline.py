@@ -37,6 +37,15 @@ log = logging.getLogger(__name__)
 UNDECIDED_STAGE = "pipeline"
 
 
+def judged_item(item: ContentItem) -> ContentItem:
+    """The item as its verdict carries it: what reviewers, appeals and audits show.
+
+    Metadata stays on the input topic, so a verdict is never larger than its item's text allows
+    (CASCADE_STREAM_MAX_MESSAGE_BYTES).
+    """
+    return item.model_copy(update={"metadata": None})
+
+
 def new_context(item: ContentItem, source: str | None = None) -> ItemContext:
     normalized = normalize(item.text)
     return ItemContext(item=item, normalized=normalized, text_key=text_key(normalized), source=source)
@@ -219,9 +228,7 @@ class CascadeRunner:
             band_set=band_set,
             score=calibrated_score(ctx.trace, self._band_sets[band_set]),
             shadow=self._shadow(ctx.trace, ctx.item.surface),
-            # Reviewers, appeals and audits show what was judged; metadata stays on the input topic, so a
-            # verdict is never larger than its item's text allows (CASCADE_STREAM_MAX_MESSAGE_BYTES).
-            item=ctx.item.model_copy(update={"metadata": None}),
+            item=judged_item(ctx.item),
             evidence=(ctx.evidence or None) if decision is Decision.REVIEW else None,
         )
 

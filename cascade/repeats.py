@@ -1,11 +1,12 @@
 """Repeats for free: a repeated text gets the verdict the cascade gave it before, without the cascade.
 
 Real traffic repeats (spam waves, copypasta, retweets). `RepeatingRunner` looks every item up
-by `ItemContext.content_key` (the text up to case, Unicode form and spacing; not the lossy bank
-`text_key`) before the first stage. A hit is the earlier verdict re-issued under the item's own
-id: same decision, scores and trace, its trace entries costing nothing (latency and cost 0), the
-last one naming the item it repeats (`details.repeat_of`). Misses run through the cascade as
-usual and their verdicts are remembered. One cache per process, shared by its stages.
+by `repeat_key` before the first stage: the item's surface (it picks the band set) and
+`ItemContext.content_key` (the text up to case, Unicode form and spacing; not the lossy bank
+`text_key`). A hit is the earlier verdict re-issued under the item's own id and item: same
+decision, scores and trace, its trace entries costing nothing (latency and cost 0), the last one
+naming the item it repeats (`details.repeat_of`). Misses run through the cascade as usual and
+their verdicts are remembered. One cache per process, shared by its stages.
 
 What is remembered, and for how long:
 - only verdicts that every stage they reached could judge (no error, no unavailable stage: a
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from cascade.bankversion import bank_version
 from cascade.contract import TraceEntry, Verdict, utc_now
-from cascade.pipeline import CascadeRunner
+from cascade.pipeline import CascadeRunner, judged_item
 from cascade.stages.base import ItemContext, Stage
 from cascade.thresholds import ThresholdSet
 
@@ -131,7 +132,15 @@ def reissue(earlier: Verdict, ctx: ItemContext) -> Verdict:
     trace[-1] = last.model_copy(
         update={"details": {**last.details, REPEAT_OF: earlier.id, "judged_at": earlier.processed_at.isoformat()}}
     )
-    return earlier.model_copy(update={"id": ctx.item.id, "processed_at": utc_now(), "trace": trace})
+    return earlier.model_copy(
+        update={"id": ctx.item.id, "item": judged_item(ctx.item), "processed_at": utc_now(), "trace": trace}
+    )
+
+
+def repeat_key(ctx: ItemContext) -> str:
+    """What makes two items the same judgement: the text up to case, Unicode form and spacing, and the
+    surface (it picks the band set, so the same text may be decided differently on another surface)."""
+    return f"{ctx.item.surface or ''}\x1f{ctx.content_key}"
 
 
 class RepeatingRunner(CascadeRunner):
@@ -170,8 +179,9 @@ class RepeatingRunner(CascadeRunner):
         firsts: list[int] = []
         copies: list[int] = []
         for position, ctx in enumerate(batch):
-            (copies if ctx.content_key in seen else firsts).append(position)
-            seen.add(ctx.content_key)
+            key = repeat_key(ctx)
+            (copies if key in seen else firsts).append(position)
+            seen.add(key)
         if not copies:
             return await super().run(batch)
         verdicts: dict[int, Verdict] = {}
@@ -187,13 +197,13 @@ class RepeatingRunner(CascadeRunner):
         if index == 0:
             versions = self.stage_versions()
             for position, ctx in enumerate(batch):
-                earlier = self.cache.get(ctx.content_key, versions)
+                earlier = self.cache.get(repeat_key(ctx), versions)
                 if earlier is not None:
                     repeats[position] = reissue(earlier, ctx)
         fresh = [ctx for position, ctx in enumerate(batch) if position not in repeats]
         judged = await super().run_stage(index, fresh) if fresh else []
         for ctx, out in zip(fresh, judged, strict=True):
             if isinstance(out, Verdict) and reusable(out):
-                self.cache.put(ctx.content_key, out, stamp)
+                self.cache.put(repeat_key(ctx), out, stamp)
         outputs = iter(judged)
         return [repeats[position] if position in repeats else next(outputs) for position in range(len(batch))]

@@ -21,7 +21,7 @@ from cascade.repeats import REPEAT_OF, RepeatCache, RepeatingRunner, is_repeat
 from cascade.settings import Settings
 from cascade.stages.base import ItemContext, Stage, StageResult
 from cascade.stream import metrics
-from cascade.thresholds import Band, ThresholdSet
+from cascade.thresholds import Band, BandSet, ThresholdSet
 
 
 class CountingStage(SyntheticStage):
@@ -271,3 +271,28 @@ async def test_worker_metrics_count_repeats_apart_from_stage_work(tmp_path: Path
     assert sample("cascade_verdicts_total", labels) == before_verdicts + 1
     # The first stage did no work on it: its item counts (and drift windows) do not see it.
     assert sample("cascade_stage_items_total", {"stage": "first", "result": repeat.decision.value}) == before_items
+
+
+async def test_the_same_text_on_another_surface_is_judged_by_that_surface_s_bands(tmp_path: Path) -> None:
+    # chat prompts have no bands of their own here: the first stage settles nothing for them.
+    by_surface = thresholds().model_copy(update={"surfaces": {"chat_prompt": BandSet()}})
+    stage_list = stages()
+    runner = RepeatingRunner(
+        stage_list,
+        by_surface,
+        "p-1",
+        None,
+        RepeatCache(100, 600),
+        tmp_path,
+        lambda: {s.name: s.version for s in stage_list},
+    )
+    post = ContentItem(id="on-a-post", text="ok one", surface="post")
+    prompt = ContentItem(id="in-a-chat", text="ok one", surface="chat_prompt")
+    again = ContentItem(id="on-a-post-again", text="OK  one", surface="post")
+    cached = [v for item in (post, prompt, again) for v in await runner.run([new_context(item)])]
+    uncached = await CascadeRunner(stages(), by_surface, "p-1").run([new_context(i) for i in (post, prompt, again)])
+    assert [decision_of(v) for v in cached] == [decision_of(v) for v in uncached]
+    assert cached[0].band_set == "default" and cached[1].band_set == "chat_prompt"
+    assert [is_repeat(v) for v in cached] == [False, False, True]
+    # A re-issued verdict carries its own item, not the one it repeats.
+    assert cached[2].item is not None and cached[2].item.id == "on-a-post-again" and cached[2].item.text == "OK  one"
