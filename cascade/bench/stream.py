@@ -63,8 +63,10 @@ def worker_env(settings: Settings, batch_size: int, threads: int | None = None) 
 
 
 def _lines(items: Sequence[ContentItem], tag: str) -> list[bytes]:
+    # The whole item (its surface picks the band set), so the broker does the in-process cascade's work.
     return [
-        json.dumps({"id": f"{tag}-{i}", "text": item.text}, ensure_ascii=False).encode() for i, item in enumerate(items)
+        json.dumps(item.model_dump(mode="json", exclude_none=True) | {"id": f"{tag}-{i}"}, ensure_ascii=False).encode()
+        for i, item in enumerate(items)
     ]
 
 
