@@ -77,7 +77,8 @@ def _render_throughput(section: Mapping[str, Any], console: Console) -> None:
         same = "identical" if repeats["verdicts_identical_to_uncached"] else "[red]DIFFERENT[/]"
         console.print(
             f"repeat stream: {repeats['repeated_items']} of {given['items']} items repeat an earlier text, "
-            f"{repeats['reissued']} re-issued from the cache; verdicts vs the uncached cascade: {same}"
+            f"{repeats['reissued']} re-issued from the cache; decisions vs the uncached cascade: {same}"
+            f" (largest score change {repeats.get('largest_score_change', float('nan')):.2g})"
         )
     _render_latency(section.get("latency", {}), console)
     inprocess, stream = section["rows"].get("cascade_inprocess", {}), section["rows"].get("stream_broker", {})
