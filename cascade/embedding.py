@@ -12,7 +12,7 @@ Two encoders, chosen by the model directory (`Settings.model_dir`):
   "models"`; `cascade models export` builds it ahead of time (e.g. in an image build step).
 
 Serving needs onnxruntime, `tokenizers` and numpy only. `Settings.embedding_int8` picks the
-int8 graph (the default: measured in docs/retrieval.md) or fp32. Every graph contains the
+int8 graph or fp32; unset, the model card's `default_precision` decides (`serves_int8`). Every graph contains the
 whole pipeline (BERT with fused attention, mask-aware mean pooling, L2 normalisation).
 
 The model reads the original text (normalisation is a lossy matching key, not model input);
@@ -149,6 +149,14 @@ class EncoderSpec:
     identity: str
     heads: tuple[str, ...] = ()
     max_tokens: int = MAX_TOKENS
+    int8: bool = False
+
+    @property
+    def max_batch(self) -> int:
+        """Texts per model run. An int8 graph quantises activations with one scale per run, so a
+        text's vector would depend on its batch-mates (cosine ~0.99): it runs one text at a time,
+        and a verdict never depends on which items share its batch. fp32 batches (exact to 1e-5)."""
+        return 1 if self.int8 else 64
 
 
 def tuned_card(model_dir: Path) -> dict[str, Any] | None:
@@ -161,8 +169,16 @@ def tuned_card(model_dir: Path) -> dict[str, Any] | None:
     return card if isinstance(card, dict) and isinstance(card.get("encoder"), dict) else None
 
 
+def serves_int8(settings: Settings) -> bool:
+    """Whether `settings` serve the int8 graph: as set, else the tuned model card's default precision."""
+    if settings.embedding_int8 is not None:
+        return settings.embedding_int8
+    card = tuned_card(settings.model_dir)
+    return card is not None and card.get("default_precision") == "int8"
+
+
 def _precision(settings: Settings) -> str:
-    return "int8" if settings.embedding_int8 else "fp32"
+    return "int8" if serves_int8(settings) else "fp32"
 
 
 def encoder_identity(settings: Settings) -> str:
@@ -170,7 +186,7 @@ def encoder_identity(settings: Settings) -> str:
     card = tuned_card(settings.model_dir)
     if card is None:
         shipped = shipped_frozen(settings.model_dir, _precision(settings))
-        return shipped.identity if shipped is not None else model_identity(settings.embedding_int8)
+        return shipped.identity if shipped is not None else model_identity(serves_int8(settings))
     return f"{card['name']}@{card['version']}-{_precision(settings)}"
 
 
@@ -194,7 +210,7 @@ def shipped_frozen(model_dir: Path, precision: str) -> EncoderSpec | None:
         ) from None
     if name is None or identity is None or not (Path(model_dir) / name).is_file():
         return None  # that precision is not shipped: export it on demand
-    return EncoderSpec(Path(model_dir) / name, tokenizer, identity)
+    return EncoderSpec(Path(model_dir) / name, tokenizer, identity, int8=precision == "int8")
 
 
 def frozen_spec(settings: Settings) -> EncoderSpec:
@@ -206,9 +222,10 @@ def frozen_spec(settings: Settings) -> EncoderSpec:
     if shipped is not None:
         return shipped
     return EncoderSpec(
-        ensure_onnx_model(settings, settings.embedding_int8),
+        ensure_onnx_model(settings, serves_int8(settings)),
         source_model_dir() / "tokenizer.json",
-        model_identity(settings.embedding_int8),
+        model_identity(serves_int8(settings)),
+        int8=serves_int8(settings),
     )
 
 
@@ -221,10 +238,10 @@ def encoder_spec(settings: Settings) -> EncoderSpec:
     encoder = card["encoder"]
     model_path = Path(settings.model_dir) / encoder["files"][precision]
     if not model_path.is_file():
-        fix = "set CASCADE_EMBEDDING_INT8=true" if precision == "fp32" else "re-export it"
+        other = "unset CASCADE_EMBEDDING_INT8 (or set it to true)" if precision == "fp32" else "re-export it"
         raise ModelError(
-            f"encoder file missing: {model_path} (build it with `cascade models export --precision {precision}`, "
-            f"or {fix})"
+            f"encoder file missing: {model_path} (rebuild it from the fit's work directory with "
+            f"`cascade models export --from-run DIR`, or {other})"
         )
     digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
     if digest != encoder["sha256"][precision]:
@@ -235,6 +252,7 @@ def encoder_spec(settings: Settings) -> EncoderSpec:
         encoder_identity(settings),
         tuple(card["heads"]),
         int(encoder["max_tokens"]),
+        int8=precision == "int8",
     )
 
 
@@ -309,6 +327,7 @@ class Embedder:
             cache_size=settings.embedding_cache_size,
             heads=spec.heads,
             max_tokens=spec.max_tokens,
+            max_batch=spec.max_batch,
         )
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:

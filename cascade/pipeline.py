@@ -94,18 +94,22 @@ def _merged_scores(trace: Sequence[TraceEntry]) -> dict[str, float]:
 
 
 def calibrated_score(trace: Sequence[TraceEntry], band_set: BandSet) -> float | None:
-    """The verdict's score: the last judging stage's `flagged` probability under `band_set`.
+    """The verdict's score: the last judging stage's calibrated violation probability under `band_set`.
 
-    A stage without a map for its score reports it raw; a definitive match without a score
-    counts 1.0 (block) or 0.0 (allow). `cascade.simulation.final_scores` is the same in numpy.
+    That is the largest of its categories' calibrated probabilities (`BandSet.violation_probability`);
+    a stage without maps reports its raw `flagged` score (hand-set files); a definitive match
+    without a score counts 1.0 (block) or 0.0 (allow). `cascade.simulation.final_scores` is the
+    same in numpy.
     """
     for entry in reversed(trace):
         if entry.error is not None:
             continue
+        mapped = band_set.violation_probability(entry.stage, entry.scores)
+        if mapped is not None:
+            return mapped
         raw = entry.scores.get(FLAGGED)
         if raw is not None:
-            mapped = band_set.probability(entry.stage, FLAGGED, raw)
-            return raw if mapped is None else mapped
+            return raw
         if entry.matched:
             return 1.0 if entry.result is StageOutcome.BLOCK else 0.0
     return None

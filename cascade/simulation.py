@@ -120,16 +120,17 @@ def llm_calls(stage_names: Sequence[str], reached: np.ndarray, decided_by: np.nd
     return reached[:, last] & (decided_by != last)
 
 
-def calibrated_column(
-    stage: StageScores, category: str, band_sets: Mapping[str, BandSet], names: np.ndarray
-) -> np.ndarray:
-    """A stage's scores of one category, each through its item's band-set map (raw where none)."""
-    column = stage.column(category).copy()
+def violation_column(stage: StageScores, band_sets: Mapping[str, BandSet], names: np.ndarray) -> np.ndarray:
+    """A stage's verdict score per item (`BandSet.violation_probability` in numpy; raw `flagged` without maps)."""
+    column = stage.column(FLAGGED).copy()
     for name, band_set in band_sets.items():
-        score_map = band_set.score_maps.get(stage.name, {}).get(category)
-        rows = (names == name) & ~np.isnan(column)
-        if score_map is not None and rows.any():
-            column[rows] = score_map.probabilities(column[rows])
+        rows = names == name
+        maps = band_set.score_maps.get(stage.name, {})
+        mapped = [maps[c].probabilities(stage.column(c)[rows]) for c in stage.categories if c in maps]
+        if not mapped or not rows.any():
+            continue
+        best = np.fmax.reduce(np.vstack(mapped), axis=0)  # NaN only where no category was scored
+        column[rows] = np.where(np.isnan(best), column[rows], best)
     return column
 
 
@@ -142,9 +143,10 @@ def final_scores(
 ) -> dict[str, np.ndarray]:
     """Per category, the score of the last reached stage that scored it.
 
-    `flagged` is the verdict's `score` (`cascade.pipeline.calibrated_score`): put through the
-    item's band-set map when `band_sets` are given, and an item settled by a definitive match
-    with no score gets 1.0 (block) or 0.0 (allow): the match is the cascade's last word on it.
+    `flagged` is the verdict's `score` (`cascade.pipeline.calibrated_score`): the largest
+    calibrated category probability under the item's band set when `band_sets` are given, and
+    an item settled by a definitive match with no score gets 1.0 (block) or 0.0 (allow): the
+    match is the cascade's last word on it.
     Other categories stay raw, as in the verdict's `categories`.
     """
     out: dict[str, np.ndarray] = {}
@@ -155,7 +157,7 @@ def final_scores(
             column = stage.column(category)
             if category == FLAGGED:
                 if band_sets is not None and names is not None:
-                    column = calibrated_column(stage, category, band_sets, names)
+                    column = violation_column(stage, band_sets, names)
                 else:
                     column = column.copy()
                 unscored = np.isnan(column)

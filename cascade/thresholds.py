@@ -107,6 +107,17 @@ class BandSet(BaseModel):
         score_map = self.score_maps.get(stage, {}).get(category)
         return None if score_map is None else score_map.probability(score)
 
+    def violation_probability(self, stage: str, scores: Mapping[str, float]) -> float | None:
+        """The largest calibrated probability among a stage's scored categories; None without maps.
+
+        A row is flagged when it violates any category, so P(flagged) >= every P(category): on a
+        surface where `flagged` is not what the heads learned (spam on SMS), the category's map
+        still ranks the item.
+        """
+        known = self.score_maps.get(stage, {})
+        mapped = [known[c].probability(v) for c, v in scores.items() if c in known]
+        return max(mapped) if mapped else None
+
 
 class ThresholdSet(BaseModel):
     model_config = ConfigDict(extra="forbid")

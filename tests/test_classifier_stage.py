@@ -16,7 +16,7 @@ from model_cache import embedder, model_cache_dir, settings  # noqa: F401  (fixt
 from cascade.assembly import build_stages
 from cascade.contract import ContentItem, Decision
 from cascade.data import load_labelled
-from cascade.embedding import Embedder
+from cascade.embedding import Embedder, serves_int8
 from cascade.pipeline import CascadeRunner, new_context
 from cascade.settings import Settings
 from cascade.stages.base import Resources
@@ -175,8 +175,14 @@ def test_serving_imports_neither_scikit_learn_nor_torch(model_dir: Path) -> None
 
 
 def test_shipped_default_model_loads() -> None:
-    model = ClassifierModel(Settings().model_dir)
-    assert model.heads[0] == "flagged" and model.dimensions == 384
-    assert (Settings().model_dir / "card.md").is_file()
-    assert (Settings().model_dir / "model.onnx").stat().st_size < 5_000_000
-    assert np.all(np.isfinite(model.predict(np.zeros((2, 384), dtype=np.float32))))
+    """The packaged default: the tuned encoder, served int8 from its card, with its heads, within git's budget."""
+    default = Settings()
+    card = json.loads((default.model_dir / "card.json").read_text())
+    assert card["design"] == "tuned" and card["default_precision"] == "int8" and serves_int8(default)
+    assert (default.model_dir / "card.md").is_file()
+    shipped = sum(p.stat().st_size for p in default.model_dir.iterdir())
+    assert shipped < 100_000_000, "models/ in git stays within ~100 MB"
+    served = Embedder.from_settings(default)
+    assert served.heads[0] == "flagged" and served.identity.endswith("-int8")
+    vectors, scores = served.encode(["hello there", "you are an idiot"])
+    assert vectors.shape == (2, 384) and scores is not None and np.all((scores >= 0) & (scores <= 1))

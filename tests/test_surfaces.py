@@ -164,6 +164,40 @@ def test_scores_share_one_scale_across_stages() -> None:
     assert auprc(score, positive) >= classifier_alone > raw_mix
 
 
+def _spam_table(n: int, rng: np.random.Generator) -> tuple[ScoreTable, LabelMatrix]:
+    """An SMS-like source: the classifier's `flagged` head never learned spam (noise), its `spam` head did."""
+    spam = (rng.random(n) < 0.15).astype(np.int8)
+    scores = np.column_stack([rng.random(n), np.where(spam == 1, rng.beta(6, 2, n), rng.beta(2, 6, n))])
+    zeros = np.zeros(n)
+    stage = StageScores(
+        "classifier", "v1", ["flagged", "spam"], scores, zeros.astype(np.int8), zeros.astype(bool), zeros + 1, zeros
+    )
+    ids = np.char.add(f"s{rng.integers(1 << 62)}-", np.arange(n).astype(str))
+    return ScoreTable(ids, [stage]), LabelMatrix(["flagged", "spam"], np.column_stack([spam, spam]), np.full(n, "s"))
+
+
+def test_verdict_score_is_the_largest_calibrated_category_probability() -> None:
+    """A row is flagged when any category is violated: where `flagged` is noise and `spam` is not,
+    the verdict score ranks by spam, live (`calibrated_score`) and in replay (`final_scores`) alike."""
+    rng = np.random.default_rng(3)
+    calibration, calibration_labels = _spam_table(4_000, rng)
+    population, labels = _spam_table(20_000, rng)
+    chosen = choose_thresholds(calibration, calibration_labels, Targets(0.8, 0.2, 0.9, 0.95), "t")
+    maps = chosen.score_maps()["classifier"]
+    assert set(maps) == {"flagged", "spam"}
+    band_set = BandSet(score_maps={"classifier": maps})
+    positive = labels.flagged == 1
+    score = simulate(population, chosen.thresholds.model_copy(update={"score_maps": {"classifier": maps}}))
+    verdict_score = score.final_scores["flagged"]
+    assert auprc(verdict_score, positive) > 0.8 > auprc(population.stages[0].column("flagged"), positive) + 0.5
+    for i in range(20):
+        raw = dict(zip(["flagged", "spam"], population.stages[0].scores[i], strict=True))
+        expected = max(maps["flagged"].probability(raw["flagged"]), maps["spam"].probability(raw["spam"]))
+        assert band_set.violation_probability("classifier", raw) == pytest.approx(expected)
+        assert verdict_score[i] == pytest.approx(expected)
+    assert band_set.violation_probability("retrieval", {"flagged": 0.7}) is None, "no maps: the raw score is used"
+
+
 def _surfaces_table(n: int, rng: np.random.Generator) -> tuple[ScoreTable, LabelMatrix]:
     """'post' is clean and common, 'chat_prompt' noisier with a low base rate, 'dm' rare, 'sms' pure noise."""
     surface = rng.choice(np.array(["post", "chat_prompt", "dm", "sms"], dtype=object), n, p=[0.6, 0.3, 0.005, 0.095])

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from cascade.cli import app
 from cascade.contract import ContentItem, Decision
 from cascade.data import LabelledItem, load_labelled
-from cascade.embedding import Embedder, ModelError, encoder_identity
+from cascade.embedding import Embedder, ModelError, encoder_identity, serves_int8
 from cascade.exemplars import add_exemplars, bank_problem, reindex
 from cascade.pipeline import CascadeRunner, new_context
 from cascade.settings import PACKAGE_DIR, Settings
@@ -27,6 +27,7 @@ from cascade.stages.base import ItemContext
 from cascade.stages.classifier import ClassifierStage
 from cascade.stages.retrieval import RetrievalStage
 from cascade.thresholds import ThresholdSet
+from cascade.tuning.build import _choose_precision, _choose_truncation, trained_heads_auprc
 from cascade.tuning.fit import epoch_sample, label_matrix, length_batches, masked_bce
 from cascade.vectorindex import EdgeIndex
 
@@ -91,6 +92,45 @@ def test_batches_cover_every_row_once_and_group_similar_lengths() -> None:
     assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
     spread = np.mean([lengths[b].max() - lengths[b].min() for b in batches])
     assert spread < 0.2 * (lengths.max() - lengths.min())
+
+
+def test_choices_are_measured_on_the_heads_each_source_trains() -> None:
+    """A source whose `flagged` is masked is judged by its own heads; int8 must be fast and lose <= 1 point."""
+    rows = [
+        LabelledItem(id=f"c{i}", text="t", flagged=i % 2, labels={"spam": i % 2}, source="sms") for i in range(8)
+    ] + [LabelledItem(id=f"t{i}", text="t", flagged=i % 2, source="chat") for i in range(8)]
+    good = np.array([i % 2 for i in range(8)], dtype=float)
+    scores = np.column_stack([np.r_[1 - good, good], np.r_[good, np.zeros(8)]])  # flagged noise on sms
+    got = trained_heads_auprc(rows, ["flagged", "spam"], scores, flagged_ignored=("sms",))
+    assert got == {"sms": 1.0, "chat": 1.0}
+    assert trained_heads_auprc(rows, ["flagged", "spam"], scores, flagged_ignored=())["sms"] < 1.0
+    fast = {"int8": {"batch_64": 200.0}, "fp32": {"batch_64": 100.0}}
+    slow = {"int8": {"batch_64": 150.0}, "fp32": {"batch_64": 100.0}}
+    within = {"fp32": {"sms": 0.99, "chat": 0.85}, "int8": {"sms": 0.99, "chat": 0.841}}
+    beyond = {"fp32": {"sms": 0.99, "chat": 0.85}, "int8": {"sms": 0.99, "chat": 0.838}}
+    assert _choose_precision(within, fast)[0] == "int8"
+    assert _choose_precision(beyond, fast)[0] == "fp32" and "chat +0.0120" in _choose_precision(beyond, fast)[1]
+    assert _choose_precision(within, slow)[0] == "fp32"
+    assert _choose_precision({"fp32": {}, "int8": {}}, fast)[0] == "fp32", "no evidence: keep fp32"
+    figures = {
+        64: {"tweets": 0.99, "chat": 0.80},
+        128: {"tweets": 0.99, "chat": 0.82},
+        256: {"tweets": 0.99, "chat": 0.834},
+    }
+    assert _choose_truncation({t: {"auprc": f} for t, f in figures.items()})[0] == 256, "one source's loss counts"
+    figures[128]["chat"] = 0.83
+    assert _choose_truncation({t: {"auprc": f} for t, f in figures.items()})[0] == 128
+
+
+def test_the_served_precision_follows_the_card_unless_set(tuned_dir: Path, settings: Settings) -> None:  # noqa: F811
+    card = json.loads((tuned_dir / "card.json").read_text())
+    unset = settings.model_copy(update={"model_dir": tuned_dir, "embedding_int8": None})
+    assert serves_int8(unset) is (card["default_precision"] == "int8")
+    assert serves_int8(tuned_settings(settings, tuned_dir, int8=False)) is False
+    assert (
+        serves_int8(settings.model_copy(update={"model_dir": settings.data_dir / "frozen", "embedding_int8": None}))
+        is False
+    )
 
 
 def test_card_and_files_of_the_tuned_model(tuned_dir: Path) -> None:

@@ -31,6 +31,7 @@ from cascade.bench.scaling import measure_batch_sizes, measure_knn
 from cascade.bench.stages import open_stages
 from cascade.bench.throughput import measure_throughput
 from cascade.data import Split, file_digest, load_labelled, split_of
+from cascade.embedding import serves_int8
 from cascade.policy import load_policy
 from cascade.scoring import admit
 from cascade.settings import PROJECT_ROOT, Settings
@@ -81,7 +82,7 @@ def _run_sections(
         "git_commit": _git_commit(),
         "data": digests,
         "thresholds": {"path": str(source), "version": thresholds.version},
-        "embedding": {"int8": settings.embedding_int8, "threads": settings.embedding_threads or os.cpu_count()},
+        "embedding": {"int8": serves_int8(settings), "threads": settings.embedding_threads or os.cpu_count()},
         "note": "absolute figures drift on a shared machine: compare ratios measured in the same run",
     }
     result: dict = {"meta": meta}

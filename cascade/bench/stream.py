@@ -31,6 +31,7 @@ import numpy as np
 from cascade.bench.config import BenchConfig
 from cascade.bench.measure import Row, cascade_breakdown, measured, not_available
 from cascade.contract import ContentItem, Verdict
+from cascade.embedding import serves_int8
 from cascade.settings import Settings
 from cascade.stream.topics import Topics
 
@@ -54,7 +55,7 @@ def worker_env(settings: Settings, batch_size: int, threads: int | None = None) 
         "CASCADE_MODEL_DIR": str(Path(settings.model_dir).resolve()),
         "CASCADE_POLICIES_DIR": str(Path(settings.policies_dir).resolve()),
         "CASCADE_EMBEDDING_THREADS": str(settings.embedding_threads if threads is None else threads),
-        "CASCADE_EMBEDDING_INT8": str(settings.embedding_int8).lower(),
+        "CASCADE_EMBEDDING_INT8": str(serves_int8(settings)).lower(),
         "CASCADE_EMBEDDING_CACHE_SIZE": str(settings.embedding_cache_size),
         "CASCADE_REPEAT_CACHE_SIZE": str(settings.repeat_cache_size),
         "CASCADE_FLOOD_MIN_ITEMS": str(settings.flood_min_items),

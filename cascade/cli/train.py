@@ -161,14 +161,17 @@ def train(
     epochs: Annotated[int, typer.Option(min=1, help="tuned: most epochs (early stopping may end sooner).")] = 3,
     max_tokens: Annotated[int, typer.Option(min=8, max=512, help="tuned: truncation while training.")] = 128,
     batch_size: Annotated[int, typer.Option(min=1, help="tuned: rows per optimisation step.")] = 16,
-    learning_rate: Annotated[float, typer.Option(min=1e-7, help="tuned: peak learning rate of the encoder.")] = 3e-5,
+    learning_rate: Annotated[float, typer.Option(min=1e-7, help="tuned: peak learning rate of the encoder.")] = 5e-5,
     source_cap: Annotated[
         list[str] | None,
         typer.Option(
-            help="tuned: SOURCE=ROWS drawn per epoch, half flagged (repeatable; default Davidson 300, SMS 200)."
+            help="tuned: SOURCE=ROWS drawn per epoch, half flagged (repeatable; default Davidson 400, SMS 300)."
         ),
     ] = None,
     max_minutes: Annotated[float, typer.Option(min=0, help="tuned: wall-clock budget for the fit (0: none).")] = 0.0,
+    threads: Annotated[
+        int, typer.Option(min=0, help="tuned: torch threads (0: one per core; 1 leaves a core to other work).")
+    ] = 1,
     ignore_flagged_of: Annotated[
         list[str] | None,
         typer.Option(help="tuned: SOURCE whose `flagged` label is masked; its categories still train (repeatable)."),
@@ -201,6 +204,7 @@ def train(
             encoder_lr=learning_rate,
             seed=seed,
             max_minutes=max_minutes,
+            threads=threads,
             flagged_ignored=tuple(ignore_flagged_of or ()),
             **({"source_caps": caps} if caps else {}),
         )

@@ -23,7 +23,6 @@ from cascade.data import FLAGGED, LabelledItem, Split, file_digest, load_labelle
 from cascade.embedding import CARD_FILE, source_model_dir
 from cascade.tuning.evaluate import (
     auprc_by_source,
-    flagged_auprc,
     leave_one_source_out,
     model_scores,
     sentences_per_second,
@@ -62,14 +61,41 @@ def _parity_texts(rows: Sequence[LabelledItem], per_source: int) -> list[str]:
     return [*texts, "ok", "🙂🙂🙂 !!!", "word " * 400]
 
 
+def trained_heads_auprc(
+    rows: Sequence[LabelledItem], heads: Sequence[str], scores: np.ndarray, flagged_ignored: Sequence[str]
+) -> dict[str, float]:
+    """Per source, the mean AUPRC of the heads trained on it (its labelled heads; `flagged` unless masked).
+
+    The yardstick of the choices below: a masked `flagged` on a source is not something the
+    model was asked to learn, and its categories' heads are what serve that source.
+    """
+    result: dict[str, float] = {}
+    for source, per_head in auprc_by_source(rows, heads, scores).items():
+        values = [
+            v["auprc"]
+            for head, v in per_head.items()
+            if v["auprc"] is not None and not (head == FLAGGED and source in flagged_ignored)
+        ]
+        if values:
+            result[source] = round(float(np.mean(values)), 4)
+    return result
+
+
 def _choose_truncation(figures: dict[int, dict[str, Any]]) -> tuple[int, str]:
-    """The shortest limit whose macro `flagged` AUPRC is within the tolerance of the best one."""
-    macro = {t: float(np.mean([v for v in f["flagged_auprc"].values() if v is not None])) for t, f in figures.items()}
-    best = max(macro.values())
-    chosen = min(t for t, m in macro.items() if m >= best - TRUNCATION_TOLERANCE)
+    """The shortest limit within the tolerance of the best limit on every source (AUPRC of its trained heads).
+
+    Per source, not macro: long chat prompts lose what a longer limit keeps, while tweets and
+    SMS never reach it, so an average over sources would hide the cost on the one that pays it.
+    """
+    sources = sorted(next(iter(figures.values()))["auprc"])
+    best = {s: max(f["auprc"][s] for f in figures.values()) for s in sources}
+    chosen = min(t for t, f in figures.items() if all(f["auprc"][s] >= best[s] - TRUNCATION_TOLERANCE for s in sources))
     return chosen, (
-        f"the shortest limit within {TRUNCATION_TOLERANCE} macro `flagged` AUPRC of the best on the calibration "
-        f"sample: " + ", ".join(f"{t}: {m:.4f}" for t, m in sorted(macro.items()))
+        f"the shortest limit within {TRUNCATION_TOLERANCE} AUPRC (the heads trained on each source) of the best "
+        "limit on every source of the calibration sample: "
+        + "; ".join(
+            f"{t}: " + ", ".join(f"{s} {f['auprc'][s]:.4f}" for s in sources) for t, f in sorted(figures.items())
+        )
     )
 
 
@@ -108,10 +134,13 @@ def build(
         got_heads, scores, _ = model_scores(out, [r.text for r in calibration], True, cache_dir, limit)
         speed = sentences_per_second({"int8": serving_embedder(out, True, limit)}, long_texts, [16], rounds=2)
         truncation[limit] = {
-            "flagged_auprc": flagged_auprc(calibration, got_heads, scores),
+            "auprc": trained_heads_auprc(calibration, got_heads, scores, options.fit.flagged_ignored),
             "sentences_per_second": speed["int8"]["batch_16"],
         }
     encoder["max_tokens"], truncation_rationale = _choose_truncation(truncation)
+    calibration_auprc = {"int8": truncation[encoder["max_tokens"]]["auprc"]}
+    got_heads, scores, _ = model_scores(out, [r.text for r in calibration], False, cache_dir, encoder["max_tokens"])
+    calibration_auprc["fp32"] = trained_heads_auprc(calibration, got_heads, scores, options.fit.flagged_ignored)
     (out / CARD_FILE).write_text(json.dumps({**card, "encoder": encoder}) + "\n", encoding="utf-8")
 
     test_texts = [r.text for r in test]
@@ -146,7 +175,7 @@ def build(
         [r.text for r in speed_sample],
         [1, 64],
     )
-    default_precision, precision_rationale = _choose_precision(figures, speed)
+    default_precision, precision_rationale = _choose_precision(calibration_auprc, speed)
     train_rows = load_labelled(paths, Split.TRAIN) + list(seed_rows)
     y, mask = label_matrix(train_rows, heads)
     card.update(
@@ -167,6 +196,7 @@ def build(
                 "loso_cap": options.loso_cap,
                 "truncation": truncation,
                 "truncation_rationale": truncation_rationale,
+                "calibration_auprc": calibration_auprc,
                 "speed": speed,
             },
             "options": {**asdict(options), "compare_model": str(options.compare_model or "")},
@@ -175,19 +205,21 @@ def build(
     return card
 
 
-def _choose_precision(figures: dict[str, Any], speed: dict[str, dict[str, float]]) -> tuple[str, str]:
-    """int8 if it is at least 1.6x faster than fp32 (batch 64) and loses at most a point of `flagged` AUPRC."""
+def _choose_precision(
+    calibration_auprc: dict[str, dict[str, float]], speed: dict[str, dict[str, float]]
+) -> tuple[str, str]:
+    """int8 if it is at least 1.6x faster than fp32 (batch 64) and loses at most a point of AUPRC on any
+    source (the heads trained on it, on the calibration sample: the test split only reports)."""
     speedup = speed["int8"]["batch_64"] / speed["fp32"]["batch_64"]
-    losses = {
-        s: round(figures["fp32"][s][FLAGGED]["auprc"] - figures["int8"][s][FLAGGED]["auprc"], 4)
-        for s in figures["int8"]
-        if figures["int8"][s].get(FLAGGED, {}).get("auprc") is not None
-    }
+    losses = {s: round(calibration_auprc["fp32"][s] - v, 4) for s, v in calibration_auprc["int8"].items()}
+    if not losses:
+        return "fp32", "no calibration rows with both classes to compare int8 with: fp32 kept"
     worst = max(losses.values())
     ok = speedup >= INT8_MIN_SPEEDUP and worst <= INT8_MAX_AUPRC_LOSS
     return ("int8" if ok else "fp32"), (
-        f"int8 is {speedup:.2f}x fp32 at batch 64 and loses at most {worst:+.4f} `flagged` AUPRC on a source "
-        f"(bar: >= {INT8_MIN_SPEEDUP}x, <= {INT8_MAX_AUPRC_LOSS})"
+        f"int8 is {speedup:.2f}x fp32 at batch 64 and loses at most {worst:+.4f} AUPRC on a source of the "
+        f"calibration sample (the heads trained on it; bar: >= {INT8_MIN_SPEEDUP}x, <= {INT8_MAX_AUPRC_LOSS}): "
+        + ", ".join(f"{s} {v:+.4f}" for s, v in sorted(losses.items()))
     )
 
 

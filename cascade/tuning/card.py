@@ -26,6 +26,8 @@ def _flagged_rows(figures: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def render_card(card: Mapping[str, Any]) -> str:
+    seed_rows = next((d["rows"] for d in card["data"] if d.get("path") == "cascade/policies/seeds"), 0)
+    seeds = f" incl. {seed_rows} policy seeds" if seed_rows else ""
     encoder, evaluation, fit = card["encoder"], card["evaluation"], card["fit"]
     sources = sorted(evaluation["test"]["int8"])
     lines = [
@@ -44,7 +46,7 @@ def render_card(card: Mapping[str, Any]) -> str:
         "",
         "## Training",
         "",
-        f"Fine-tuned on the train split ({fit['train_rows']} rows incl. policy seeds) in {fit['fit_seconds']} s "
+        f"Fine-tuned on the train split ({fit['train_rows']} rows{seeds}) in {fit['fit_seconds']} s "
         f"on {card['machine']}; best state at epoch {fit['best']['epoch']:.2f} (step {fit['best']['step']}) by macro "
         "`flagged` AUPRC over the sources of a fixed calibration-split sample (early stopping):",
         "",
@@ -100,10 +102,10 @@ def render_card(card: Mapping[str, Any]) -> str:
         *_table(
             [
                 "max tokens",
-                *sorted(next(iter(evaluation["truncation"].values()))["flagged_auprc"]),
+                *sorted(next(iter(evaluation["truncation"].values()))["auprc"]),
                 "sent/s (long texts)",
             ],
-            [[t, *v["flagged_auprc"].values(), v["sentences_per_second"]] for t, v in evaluation["truncation"].items()],
+            [[t, *v["auprc"].values(), v["sentences_per_second"]] for t, v in evaluation["truncation"].items()],
         ),
         f"Chosen: {encoder['max_tokens']} ({evaluation['truncation_rationale']}).",
         "",

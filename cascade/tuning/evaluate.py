@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from cascade.data import FLAGGED, LabelledItem
+from cascade.data import LabelledItem
 from cascade.embedding import Embedder, encoder_spec, tuned_card
 from cascade.evaluation import auprc
 from cascade.settings import Settings
@@ -41,6 +41,7 @@ def serving_embedder(
         cache_size=0,
         heads=spec.heads,
         max_tokens=max_tokens or spec.max_tokens,
+        max_batch=spec.max_batch,
     )
 
 
@@ -108,10 +109,6 @@ def leave_one_source_out(
             "auprc": None if value is None else round(value, 4),
         }
     return result
-
-
-def flagged_auprc(rows: Sequence[LabelledItem], heads: Sequence[str], scores: np.ndarray) -> dict[str, float | None]:
-    return {s: v[FLAGGED]["auprc"] for s, v in auprc_by_source(rows, heads, scores).items() if FLAGGED in v}
 
 
 def sentences_per_second(
