@@ -491,10 +491,11 @@ class Calibrated:
 
     def score_maps(self) -> dict[str, dict[str, ScoreMap]]:
         """The fitted maps as the threshold file stores them (the runtime's score scale)."""
-        return {
-            stage: {category: cal.score_map() for category, cal in cats.items()}
-            for stage, cats in self.family.maps.items()
-        }
+        return _stored_maps(self.family.maps)
+
+
+def _stored_maps(maps: Maps) -> dict[str, dict[str, ScoreMap]]:
+    return {stage: {category: cal.score_map() for category, cal in cats.items()} for stage, cats in maps.items()}
 
 
 def choose_thresholds(
@@ -637,6 +638,7 @@ class CalibratedBySurface:
     band_sets_tested: int  # m: the default plus every surface tried
     band_set_confidence: float  # 1 - δ/m: the level each band set is certified at
     escalate_fallbacks: bool = False  # uncertified surfaces settle nothing by score instead of using the default
+    fallback_maps: dict[str, Maps] = field(default_factory=dict)  # uncertified surface -> maps on its own rows
 
     def decision_set(self, version: str) -> ThresholdSet:
         """The band sets alone (no provenance): what the runtime would do with these choices."""
@@ -651,7 +653,10 @@ class CalibratedBySurface:
             | (
                 # No band at any stage: only definitive matches decide, the rest goes to the LLM or review.
                 {
-                    surface: BandSet(stages={stage: {} for stage in self.default.family.stages})
+                    surface: BandSet(
+                        stages={stage: {} for stage in self.default.family.stages},
+                        score_maps=_stored_maps(self.fallback_maps.get(surface, {})),
+                    )
                     for surface in self.fallbacks
                 }
                 if self.escalate_fallbacks
@@ -716,6 +721,12 @@ def choose_thresholds_by_surface(
             )
         except CalibrationError as exc:
             fallbacks[surface] = f"cannot be calibrated alone: {exc}"
+    # An uncertified surface still gets score maps of its own (far fewer rows than a certificate):
+    # its verdicts' scores then say what a violation means on it, not on the pooled mix.
+    fallback_maps = {}
+    for surface in fallbacks:
+        rows = np.flatnonzero((labels.surfaces == surface) & fit_half(table.ids))
+        fallback_maps[surface] = fit_maps(table.take(rows), labels.take(rows), allowed_categories)
     return CalibratedBySurface(
         default=default,
         surfaces=surfaces,
@@ -724,6 +735,7 @@ def choose_thresholds_by_surface(
         band_sets_tested=1 + len(tried),
         band_set_confidence=per_set.confidence,
         escalate_fallbacks=escalate_fallbacks,
+        fallback_maps=fallback_maps,
     )
 
 

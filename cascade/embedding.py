@@ -177,6 +177,22 @@ def serves_int8(settings: Settings) -> bool:
     return card is not None and card.get("default_precision") == "int8"
 
 
+FROZEN_NEAR_COPY = 0.95  # all-MiniLM-L6-v2: a train neighbour at >= 0.95 is a near-duplicate (docs/retrieval.md)
+
+
+def near_copy_similarity(settings: Settings) -> float:
+    """The similarity at which a bank neighbour is a copy: as set, else the tuned card's measured value.
+
+    A fine-tuned encoder packs each class tight (a third of test texts have a same-class train
+    neighbour at 0.95), so the frozen MiniLM's 0.95 would call mere look-alikes copies.
+    """
+    if settings.retrieval_near_copy is not None:
+        return settings.retrieval_near_copy
+    card = tuned_card(settings.model_dir)
+    measured = card["encoder"].get("near_copy_similarity") if card is not None else None
+    return float(measured) if measured is not None else FROZEN_NEAR_COPY
+
+
 def _precision(settings: Settings) -> str:
     return "int8" if serves_int8(settings) else "fp32"
 

@@ -138,7 +138,13 @@ class Settings(BaseSettings):
     qdrant_timeout_s: int = Field(default=5, gt=0)
     retrieval_k: int = Field(default=10, gt=0)
     retrieval_min_similarity: float = Field(default=0.3, ge=-1, le=1, description="Neighbours below it do not vote.")
-    retrieval_near_copy: float = Field(default=0.95, gt=0, le=1, description="Similarity of a copy of a violation.")
+    retrieval_near_copy: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Similarity of a copy of a violation; unset: the encoder's (its card's measured value, "
+        "0.95 for the frozen MiniLM).",
+    )
     retrieval_prior_weight: float = Field(default=0.5, ge=0, description="Pseudo-neighbour voting 0 in each vote.")
 
     # Embeddings (shared by retrieval and classifier).

@@ -146,13 +146,18 @@ class ThresholdSet(BaseModel):
         return surface if surface is not None and surface in self.surfaces else DEFAULT_BAND_SET
 
     def band_sets(self) -> dict[str, BandSet]:
-        """Every band set by name; a surface set uses the default's score map where it has none of its own."""
+        """Every band set by name; a surface set uses the default's maps for a stage it has none of its own for.
+
+        Per stage, not per category: a verdict's score is the largest of a stage's calibrated
+        category probabilities, and a pooled map of a category the surface never labels (profanity
+        on chat prompts) would speak for the wrong traffic.
+        """
         default = BandSet(stages=self.stages, score_maps=self.score_maps)
         out = {DEFAULT_BAND_SET: default}
         for name, own in self.surfaces.items():
-            maps = {stage: dict(cats) for stage, cats in self.score_maps.items()}
-            for stage, cats in own.score_maps.items():
-                maps.setdefault(stage, {}).update(cats)
+            maps = {stage: dict(cats) for stage, cats in self.score_maps.items()} | {
+                stage: dict(cats) for stage, cats in own.score_maps.items() if cats
+            }
             out[name] = BandSet(stages=own.stages, score_maps=maps, provenance=own.provenance)
         return out
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from cascade.assembly import build_stages
 from cascade.contract import ContentItem, Decision
 from cascade.data import LabelledItem, Split, split_of
-from cascade.embedding import Embedder, encoder_identity
+from cascade.embedding import Embedder, encoder_identity, near_copy_similarity
 from cascade.exemplars import add_exemplars, exemplar_payload, load_seed_sets, seed_policy_exemplars
 from cascade.pipeline import CascadeRunner, new_context
 from cascade.policy import load_policy
@@ -26,7 +26,7 @@ from cascade.stages.retrieval import RetrievalStage, evidence_neighbours, score_
 from cascade.thresholds import Band, ThresholdSet
 from cascade.vectorindex import EdgeIndex, Neighbour, VectorIndex
 
-pytest_plugins = ["model_cache"]  # fixtures: settings, embedder
+pytest_plugins = ["model_cache"]  # fixtures: settings, embedder, frozen_settings, frozen_embedder
 # qdrant-client warns when it cannot read the version of an unreachable server: that is the point here.
 pytestmark = pytest.mark.filterwarnings("ignore:Failed to obtain server version:UserWarning")
 
@@ -104,11 +104,13 @@ def test_evidence_is_deduplicated_by_normalised_text_best_first() -> None:
 
 
 @pytest.fixture
-def bank(settings: Settings, embedder: Embedder) -> Settings:
-    index = EdgeIndex(settings.data_path("exemplars"))
-    add_exemplars(index, embedder, BANK, added_by="test")
+def bank(frozen_settings: Settings, frozen_embedder: Embedder) -> Settings:
+    """The stage's mechanics on the frozen MiniLM, whose similarity scale the bands below assume
+    (the tuned encoder packs each class tight: docs/retrieval.md, "Near copies")."""
+    index = EdgeIndex(frozen_settings.data_path("exemplars"))
+    add_exemplars(index, frozen_embedder, BANK, added_by="test")
     index.close()
-    return settings
+    return frozen_settings
 
 
 async def test_stage_blocks_near_copies_clears_lookalikes_and_escalates_the_unknown(bank: Settings) -> None:
@@ -154,7 +156,7 @@ async def test_unreachable_server_escalates_every_item_and_logs_once(
 ) -> None:
     down = settings.model_copy(update={"qdrant_url": f"http://127.0.0.1:{_closed_port()}", "qdrant_timeout_s": 1})
     stage = RetrievalStage.from_settings(down, _Resources(embedder))
-    assert stage.version.endswith("qdrant:exemplars+k10")
+    assert "+qdrant:exemplars+k10+copy" in stage.version and stage.near_copy == near_copy_similarity(down)
     runner = CascadeRunner([stage], THRESHOLDS, "p")
     with caplog.at_level(logging.WARNING, logger="cascade.stages.retrieval"):
         for round_ in range(3):
@@ -172,11 +174,11 @@ class _Resources:
 
 
 async def test_recovers_when_the_store_comes_back(
-    bank: Settings, embedder: Embedder, caplog: pytest.LogCaptureFixture
+    bank: Settings, frozen_embedder: Embedder, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = bank.data_path("exemplars")
     holder: VectorIndex | None = EdgeIndex(path)  # another process-like holder of the store's lock
-    stage = RetrievalStage(lambda: embedder, "model", lambda: EdgeIndex(path), "edge", retry_after_s=0.0)
+    stage = RetrievalStage(lambda: frozen_embedder, "model", lambda: EdgeIndex(path), "edge", retry_after_s=0.0)
     runner = CascadeRunner([stage], THRESHOLDS, "p")
     item = "Congratulations! You won a free cruise, call now to claim your prize"
     with caplog.at_level(logging.WARNING, logger="cascade.stages.retrieval"):

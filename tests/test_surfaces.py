@@ -332,6 +332,14 @@ def test_escalating_fallback_settles_nothing_by_score_for_uncertified_surfaces()
         assert set(outcome.band_set[rows]) == {surface} and (outcome.decision[rows] == 2).all(), surface
     post = labels.surfaces == "post"
     assert (outcome.decision[post] != 2).any(), "certified surfaces still decide"
+    # Uncertified sets still score on their own scale: maps fitted on their own rows (sms is noise,
+    # so its map stays near its base rate); a surface too rare for maps uses the default's.
+    sms_map = decision_set.surfaces["sms"].score_maps["classifier"]["flagged"]
+    assert max(sms_map.y) - min(sms_map.y) < 0.5 < max(decision_set.score_maps["classifier"]["flagged"].y)
+    resolved = decision_set.band_sets()
+    assert resolved["sms"].score_maps["classifier"] == decision_set.surfaces["sms"].score_maps["classifier"]
+    assert not decision_set.surfaces["dm"].score_maps
+    assert resolved["dm"].score_maps["classifier"] == decision_set.score_maps["classifier"]
 
 
 def test_sample_items_carry_their_surface(tmp_path: Path) -> None:

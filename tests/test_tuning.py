@@ -19,7 +19,14 @@ from typer.testing import CliRunner
 from cascade.cli import app
 from cascade.contract import ContentItem, Decision
 from cascade.data import LabelledItem, load_labelled
-from cascade.embedding import Embedder, ModelError, encoder_identity, serves_int8
+from cascade.embedding import (
+    FROZEN_NEAR_COPY,
+    Embedder,
+    ModelError,
+    encoder_identity,
+    near_copy_similarity,
+    serves_int8,
+)
 from cascade.exemplars import add_exemplars, bank_problem, reindex
 from cascade.pipeline import CascadeRunner, new_context
 from cascade.settings import PACKAGE_DIR, Settings
@@ -28,6 +35,7 @@ from cascade.stages.classifier import ClassifierStage
 from cascade.stages.retrieval import RetrievalStage
 from cascade.thresholds import ThresholdSet
 from cascade.tuning.build import _choose_precision, _choose_truncation, trained_heads_auprc
+from cascade.tuning.evaluate import near_copy_threshold
 from cascade.tuning.fit import epoch_sample, label_matrix, length_batches, masked_bce
 from cascade.vectorindex import EdgeIndex
 
@@ -120,6 +128,23 @@ def test_choices_are_measured_on_the_heads_each_source_trains() -> None:
     assert _choose_truncation({t: {"auprc": f} for t, f in figures.items()})[0] == 256, "one source's loss counts"
     figures[128]["chat"] = 0.83
     assert _choose_truncation({t: {"auprc": f} for t, f in figures.items()})[0] == 128
+
+
+def test_near_copies_are_measured_per_encoder_and_settings_can_override(tuned_dir: Path, settings: Settings) -> None:  # noqa: F811
+    """A neighbour counts as a copy only where it is an edit of the text for 95 % of the texts that reach it."""
+    bank_texts = ["win a free cruise now", "the cat sat on the mat", "totally unrelated words here"]
+    texts = ["win a free cruise now!", "a dog lay on a rug", "something else entirely"]
+    bank = np.eye(3, 4, dtype=np.float32)
+    # Text 0 is an edit of bank 0 at 0.999; text 1 is a look-alike of bank 1 at 0.975; text 2 is far from all.
+    queries = np.array([[0.999, 0.0447, 0, 0], [0, 0.975, 0.2222, 0], [0, 0, 0.5, 0.866]], dtype=np.float32)
+    chosen, figures = near_copy_threshold(bank, bank_texts, queries, texts)
+    assert chosen == 0.98 and figures["by_level"]["0.97"]["near_duplicates"] == 0.5
+    card = json.loads((tuned_dir / "card.json").read_text())
+    tuned = settings.model_copy(update={"model_dir": tuned_dir, "retrieval_near_copy": None})
+    assert near_copy_similarity(tuned) == card["encoder"]["near_copy_similarity"]
+    assert near_copy_similarity(tuned.model_copy(update={"retrieval_near_copy": 0.9})) == 0.9
+    frozen = settings.model_copy(update={"model_dir": settings.data_dir / "frozen", "retrieval_near_copy": None})
+    assert near_copy_similarity(frozen) == FROZEN_NEAR_COPY
 
 
 def test_the_served_precision_follows_the_card_unless_set(tuned_dir: Path, settings: Settings) -> None:  # noqa: F811

@@ -15,7 +15,8 @@ violating neighbours still score ~0.95. No counted neighbour → no score for c,
 unresolved and the item escalates.
 
 Near copies: a second query finds the most similar known-violating exemplar (flagged = 1),
-m = its similarity (`max_bad_similarity` in the details). When m ≥ `retrieval_near_copy`,
+m = its similarity (`max_bad_similarity` in the details). When m ≥ the near-copy similarity
+(`retrieval_near_copy`, else the encoder's own: `cascade.embedding.near_copy_similarity`),
 the item is treated as a copy of that violation:
 
     score_c = max(vote_c, m)   for `flagged` and every category that exemplar violates
@@ -44,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cascade.data import FLAGGED
-from cascade.embedding import encoder_identity
+from cascade.embedding import encoder_identity, near_copy_similarity
 from cascade.exemplars import bank_problem
 from cascade.normalize import normalize, text_key
 from cascade.settings import Settings
@@ -145,7 +146,7 @@ class RetrievalStage(Stage):
         self.near_copy = near_copy
         self.prior_weight = prior_weight
         self.retry_after_s = retry_after_s
-        self.version = f"{_SCORING_VERSION}+{model_name}+{index_name}+k{k}"
+        self.version = f"{_SCORING_VERSION}+{model_name}+{index_name}+k{k}+copy{near_copy:g}"
         self._outage_since: float | None = None
         self._retry_at = 0.0
         self._bank_checked_at: float | None = None
@@ -160,7 +161,7 @@ class RetrievalStage(Stage):
             index_name=index_identity(settings),
             k=settings.retrieval_k,
             min_similarity=settings.retrieval_min_similarity,
-            near_copy=settings.retrieval_near_copy,
+            near_copy=near_copy_similarity(settings),
             prior_weight=settings.retrieval_prior_weight,
         )
 

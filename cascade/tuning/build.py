@@ -25,6 +25,7 @@ from cascade.tuning.evaluate import (
     auprc_by_source,
     leave_one_source_out,
     model_scores,
+    near_copy_threshold,
     sentences_per_second,
     serving_embedder,
 )
@@ -155,6 +156,11 @@ def build(
     loso_texts = [r.text for r in loso_train]
     log(f"leave-one-source-out: embedding {len(loso_train)} train rows")
     _, _, tuned_train = model_scores(out, loso_texts, True, cache_dir)
+    _, _, calibration_vectors = model_scores(out, [r.text for r in calibration], True, cache_dir)
+    encoder["near_copy_similarity"], near_copy = near_copy_threshold(
+        tuned_train, loso_texts, calibration_vectors, [r.text for r in calibration]
+    )
+    (out / CARD_FILE).write_text(json.dumps({**card, "encoder": encoder}) + "\n", encoding="utf-8")
     loso = {"tuned int8": leave_one_source_out(loso_train, tuned_train, test, embeddings["int8"])}
     if options.compare_model is not None:
         log(f"scoring the test split with the frozen model {options.compare_model}")
@@ -197,6 +203,7 @@ def build(
                 "truncation": truncation,
                 "truncation_rationale": truncation_rationale,
                 "calibration_auprc": calibration_auprc,
+                "near_copy": near_copy,
                 "speed": speed,
             },
             "options": {**asdict(options), "compare_model": str(options.compare_model or "")},

@@ -109,6 +109,20 @@ def render_card(card: Mapping[str, Any]) -> str:
         ),
         f"Chosen: {encoder['max_tokens']} ({evaluation['truncation_rationale']}).",
         "",
+        "## Near copies (retrieval)",
+        "",
+        f"The retrieval stage calls a bank neighbour a near-copy at similarity >= {encoder['near_copy_similarity']}: "
+        "the lowest level at which the nearest train text is an edit of the calibration text (word Jaccard >= 0.6) for "
+        f"at least 95 % of the texts that reach it ({evaluation['near_copy']['queries']} calibration texts against "
+        f"{evaluation['near_copy']['bank']} train texts):",
+        "",
+        *_table(
+            ["similarity >=", "share of texts", "of which near-duplicates"],
+            [
+                [level, v["share_of_queries"], v["near_duplicates"]]
+                for level, v in evaluation["near_copy"]["by_level"].items()
+            ],
+        ),
         "## Speed (sentences/s, best of interleaved rounds, this machine, same texts)",
         "",
         *_table(

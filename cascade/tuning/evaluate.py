@@ -14,6 +14,7 @@ Scores of a model directory are cached by (encoder identity, max tokens, texts d
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -109,6 +110,53 @@ def leave_one_source_out(
             "auprc": None if value is None else round(value, 4),
         }
     return result
+
+
+NEAR_COPY_CANDIDATES = (0.95, 0.97, 0.98, 0.99, 0.995)
+NEAR_DUPLICATE_JACCARD = 0.6  # word-set overlap of two texts that are edits of one another
+NEAR_COPY_PURITY = 0.95
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"\w+", text.lower()))
+
+
+def near_copy_threshold(
+    bank: np.ndarray, bank_texts: Sequence[str], queries: np.ndarray, texts: Sequence[str]
+) -> tuple[float, dict[str, Any]]:
+    """The lowest candidate similarity at which a query's nearest bank text is an edit of it
+    (word Jaccard >= 0.6) for at least 95 % of the queries that reach it.
+
+    The retrieval stage calls such a neighbour a near-copy; the threshold is a property of the
+    encoder's geometry (`cascade.embedding.near_copy_similarity`).
+    """
+    similarity = queries @ bank.T
+    nearest = similarity.argmax(axis=1)
+    top = similarity[np.arange(len(texts)), nearest]
+    overlap = np.array(
+        [
+            len(_words(t) & _words(bank_texts[j])) / max(1, len(_words(t) | _words(bank_texts[j])))
+            for t, j in zip(texts, nearest, strict=True)
+        ]
+    )
+    figures: dict[str, Any] = {}
+    for level in NEAR_COPY_CANDIDATES:
+        reached = top >= level
+        figures[f"{level:g}"] = {
+            "share_of_queries": round(float(reached.mean()), 4),
+            "near_duplicates": round(float((overlap[reached] >= NEAR_DUPLICATE_JACCARD).mean()), 4)
+            if reached.any()
+            else None,
+        }
+    chosen = next(
+        (
+            level
+            for level in NEAR_COPY_CANDIDATES
+            if (figures[f"{level:g}"]["near_duplicates"] or 1.0) >= NEAR_COPY_PURITY
+        ),
+        NEAR_COPY_CANDIDATES[-1],
+    )
+    return chosen, {"queries": len(texts), "bank": len(bank_texts), "by_level": figures}
 
 
 def sentences_per_second(
