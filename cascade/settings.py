@@ -145,6 +145,9 @@ class Settings(BaseSettings):
     embedding_threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = one per core.")
     embedding_cache_size: int = Field(default=50_000, ge=0, description="Per-process LRU entries by text key.")
     embedding_int8: bool = Field(default=False, description="Serve the int8-quantised export (see docs/retrieval.md).")
+    embedding_spin: bool = Field(
+        default=False, description="Let onnxruntime's idle threads busy-wait between passes (docs/bench.md)."
+    )
 
     # Repeat cache (cascade.repeats): a repeated text gets the earlier verdict without re-running the cascade.
     repeat_cache_size: int = Field(default=10_000, ge=0, description="Verdicts kept per process; 0 = off.")

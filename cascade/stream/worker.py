@@ -14,7 +14,7 @@ import faust
 import typer
 from aiokafka.errors import KafkaError
 
-from cascade.assembly import STAGE_ORDER, build_runner
+from cascade.assembly import STAGE_ORDER, build_runner, freeze_loaded_heap
 from cascade.banktopic import BankTopic
 from cascade.drift import Reference
 from cascade.pipeline import CascadeRunner
@@ -99,6 +99,7 @@ def run_worker(
         metrics.watch_repeats(runner.cache)
     app = create_app(settings, runner, selected, state, broker_url)
     _follow_banks(app, settings, broker_url, runner, selected)
+    freeze_loaded_heap()
 
     @app.on_before_shutdown.connect
     async def _release_stages(sender: faust.App, **kwargs: Any) -> None:
