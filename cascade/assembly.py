@@ -115,7 +115,7 @@ def freeze_loaded_heap() -> None:
 
     A process that judges items keeps its stages for its lifetime. The hash bank's LSH tables are
     ~500k Python objects, which every full collection walked: 0.26 s about once per 1,000 items
-    (docs/bench.md, "Where the time went"). Call it once the stages are built.
+    (docs/bench.md, "Where the time went around the encoder"). Call it once the stages are built.
     """
     gc.collect()
     gc.freeze()

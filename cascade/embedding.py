@@ -278,7 +278,8 @@ class Embedder:
         options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         options.inter_op_num_threads = 1
         # Spinning pool threads burn a core between passes, which the stages' own Python work, the
-        # broker client and other workers on the same cores need (docs/bench.md, "Encoder spinning").
+        # broker client and other workers on the same cores need (docs/bench.md, "Where the time went
+        # around the encoder").
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
