@@ -305,11 +305,16 @@ class Embedder:
         max_batch: int = 64,
         heads: Sequence[str] = (),
         max_tokens: int = MAX_TOKENS,
+        spin: bool = False,
     ) -> None:
         options = ort.SessionOptions()
         # Default: one intra-op thread per core; inter-op parallelism buys nothing for one BERT.
         options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         options.inter_op_num_threads = 1
+        # Spinning pool threads burn a core between passes, which the stages' own Python work, the
+        # broker client and other workers on the same cores need (docs/bench.md, "Where the time went
+        # around the encoder").
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
             self._session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
@@ -344,6 +349,7 @@ class Embedder:
             heads=spec.heads,
             max_tokens=spec.max_tokens,
             max_batch=spec.max_batch,
+            spin=settings.embedding_spin,
         )
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:

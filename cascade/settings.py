@@ -155,6 +155,9 @@ class Settings(BaseSettings):
         description="Serve the int8-quantised graph (true) or fp32 (false); unset: the model card's "
         "default_precision (a frozen model: fp32). See docs/retrieval.md.",
     )
+    embedding_spin: bool = Field(
+        default=False, description="Let onnxruntime's idle threads busy-wait between passes (docs/bench.md)."
+    )
 
     # Repeat cache (cascade.repeats): a repeated text gets the earlier verdict without re-running the cascade.
     repeat_cache_size: int = Field(default=10_000, ge=0, description="Verdicts kept per process; 0 = off.")

@@ -368,6 +368,15 @@ def test_worker_env_is_made_of_real_settings(manifests: Manifests, monkeypatch: 
         assert port["containerPort"] == settings.health_port
 
 
+def test_every_worker_gets_the_overlays_repeat_cache(manifests: Manifests, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The repeat cache is set in the ConfigMap, not left to the app default, and reaches every worker on."""
+    shared = manifests.shared_env()
+    for stage in STAGE_ORDER:
+        settings = worker_settings(manifests, stage, monkeypatch)
+        assert settings.repeat_cache_size == int(shared["CASCADE_REPEAT_CACHE_SIZE"]) > 0
+        assert settings.repeat_cache_ttl_s == float(shared["CASCADE_REPEAT_CACHE_TTL_S"])
+
+
 def test_llm_worker_outlives_its_slowest_call_on_shutdown(
     manifests: Manifests, monkeypatch: pytest.MonkeyPatch
 ) -> None:

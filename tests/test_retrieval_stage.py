@@ -136,6 +136,36 @@ async def test_stage_blocks_near_copies_clears_lookalikes_and_escalates_the_unkn
     await runner.aclose()
 
 
+class _FilteredQueries(EdgeIndex):
+    """The real embedded index, counting the vectors sent to filtered queries."""
+
+    filtered = 0
+
+    def search(self, vectors, k, where=None, exact=False):  # type: ignore[no-untyped-def]
+        if where:
+            type(self).filtered += len(vectors)
+        return super().search(vectors, k, where, exact)
+
+
+async def test_nearest_violation_comes_from_the_top_k_and_a_filtered_query_only_without_one(
+    bank: Settings, embedder: Embedder
+) -> None:
+    path = bank.data_path("exemplars")
+    stage = RetrievalStage(lambda: embedder, "model", lambda: _FilteredQueries(path), "edge", k=1)
+    texts = ["Congratulations!! You won a free cruise - call now to claim your prize", "lunch at noon tomorrow?"]
+    batch = [_ctx(str(n), text) for n, text in enumerate(texts)]
+    results = await stage.score(batch)
+    await stage.aclose()
+    # The spam's top-1 is a violation (no filtered query); the lunch text's top-1 is benign (one).
+    assert _FilteredQueries.filtered == 1
+    index = EdgeIndex(path)
+    for ctx, result in zip(batch, results, strict=True):
+        (worst,) = index.search(ctx.embedding[None, :], 1, where={"flagged": 1}, exact=True)[0]
+        assert result.details["nearest_bad_id"] == worst.id
+        assert result.details["max_bad_similarity"] == round(worst.similarity, 4)
+    index.close()
+
+
 async def test_empty_bank_makes_the_stage_unavailable(settings: Settings, embedder: Embedder) -> None:
     stage = RetrievalStage(lambda: embedder, "model", lambda: EdgeIndex(settings.data_path("exemplars")), "edge")
     assert "empty" in (stage.unavailable_reason or "")

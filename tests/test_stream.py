@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import faust
 import pytest
 import yaml
 from aiokafka.errors import (
@@ -32,6 +34,7 @@ from cascade.stream.kafka import bootstrap_servers, refusal_code
 from cascade.stream.local import worker_stages
 from cascade.stream.processor import Record, StageProcessor
 from cascade.stream.topics import Topics
+from cascade.stream.worker import StageWorker
 
 CASCADE = ["hash", "llm"]
 
@@ -290,3 +293,19 @@ def test_the_kubernetes_topics_take_the_messages_the_producers_may_send() -> Non
     }
     assert set(limits) == app_topics
     assert set(limits.values()) == {str(Settings().stream_max_message_bytes)}
+
+
+def test_a_stage_worker_builds_no_records_for_the_clients_debug_calls() -> None:
+    app = faust.App("debug-level", broker="memory://", store="memory://", web_enabled=False)
+    worker = StageWorker(
+        app, state=WorkerState(["hash"], 10.0), grace_s=1.0, loglevel="warning", redirect_stdouts=False, quiet=True
+    )
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        worker._setup_logging()
+        assert not logging.getLogger("aiokafka.producer.producer").isEnabledFor(logging.DEBUG)
+        assert not logging.getLogger("faust.topics").isEnabledFor(logging.DEBUG)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)

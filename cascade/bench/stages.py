@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cascade.assembly import build_stages, unbilled_stages
+from cascade.assembly import build_stages, freeze_loaded_heap, unbilled_stages
 from cascade.contract import ContentItem
 from cascade.pipeline import new_context
 from cascade.settings import Settings
@@ -58,6 +58,7 @@ async def open_stages(settings: Settings, names: tuple[str, ...] | None = None) 
         else:
             missing[stage.name] = reason
             await stage.aclose()
+    freeze_loaded_heap()  # as `cascade moderate` and the stream workers do once their stages are loaded
     return BenchStages(usable, missing)
 
 

@@ -56,6 +56,7 @@ def worker_env(settings: Settings, batch_size: int, threads: int | None = None) 
         "CASCADE_POLICIES_DIR": str(Path(settings.policies_dir).resolve()),
         "CASCADE_EMBEDDING_THREADS": str(settings.embedding_threads if threads is None else threads),
         "CASCADE_EMBEDDING_INT8": str(serves_int8(settings)).lower(),
+        "CASCADE_EMBEDDING_SPIN": str(settings.embedding_spin).lower(),
         "CASCADE_EMBEDDING_CACHE_SIZE": str(settings.embedding_cache_size),
         "CASCADE_REPEAT_CACHE_SIZE": str(settings.repeat_cache_size),
         "CASCADE_FLOOD_MIN_ITEMS": str(settings.flood_min_items),

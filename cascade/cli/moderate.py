@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cascade.assembly import STAGE_ORDER, build_runner
+from cascade.assembly import STAGE_ORDER, build_runner, freeze_loaded_heap
 from cascade.cli.app import app, fail
 from cascade.contract import DeadLetter, Verdict
 from cascade.intake import parse_record
@@ -160,6 +160,7 @@ def moderate(
         runner = build_runner(settings, thresholds, shadow_thresholds, stage_names)
     except (ThresholdError, ValueError, FileNotFoundError) as exc:
         raise fail(str(exc)) from exc
+    freeze_loaded_heap()
 
     err = Console(stderr=True)
     summary = ModerationSummary()

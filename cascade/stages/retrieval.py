@@ -14,9 +14,11 @@ at similarity 0.35 that violates c gives 0.35 / 0.85 = 0.41, not 1.0), while ten
 violating neighbours still score ~0.95. No counted neighbour → no score for c, so c stays
 unresolved and the item escalates.
 
-Near copies: a second query finds the most similar known-violating exemplar (flagged = 1),
-m = its similarity (`max_bad_similarity` in the details). When m ≥ the near-copy similarity
-(`retrieval_near_copy`, else the encoder's own: `cascade.embedding.near_copy_similarity`),
+Near copies: the most similar known-violating exemplar (flagged = 1), m = its similarity
+(`max_bad_similarity` in the details). It is the first flagged exemplar among the top-k when
+there is one (the top-k are the k most similar of all exemplars, so no flagged one lies
+between); only items without one take a second, filtered query. When m ≥ the near-copy
+similarity (`retrieval_near_copy`, else the encoder's own: `cascade.embedding.near_copy_similarity`),
 the item is treated as a copy of that violation:
 
     score_c = max(vote_c, m)   for `flagged` and every category that exemplar violates
@@ -37,6 +39,7 @@ trace: add exemplars, or `cascade bank reindex`) until it is fixed; it is rechec
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -61,6 +64,7 @@ log = logging.getLogger(__name__)
 _SCORING_VERSION = "2"
 _RETRY_AFTER_S = 5.0
 _BANK_RECHECK_S = 30.0
+_EVIDENCE_KEYS = 50_000  # exemplar texts whose evidence key is kept (a few MB)
 
 
 def vote(neighbours: Sequence[Neighbour], min_similarity: float, prior_weight: float) -> dict[str, float]:
@@ -98,6 +102,12 @@ def score_item(
     return StageResult(scores=scores, note=note, details=details)
 
 
+@functools.lru_cache(maxsize=_EVIDENCE_KEYS)
+def _evidence_key(text: str) -> str:
+    # Exemplar texts recur across items (the same neighbours answer many queries): normalise each once.
+    return text_key(normalize(text))
+
+
 def evidence_neighbours(neighbours: Sequence[Neighbour], nearest_bad: Neighbour | None) -> list[dict[str, Any]]:
     """Neighbours for the LLM's few-shot, best first, one per distinct normalised text."""
     seen: set[str] = set()
@@ -105,7 +115,7 @@ def evidence_neighbours(neighbours: Sequence[Neighbour], nearest_bad: Neighbour 
     candidates = [*neighbours, *([nearest_bad] if nearest_bad is not None else [])]
     for n in sorted(candidates, key=lambda n: -n.similarity):
         text = str(n.payload.get("text", ""))
-        key = text_key(normalize(text))
+        key = _evidence_key(text)
         if key in seen:
             continue
         seen.add(key)
@@ -206,10 +216,13 @@ class RetrievalStage(Stage):
         queries = np.vstack([ctx.embedding for ctx in batch])
         index = self._index_or_open()
         neighbours = index.search(queries, self.k)
-        nearest_bad = index.search(queries, 1, where={FLAGGED: 1})
+        nearest_bad = [next((n for n in found if n.payload.get(FLAGGED) == 1), None) for found in neighbours]
+        unknown = [row for row, bad in enumerate(nearest_bad) if bad is None]
+        if unknown:
+            for row, bad in zip(unknown, index.search(queries[unknown], 1, where={FLAGGED: 1}), strict=True):
+                nearest_bad[row] = bad[0] if bad else None
         results = []
-        for ctx, found, bad in zip(batch, neighbours, nearest_bad, strict=True):
-            worst = bad[0] if bad else None
+        for ctx, found, worst in zip(batch, neighbours, nearest_bad, strict=True):
             ctx.evidence["neighbours"] = evidence_neighbours(
                 [n for n in found if n.similarity >= self.min_similarity], worst
             )

@@ -181,6 +181,10 @@ def _stage_agent(
                 delay = min(delay * 2, MAX_RETRY_DELAY_S)
             pending = retry
 
+    # `concurrency` batches are judged at once; one more may wait for the broker's acks meanwhile, so
+    # the stages never idle through a delivery round trip.
+    judging = asyncio.Semaphore(concurrency)
+
     async def handle(stream: StreamT, events: Sequence[EventT]) -> None:
         metrics.IN_FLIGHT.labels(stage).inc()
         try:
@@ -192,14 +196,16 @@ def _stage_agent(
                 )
                 for event in events
             ]
-            await deliver(await processor.process(records))
+            async with judging:
+                messages = await processor.process(records)
+            await deliver(messages)
             for event in events:
                 await stream.ack(event)
         finally:
             metrics.IN_FLIGHT.labels(stage).dec()
 
     async def run_stage(stream: StreamT) -> None:
-        slots = asyncio.Semaphore(concurrency)
+        slots = asyncio.Semaphore(concurrency + 1)
 
         async def handle_in_slot(events: Sequence[EventT]) -> None:
             try:
