@@ -9,7 +9,6 @@ calibration and reporting never see each other's rows, whatever file order or su
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 import xxhash
 
 from cascade.contract import SURFACE_PATTERN
+from cascade.jsonl import JsonlError, read_jsonl
 
 FLAGGED = "flagged"
 # The labelled data sets sit next to the checkout (the Makefile's SHARED_DATA); relative to the
@@ -114,14 +114,13 @@ def labelled_from_record(record: object, default_source: str = "") -> LabelledIt
 
 
 def read_labelled(path: Path) -> Iterator[LabelledItem]:
-    with Path(path).open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield labelled_from_record(json.loads(line))
-            except ValueError as exc:  # DataError and JSONDecodeError
-                raise DataError(f"{path}:{lineno}: not a labelled row ({exc})") from exc
+    for lineno, value in read_jsonl(path):
+        try:
+            if isinstance(value, JsonlError):
+                raise DataError(value.problem)
+            yield labelled_from_record(value)
+        except DataError as exc:
+            raise DataError(f"{path}:{lineno}: not a labelled row ({exc})") from exc
 
 
 class SplitChoice(StrEnum):

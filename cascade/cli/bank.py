@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -28,6 +27,7 @@ from cascade.bankversion import bump_bank_version
 from cascade.cli.app import bank_app, fail
 from cascade.data import LabelledItem, SplitChoice, labelled_from_record
 from cascade.hashbank import BankError, EntryInput, HashBank, Polarity, entry_from_record
+from cascade.jsonl import JsonlError, read_jsonl
 from cascade.normalize import normalize, text_key
 from cascade.policy import load_policy
 from cascade.settings import Settings
@@ -78,20 +78,10 @@ class ImportReport:
             err_console.print(f"[yellow]categories not in the policy (kept, reported): {unknown}[/]")
 
 
-def read_jsonl(path: Path, progress: Progress) -> Iterator[tuple[int, object]]:
-    """(line number, parsed JSON) per non-blank line; a `BankError` instead of the value when it does not parse."""
+def file_progress(progress: Progress, path: Path) -> Callable[[int], None]:
+    """A progress bar over `path`'s bytes; the returned callback advances it (`read_jsonl`'s `on_read`)."""
     task = progress.add_task(path.name, total=path.stat().st_size)
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            progress.advance(task, len(raw))
-            if not raw.strip():
-                continue
-            try:
-                yield lineno, json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                yield lineno, BankError("not valid UTF-8")
-            except json.JSONDecodeError as exc:
-                yield lineno, BankError(f"not valid JSON ({exc.msg})")
+    return lambda size: progress.advance(task, size)
 
 
 def import_progress() -> Progress:
@@ -147,10 +137,10 @@ def parsed_batches(
     """The file's rows of `split`, parsed, in batches; bad lines go to `report.errors`, not up."""
     pending: list[RowT] = []
     with import_progress() as progress:
-        for lineno, record in read_jsonl(path, progress):
+        for lineno, record in read_jsonl(path, file_progress(progress, path)):
             try:
-                if isinstance(record, BankError):
-                    raise record
+                if isinstance(record, JsonlError):
+                    raise BankError(record.problem)
                 row = parse(record)
             except (BankError, ValueError) as exc:
                 report.errors.append(f"{path.name}:{lineno}: {exc}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import signal
 import sys
 import time
@@ -20,6 +21,7 @@ from cascade.assembly import STAGE_ORDER, build_runner, single_process_stages
 from cascade.cli.app import app, fail
 from cascade.cli.moderate import ModerationSummary
 from cascade.contract import Decision, Verdict
+from cascade.jsonl import raw_records
 from cascade.settings import Settings
 from cascade.stream.broker import BrokerError
 from cascade.stream.client import NoTopicsError, Outcomes, Published, publish, read_topics
@@ -62,14 +64,7 @@ def _security(settings: Settings) -> KafkaSecurity:
 
 def _lines(path: Path, limit: int | None) -> Iterator[bytes]:
     with path.open("rb") as fh:
-        count = 0
-        for line in fh:
-            record = line.rstrip(b"\r\n")
-            if not record.strip():  # blank lines separate records, they are not records
-                continue
-            if limit is not None and count >= limit:
-                return
-            count += 1
+        for _, record in itertools.islice(raw_records(fh), limit):
             yield record
 
 
