@@ -44,10 +44,11 @@ from importlib.metadata import PackageNotFoundError, version
 import numpy as np
 import xxhash
 
+from cascade.assembly import adjudicator_stage
 from cascade.contract import DEFAULT_BAND_SET
 from cascade.data import FLAGGED
 from cascade.scoring import UNKNOWN_LABEL, LabelMatrix, ScoreTable, StageScores
-from cascade.simulation import ALLOW, BLOCK, ESCALATE, LLM_STAGE, BandArrays, stage_decisions
+from cascade.simulation import ALLOW, BLOCK, ESCALATE, BandArrays, stage_decisions
 from cascade.thresholds import Band, BandSet, ScoreMap, ThresholdSet
 
 # Calibrated-probability levels tried for every stage. 0 = never allow, inf = never block.
@@ -247,7 +248,7 @@ class FamilyCounts:
 
 @dataclass
 class Family:
-    """The candidate threshold sets: cheap stages share `cheap_levels`, the LLM stage has its own."""
+    """The candidate threshold sets: cheap stages share `cheap_levels`, the adjudicator (LLM) has its own."""
 
     stages: list[str]
     cheap: dict[str, StageFamily]
@@ -255,14 +256,16 @@ class Family:
     cheap_levels: np.ndarray
     llm_levels: np.ndarray
     maps: Maps = field(default_factory=dict)
+    adjudicator: str = field(default_factory=adjudicator_stage)
 
     @classmethod
     def build(cls, stage_names: Sequence[str], maps: Maps, levels: np.ndarray, llm_levels: np.ndarray) -> Family:
-        if LLM_STAGE in stage_names and stage_names.index(LLM_STAGE) != len(stage_names) - 1:
-            raise CalibrationError(f"the {LLM_STAGE!r} stage must be last, got {list(stage_names)}")
-        cheap = {s: stage_family(s, maps[s], levels) for s in stage_names if s != LLM_STAGE and s in maps}
-        llm = stage_family(LLM_STAGE, maps[LLM_STAGE], llm_levels) if LLM_STAGE in maps else None
-        return cls(list(stage_names), cheap, llm, levels, llm_levels if llm else np.zeros((1, 2)), maps)
+        last = adjudicator_stage()
+        if last in stage_names and stage_names.index(last) != len(stage_names) - 1:
+            raise CalibrationError(f"the {last!r} stage must be last, got {list(stage_names)}")
+        cheap = {s: stage_family(s, maps[s], levels) for s in stage_names if s != last and s in maps}
+        llm = stage_family(last, maps[last], llm_levels) if last in maps else None
+        return cls(list(stage_names), cheap, llm, levels, llm_levels if llm else np.zeros((1, 2)), maps, last)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -276,7 +279,7 @@ class Family:
         last_decisions = np.full((1, n), ESCALATE, dtype=np.int8)
         reached = {}
         for stage in table.stages:
-            if stage.name == LLM_STAGE:
+            if stage.name == self.adjudicator:
                 family = self.llm
                 last_decisions = stage_decisions(stage, family.bands if family else _no_bands())
                 continue
@@ -307,7 +310,7 @@ class Family:
         k1, k2 = divmod(index, self.shape[1])
         stages: dict[str, dict[str, Band]] = {}
         for name in self.stages:
-            family, k = (self.llm, k2) if name == LLM_STAGE else (self.cheap.get(name), k1)
+            family, k = (self.llm, k2) if name == self.adjudicator else (self.cheap.get(name), k1)
             bands = {}
             if family is not None:
                 for category in family.bands.categories:
@@ -326,7 +329,7 @@ class Family:
 
         out = {"cheap": doc(self.cheap_levels[k1])}
         if self.llm is not None:
-            out[LLM_STAGE] = doc(self.llm_levels[k2])
+            out[self.adjudicator] = doc(self.llm_levels[k2])
         return out
 
 

@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from cascade.assembly import adjudicator_stage
 from cascade.contract import Decision, StageOutcome, TraceEntry
 from cascade.pipeline import UNDECIDED_STAGE
 from cascade.scoring import ScoreTable
-from cascade.simulation import ALLOW, BLOCK, DECISION_NAMES, LLM_STAGE, PIPELINE, REVIEW, simulate
+from cascade.simulation import ALLOW, BLOCK, DECISION_NAMES, PIPELINE, REVIEW, simulate
 from cascade.thresholds import ThresholdSet
 
 BINS = 10  # reference deciles: each bin holds a tenth of the calibration scores (ties merge bins)
@@ -400,7 +401,8 @@ def summarise(reference: Reference, traces: Iterable[tuple[Sequence[TraceEntry],
     decisions: dict[str, int] = dict.fromkeys(DECISION_NAMES, 0)
     decided_by: dict[str, int] = dict.fromkeys(reference.decided_by, 0)
     n = llm = 0
-    cheap = [s for s in reference.stages if s != LLM_STAGE]
+    costly = adjudicator_stage()
+    cheap = [s for s in reference.stages if s != costly]
     for trace, decision, by in traces:
         n += 1
         decisions[decision.value] += 1

@@ -16,26 +16,34 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from cascade.assembly import adjudicator_stage, relative_costs
 from cascade.calibration import MIN_CLASS_EXAMPLES, CalibrationError, FamilyCounts, Targets, choose_thresholds
 from cascade.data import FLAGGED, LabelledItem, Split, split_of
 from cascade.hashbank import BANK_FILE, HashBank
 from cascade.normalize import normalize, text_key
 from cascade.scoring import UNKNOWN_LABEL, LabelMatrix, ScoreTable
-from cascade.simulation import ALLOW, BLOCK, DECISION_NAMES, LLM_STAGE, PIPELINE, REVIEW, CascadeOutcome, simulate
+from cascade.simulation import ALLOW, BLOCK, DECISION_NAMES, PIPELINE, REVIEW, CascadeOutcome, simulate
 
 
 @dataclass(frozen=True)
 class CostModel:
-    """Relative cost per item per stage reached, in units of one LLM call.
+    """Relative cost per item per stage reached, in units of one call of the adjudicator (the LLM).
 
-    Assumed, not measured: an LLM moderation call costs around a thousand times a CPU
-    embedding + kNN or ONNX head, and the hash lookup is cheaper still. Items that escalate
-    past the last cheap stage count as LLM calls even when no LLM stage runs (they would
-    be, in a full deployment). Human review is not priced here.
+    Assumed, not measured, and declared by each stage class (`Stage.relative_cost`): an LLM
+    moderation call costs around a thousand times a CPU embedding + kNN or ONNX head, and
+    the hash lookup is cheaper still. Items that escalate past the last cheap stage count as
+    LLM calls even when no LLM stage runs (they would be, in a full deployment). Human
+    review is not priced here.
     """
 
     per_stage: Mapping[str, float]
+    adjudicator: str
     unknown_stage: float = 0.01
+
+    @classmethod
+    def of_stages(cls) -> CostModel:
+        """The model the stage classes declare (`cascade.assembly.relative_costs`)."""
+        return cls(relative_costs(), adjudicator_stage())
 
     def of(self, stage: str) -> float:
         return self.per_stage.get(stage, self.unknown_stage)
@@ -48,13 +56,10 @@ class CostModel:
         cheap = sum(
             self.of(name) * float(outcome.reached[:, i].sum())
             for i, name in enumerate(outcome.stage_names)
-            if name != LLM_STAGE
+            if name != self.adjudicator
         )
-        llm = self.of(LLM_STAGE) * float(outcome.llm_calls.sum())
-        return (cheap + llm) / (n * self.of(LLM_STAGE))
-
-
-COST_MODEL = CostModel({"hash": 0.0001, "retrieval": 0.001, "classifier": 0.001, LLM_STAGE: 1.0})
+        llm = self.of(self.adjudicator) * float(outcome.llm_calls.sum())
+        return (cheap + llm) / (n * self.of(self.adjudicator))
 
 
 def clopper_pearson(successes: int, trials: int, confidence: float) -> tuple[float, float] | None:
@@ -133,7 +138,7 @@ def _interval_metrics(
 
 
 def cost_f1_frontier(
-    counts: FamilyCounts, budgets: Sequence[float] = tuple(np.linspace(0, 1, 21)), cost_model: CostModel = COST_MODEL
+    counts: FamilyCounts, budgets: Sequence[float] = tuple(np.linspace(0, 1, 21)), cost_model: CostModel | None = None
 ) -> list[dict[str, float]]:
     """For each LLM budget, the candidate (from the calibration family) with the best F1 within it.
 
@@ -147,10 +152,10 @@ def cost_f1_frontier(
     true_blocks = counts.blocks - counts.false_blocks
     f1_allow = 2 * true_blocks / (counts.blocks + positives)
     f1_human = 2 * (true_blocks + counts.reviewed_positives) / (counts.blocks + counts.reviewed_positives + positives)
+    cost_model = cost_model or CostModel.of_stages()
     cheap = sum(cost_model.of(stage) * reached for stage, reached in counts.reached.items())
-    cost = np.repeat(
-        ((cheap + counts.llm_calls * cost_model.of(LLM_STAGE)) / (n * cost_model.of(LLM_STAGE)))[:, None], k2, 1
-    )
+    call = cost_model.of(cost_model.adjudicator)
+    cost = np.repeat(((cheap + counts.llm_calls * call) / (n * call))[:, None], k2, 1)
     llm_rate = np.repeat((counts.llm_calls / n)[:, None], k2, 1)
     points = []
     for budget in budgets:
@@ -187,7 +192,7 @@ def build_report(
     confidence: float = 0.95,
     calibrated_categories: Sequence[str] = (),
     shadow: tuple[str, np.ndarray] | None = None,
-    cost_model: CostModel = COST_MODEL,
+    cost_model: CostModel | None = None,
     stage_flagged: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, object]:
     """The evaluation report; keys are documented in docs/calibration.md and kept stable.
@@ -219,7 +224,7 @@ def build_report(
         **decision_metrics(outcome.decision, flagged),
         "auprc": auprc(outcome.final_scores[FLAGGED], flagged),
         "stage_auprc": {name: auprc(scores, flagged) for name, scores in stage_flagged.items()},
-        "cost_relative_to_all_llm": cost_model.relative_to_all_llm(outcome),
+        "cost_relative_to_all_llm": (cost_model or CostModel.of_stages()).relative_to_all_llm(outcome),
         "latency_ms": {name: _percentiles(values) for name, values in outcome.latency_ms.items()},
         "confidence": confidence,
         "intervals": guarantee_metrics(outcome, labels.flagged, confidence),

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cascade.assembly import adjudicator_stage
 from cascade.contract import DEFAULT_BAND_SET, Decision, Verdict
 from cascade.data import FLAGGED
 from cascade.pipeline import UNDECIDED_STAGE
@@ -31,9 +32,6 @@ ESCALATE = REVIEW
 DECISION_NAMES = ("allow", "block", "review")
 DECISION_CODES = {Decision.ALLOW: ALLOW, Decision.BLOCK: BLOCK, Decision.REVIEW: REVIEW}
 PIPELINE = -1  # decided_by index of items nobody decided
-
-# The one stage that is expensive per item; everything before it is "cheap".
-LLM_STAGE = "llm"
 
 
 @dataclass(frozen=True)
@@ -113,7 +111,8 @@ class CascadeOutcome:
 
 
 def llm_calls(stage_names: Sequence[str], reached: np.ndarray, decided_by: np.ndarray) -> np.ndarray:
-    cheap = [i for i, name in enumerate(stage_names) if name != LLM_STAGE]
+    costly = adjudicator_stage()
+    cheap = [i for i, name in enumerate(stage_names) if name != costly]
     if not cheap:
         return np.ones(len(decided_by), dtype=bool)
     last = cheap[-1]

@@ -23,6 +23,7 @@ from cascade.contract import Decision, ReviewDecision
 from cascade.data import FLAGGED, LabelledItem
 from cascade.review.store import ReviewStore
 from cascade.settings import Settings
+from cascade.stages.hash import HashStage
 
 if TYPE_CHECKING:  # the embedder (onnxruntime) loads only when exemplar feedback is on
     from cascade.embedding import Embedder
@@ -30,7 +31,6 @@ if TYPE_CHECKING:  # the embedder (onnxruntime) loads only when exemplar feedbac
 log = logging.getLogger(__name__)
 
 REVIEW_SOURCE = "review"
-HASH_STAGE = "hash"
 
 
 def labelled_rows(
@@ -61,7 +61,7 @@ def bank_entry_id(item_id: str) -> str:
 
 def _near_matching(record: ReviewDecision) -> bool:
     """The hash stage found a bank entry close to the item (a hit, whatever its band said)."""
-    return any(entry.stage == HASH_STAGE and entry.scores for entry in record.settles.trace)
+    return any(entry.stage == HashStage.name and entry.scores for entry in record.settles.trace)
 
 
 class BankFeedback:

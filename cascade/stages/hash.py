@@ -37,6 +37,7 @@ _MAX_DETAILED_HITS = 5
 
 class HashStage(Stage):
     name = "hash"
+    relative_cost = 0.0001  # an SQLite lookup and a MinHash: cheaper still than an embedding
 
     def __init__(self, bank: HashBank, flood_guard: FloodGuard, quarantine_s: float = 3600.0) -> None:
         self.bank = bank
