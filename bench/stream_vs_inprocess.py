@@ -31,7 +31,7 @@ from cascade.intake import parse_record
 from cascade.jsonl import raw_records
 from cascade.pipeline import new_context
 from cascade.settings import Settings
-from cascade.stream.client import Outcomes, publish
+from cascade.stream.client import StreamOutputs, publish
 from cascade.stream.local import LocalDeployment, collect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -73,7 +73,7 @@ def through_kafka(
         ready_s = deployment.wait_ready()
         started = time.perf_counter()
 
-        async def run() -> Outcomes:
+        async def run() -> StreamOutputs:
             published = await publish(deployment.url, deployment.topics, lines)
             return await collect(deployment.url, deployment.topics, published, timeout_s=900)
 

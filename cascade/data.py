@@ -119,7 +119,7 @@ def read_labelled(path: Path) -> Iterator[LabelledItem]:
             if isinstance(value, JsonlError):
                 raise DataError(value.problem)
             yield labelled_from_record(value)
-        except DataError as exc:
+        except ValueError as exc:  # DataError, and a value LabelledItem refuses (e.g. the surface)
             raise DataError(f"{path}:{lineno}: not a labelled row ({exc})") from exc
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import xxhash
 
 from cascade.assembly import adjudicator_stage
-from cascade.contract import Decision, StageOutcome, TraceEntry
+from cascade.contract import Decision, StageAction, TraceEntry
 from cascade.pipeline import UNDECIDED_STAGE
 from cascade.scoring import ScoreTable
 from cascade.simulation import ALLOW, BLOCK, DECISION_NAMES, PIPELINE, REVIEW, simulate
@@ -40,7 +40,7 @@ PSI_WATCH = 0.1
 PSI_ALERT = 0.25  # the conventional "population has shifted" level; the PrometheusRule uses it too
 MIN_SKETCH_ITEMS = 50  # fewer calibration scores than this make no usable reference
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-RESULTS = tuple(o.value for o in StageOutcome)  # allow, block, escalate, review
+RESULTS = tuple(o.value for o in StageAction)  # allow, block, escalate, review
 ALL_SURFACES = "_all"  # the surface label of figures over every item (no surface can be named so)
 _AUDIT_SEED = 20261130
 

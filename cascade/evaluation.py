@@ -1,6 +1,6 @@
 """`cascade evaluate`: what a threshold set does to labelled data, as a report with stable keys.
 
-The report (documented in docs/calibration.md) is computed from a `CascadeOutcome`, so a
+The report (documented in docs/calibration.md) is computed from a `SimulatedRun`, so a
 replay over cached scores and a live run give the same figures for the same decisions.
 Every share is a fraction of all evaluated items unless its name says otherwise; a metric
 with an empty denominator is null.
@@ -22,7 +22,7 @@ from cascade.data import FLAGGED, LabelledItem, Split, split_of
 from cascade.hashbank import BANK_FILE, HashBank
 from cascade.normalize import normalize, text_key
 from cascade.scoring import UNKNOWN_LABEL, LabelMatrix, ScoreTable
-from cascade.simulation import ALLOW, BLOCK, DECISION_NAMES, PIPELINE, REVIEW, CascadeOutcome, simulate
+from cascade.simulation import ALLOW, BLOCK, DECISION_NAMES, PIPELINE, REVIEW, SimulatedRun, simulate
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class CostModel:
     def of(self, stage: str) -> float:
         return self.per_stage.get(stage, self.unknown_stage)
 
-    def relative_to_all_llm(self, outcome: CascadeOutcome) -> float | None:
+    def relative_to_all_llm(self, outcome: SimulatedRun) -> float | None:
         """Cost of this run over the cost of sending every item straight to the LLM."""
         n = len(outcome.decision)
         if n == 0:
@@ -112,7 +112,7 @@ def auprc(scores: np.ndarray, positive: np.ndarray) -> float | None:
 
 
 def guarantee_metrics(
-    outcome: CascadeOutcome, flagged: np.ndarray, confidence: float, rows: np.ndarray | None = None
+    outcome: SimulatedRun, flagged: np.ndarray, confidence: float, rows: np.ndarray | None = None
 ) -> dict[str, dict[str, object]]:
     """The three calibrated quantities (and the review rate) with exact intervals, over `rows` (default all)."""
     if rows is None:
@@ -187,7 +187,7 @@ def _shares(decision: np.ndarray) -> dict[str, float | None]:
 
 
 def build_report(
-    outcome: CascadeOutcome,
+    outcome: SimulatedRun,
     labels: LabelMatrix,
     confidence: float = 0.95,
     calibrated_categories: Sequence[str] = (),
@@ -278,7 +278,7 @@ def build_report(
 
 
 def _part(
-    outcome: CascadeOutcome,
+    outcome: SimulatedRun,
     labels: LabelMatrix,
     rows: np.ndarray,
     confidence: float,

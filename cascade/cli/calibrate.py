@@ -55,8 +55,8 @@ from cascade.scoring import LabelMatrix, ScoreTable, admit, cache_key, cached_sc
 from cascade.settings import Settings
 from cascade.simulation import (
     DECISION_CODES,
-    CascadeOutcome,
-    outcomes_from_verdicts,
+    SimulatedRun,
+    run_from_verdicts,
     simulate,
     simulate_shadow,
 )
@@ -413,15 +413,15 @@ def _render_shadow_model(agreement: dict[str, object], console: Console) -> None
 
 def _live_outcome(
     runner: CascadeRunner, items: Sequence[ContentItem], batch_size: int, categories: Sequence[str]
-) -> Callable[[], Awaitable[tuple[CascadeOutcome, list[Verdict]]]]:
-    async def work() -> tuple[CascadeOutcome, list[Verdict]]:
+) -> Callable[[], Awaitable[tuple[SimulatedRun, list[Verdict]]]]:
+    async def work() -> tuple[SimulatedRun, list[Verdict]]:
         verdicts: list[Verdict] = []
         batch_of: list[int] = []
         for number, start in enumerate(range(0, len(items), batch_size)):
             contexts = [new_context(item) for item in items[start : start + batch_size]]
             verdicts.extend(await runner.run(contexts))
             batch_of.extend([number] * len(contexts))
-        return outcomes_from_verdicts(verdicts, runner.stage_names, batch_of, categories), verdicts
+        return run_from_verdicts(verdicts, runner.stage_names, batch_of, categories), verdicts
 
     return work
 

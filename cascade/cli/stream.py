@@ -24,7 +24,7 @@ from cascade.contract import Decision, Verdict
 from cascade.jsonl import raw_records
 from cascade.settings import Settings
 from cascade.stream.broker import BrokerError
-from cascade.stream.client import NoTopicsError, Outcomes, Published, publish, read_topics
+from cascade.stream.client import NoTopicsError, Published, StreamOutputs, publish, read_topics
 from cascade.stream.kafka import bootstrap_servers, client_logs_quiet, unreachable_message
 from cascade.stream.local import LocalDeployment, WorkerError, collect, worker_stages
 from cascade.stream.security import KafkaSecurity, KafkaSecurityError
@@ -261,7 +261,7 @@ async def _publish_and_watch(
             )
             _report_published(err, published, url, time.perf_counter() - started)
 
-    def progress(outcomes: Outcomes) -> None:
+    def progress(outcomes: StreamOutputs) -> None:
         done = len(outcomes.verdicts) + len(outcomes.dead_letters)
         elapsed = time.perf_counter() - started
         counts = " ".join(
