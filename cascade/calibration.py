@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import platform
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -92,6 +92,17 @@ class Targets:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+
+    @classmethod
+    def of_thresholds(cls, thresholds: ThresholdSet) -> Targets:
+        """The targets a threshold file was calibrated for (to recalibrate the same way without a source)."""
+        doc = thresholds.provenance.get("targets")
+        try:
+            return cls(doc["block_precision"], doc["max_allow_miss"], doc["max_llm_rate"], doc["confidence"])  # type: ignore[index]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CalibrationError(
+                f"thresholds {thresholds.version} record no calibration targets (provenance.targets)"
+            ) from exc
 
     @property
     def delta(self) -> float:
@@ -780,6 +791,35 @@ def with_surfaces(
         "default_test": dict(achieved_test.get(DEFAULT_BAND_SET, {})),
     }
     return thresholds.model_copy(update={"surfaces": surfaces, "provenance": provenance})
+
+
+def hand_set_bands(
+    specs: Sequence[str], stages: Sequence[str], categories: Iterable[str]
+) -> dict[str, dict[str, Band]]:
+    """`STAGE.CATEGORY=ALLOW_BELOW:BLOCK_AT` specs (an empty edge is null) as bands by stage and category.
+
+    A CalibrationError names the first bad spec and what is wrong with it.
+    """
+    known = set(categories)
+    out: dict[str, dict[str, Band]] = {}
+    for spec in specs:
+        try:
+            target, edges = spec.split("=", 1)
+            stage, category = target.split(".", 1)
+            allow, block = edges.split(":", 1)
+            band = Band(allow_below=float(allow) if allow else None, block_at=float(block) if block else None)
+        except ValueError as exc:
+            raise CalibrationError(
+                f"{spec!r}: expected STAGE.CATEGORY=ALLOW_BELOW:BLOCK_AT with edges in [0, 1], "
+                "allow <= block (e.g. llm.flagged=0.5:0.5)"
+            ) from exc
+        if stage not in stages or category not in known:
+            raise CalibrationError(
+                f"{spec!r}: unknown stage or category (stages: {', '.join(stages)}; "
+                f"categories: {', '.join(sorted(known))})"
+            )
+        out.setdefault(stage, {})[category] = band
+    return out
 
 
 def with_hand_set_bands(thresholds: ThresholdSet, hand_set: Mapping[str, Mapping[str, Band]]) -> ThresholdSet:

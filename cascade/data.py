@@ -135,9 +135,13 @@ class SplitChoice(StrEnum):
         return self is SplitChoice.ALL or split_of(item_id).value == self.value
 
 
+def in_split(rows: Iterable[LabelledItem], split: Split) -> list[LabelledItem]:
+    return [row for row in rows if split_of(row.id) is split]
+
+
 def load_labelled(paths: Iterable[Path], split: Split | None = None) -> list[LabelledItem]:
     rows = [row for path in paths for row in read_labelled(path)]
-    return rows if split is None else [row for row in rows if split_of(row.id) is split]
+    return rows if split is None else in_split(rows, split)
 
 
 def labelled_files(directory: Path = DEFAULT_DATA_DIR) -> list[Path]:

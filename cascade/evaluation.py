@@ -17,12 +17,25 @@ from rich.console import Console
 from rich.table import Table
 
 from cascade.assembly import adjudicator_stage, relative_costs
-from cascade.calibration import MIN_CLASS_EXAMPLES, CalibrationError, FamilyCounts, Targets, choose_thresholds
+from cascade.calibration import (
+    MIN_CLASS_EXAMPLES,
+    CalibrationError,
+    CalibrationMap,
+    Family,
+    FamilyCounts,
+    Targets,
+    choose_thresholds,
+    level_grid,
+)
+from cascade.contract import ContentItem, Verdict
 from cascade.data import FLAGGED, LabelledItem, Split, split_of
 from cascade.hashbank import BANK_FILE, HashBank
 from cascade.normalize import normalize, text_key
+from cascade.pipeline import CascadeRunner, new_context
 from cascade.scoring import UNKNOWN_LABEL, LabelMatrix, ScoreTable
-from cascade.simulation import ALLOW, BLOCK, DECISION_NAMES, PIPELINE, REVIEW, SimulatedRun, simulate
+from cascade.simulation import ALLOW, BLOCK, DECISION_NAMES, PIPELINE, REVIEW, SimulatedRun, run_from_verdicts, simulate
+from cascade.stages.base import Stage
+from cascade.thresholds import ThresholdSet
 
 
 @dataclass(frozen=True)
@@ -173,6 +186,19 @@ def cost_f1_frontier(
             }
         )
     return points
+
+
+def file_frontier(thresholds: ThresholdSet, table: ScoreTable, labels: LabelMatrix) -> list[dict[str, float]]:
+    """The cost–F1 frontier over the default set's calibration family, when the file carries its maps."""
+    maps = {
+        stage: {category: CalibrationMap.of(doc) for category, doc in cats.items()}
+        for stage, cats in thresholds.score_maps.items()
+        if stage in table.stage_names
+    }
+    if not maps:
+        return []
+    family = Family.build(table.stage_names, maps, level_grid(), level_grid())
+    return cost_f1_frontier(family.counts(table, labels.flagged))
 
 
 def _percentiles(values: np.ndarray) -> dict[str, float | None]:
@@ -532,3 +558,38 @@ def leakage_warnings(rows: Sequence[LabelledItem], data_dir: Path) -> list[str]:
                 " exact matches, not measurements; use --split test or rows that were never banked"
             )
     return warnings
+
+
+async def live_run(
+    runner: CascadeRunner, items: Sequence[ContentItem], batch_size: int, categories: Sequence[str]
+) -> tuple[SimulatedRun, list[Verdict]]:
+    """Run the cascade for real over `items`, in batches; the run in the replay's shape, and its verdicts."""
+    verdicts: list[Verdict] = []
+    batch_of: list[int] = []
+    for number, start in enumerate(range(0, len(items), batch_size)):
+        contexts = [new_context(item) for item in items[start : start + batch_size]]
+        verdicts.extend(await runner.run(contexts))
+        batch_of.extend([number] * len(contexts))
+    return run_from_verdicts(verdicts, runner.stage_names, batch_of, categories), verdicts
+
+
+def stale_stages(thresholds: ThresholdSet, stages: Sequence[Stage]) -> list[str]:
+    """Stages whose version differs from the one the thresholds were calibrated on (raw cuts no longer fit)."""
+    calibrated = {
+        s["name"]: s["version"] for s in thresholds.provenance.get("stages", []) if isinstance(s, dict) and "name" in s
+    }
+    return [
+        f"thresholds {thresholds.version} were calibrated on {s.name} {calibrated[s.name]}, this is {s.version}"
+        for s in stages
+        if s.name in calibrated and calibrated[s.name] != s.version
+    ]
+
+
+def stage_flagged_from_verdicts(verdicts: Sequence[Verdict], stage_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each stage's `flagged` score per verdict (NaN where the stage gave none): what a replay reads from its table."""
+    out = {name: np.full(len(verdicts), np.nan) for name in stage_names}
+    for i, verdict in enumerate(verdicts):
+        for entry in verdict.trace:
+            if entry.error is None and FLAGGED in entry.scores:
+                out[entry.stage][i] = entry.scores[FLAGGED]
+    return out

@@ -66,22 +66,31 @@ def has_entry(data_dir: Path, entry_id: str) -> bool:
     return entry_in(data_dir, entry_id) is not None
 
 
-def test_a_bank_change_reaches_every_replica(tmp_path: Path) -> None:
+def replicas(
+    broker: EmbeddedBroker, tmp_path: Path, env: dict[str, str] | None = None
+) -> tuple[Topics, dict[str, WorkerProcess], dict[str, str]]:
+    """Topics of a fresh deployment, two hash workers "a" and "b" (not started) with their own data
+    directories, and an operator's environment with a third one and the broker configured."""
     prefix = f"banks{uuid.uuid4().hex[:6]}."
     topics = Topics(prefix)
+    env = {"CASCADE_TOPIC_PREFIX": prefix, "CASCADE_STREAM_GROUP": f"g{uuid.uuid4().hex[:6]}", **(env or {})}
+    asyncio.run(ensure_topics(broker.url, topics.all_topics(CASCADE), 2, 1))
+    workers = {
+        name: WorkerProcess(
+            broker.url,
+            cascade=CASCADE,
+            env={**env, "CASCADE_DATA_DIR": str(tmp_path / name)},
+            log_path=tmp_path / f"{name}.log",
+        )
+        for name in ("a", "b")
+    }
+    operator = {**os.environ, **env, "CASCADE_KAFKA_URL": broker.url, "CASCADE_DATA_DIR": str(tmp_path / "op")}
+    return topics, workers, operator
+
+
+def test_a_bank_change_reaches_every_replica(tmp_path: Path) -> None:
     with EmbeddedBroker() as broker:
-        env = {"CASCADE_TOPIC_PREFIX": prefix, "CASCADE_STREAM_GROUP": f"g{uuid.uuid4().hex[:6]}"}
-        asyncio.run(ensure_topics(broker.url, topics.all_topics(CASCADE), 2, 1))
-        workers = {
-            name: WorkerProcess(
-                broker.url,
-                cascade=CASCADE,
-                env={**env, "CASCADE_DATA_DIR": str(tmp_path / name)},
-                log_path=tmp_path / f"{name}.log",
-            )
-            for name in ("a", "b")
-        }
-        operator = {**os.environ, **env, "CASCADE_KAFKA_URL": broker.url, "CASCADE_DATA_DIR": str(tmp_path / "op")}
+        topics, workers, operator = replicas(broker, tmp_path)
         try:
             workers["a"].start().wait_ready(120)
             added = subprocess.run(
@@ -153,21 +162,8 @@ def ids_on_partition(partition: int, count: int, partitions: int = 2) -> list[st
 
 
 def test_imports_feedback_and_quarantines_reach_every_replica(tmp_path: Path) -> None:
-    prefix = f"banks{uuid.uuid4().hex[:6]}."
-    topics = Topics(prefix)
     with EmbeddedBroker() as broker:
-        env = {"CASCADE_TOPIC_PREFIX": prefix, "CASCADE_STREAM_GROUP": f"g{uuid.uuid4().hex[:6]}", **FLOOD_ENV}
-        asyncio.run(ensure_topics(broker.url, topics.all_topics(CASCADE), 2, 1))
-        workers = {
-            name: WorkerProcess(
-                broker.url,
-                cascade=CASCADE,
-                env={**env, "CASCADE_DATA_DIR": str(tmp_path / name)},
-                log_path=tmp_path / f"{name}.log",
-            )
-            for name in ("a", "b")
-        }
-        operator = {**os.environ, **env, "CASCADE_KAFKA_URL": broker.url, "CASCADE_DATA_DIR": str(tmp_path / "op")}
+        topics, workers, operator = replicas(broker, tmp_path, FLOOD_ENV)
         try:
             for worker in workers.values():
                 worker.start()
@@ -194,7 +190,7 @@ def test_imports_feedback_and_quarantines_reach_every_replica(tmp_path: Path) ->
                     wait_for(lambda name=name, row=row: has_entry(tmp_path / name, row["id"]))
 
             # A reviewer's block, fed to the banks by the review service's feedback.
-            settings = Settings(data_dir=tmp_path / "review", topic_prefix=prefix)
+            settings = Settings(data_dir=tmp_path / "review", topic_prefix=operator["CASCADE_TOPIC_PREFIX"])
             store = ReviewStore.from_settings(settings.model_copy(update={"review_bank_feedback": True}))
             try:
                 store.ingest_verdict(cascade_verdict("rev-1", "you absolute troll, nobody wants you here"))

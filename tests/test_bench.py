@@ -19,7 +19,8 @@ from cascade.evaluation import CostModel
 from cascade.exemplars import add_exemplars
 from cascade.settings import Settings
 from cascade.thresholds import Band, ThresholdSet
-from cascade.train import TrainOptions, train, write_model
+from cascade.train import train, write_model
+from cascade.train.fit import TrainOptions
 from cascade.vectorindex import EdgeIndex
 
 pytest_plugins = ["model_cache"]  # fixtures: settings, embedder

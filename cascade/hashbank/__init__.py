@@ -17,8 +17,9 @@ text is a campaign to block, not a reason to stop blocking it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 from cascade.hashbank.entries import (
     BankEntry,
@@ -54,6 +55,9 @@ __all__ = [
     "derived_entry_id",
     "entry_from_record",
 ]
+
+
+T = TypeVar("T")
 
 
 class HashBank:
@@ -113,36 +117,30 @@ class HashBank:
 
     # ----- writes: to the store, then the index catches up ---------------------------------
 
+    def _write(self, change: Callable[[], T]) -> T:
+        with self._lock:
+            result = change()
+            self._sync()
+        return result
+
     def upsert(self, entries: Iterable[EntryInput], added_by: str) -> UpsertReport:
         """Add or update entries by id in one transaction. Re-adding an identical entry changes nothing.
 
         A changed text resets the entry's quarantine and confirmation: they were about the old text.
         """
-        with self._lock:
-            report = self._store.upsert(entries, added_by)
-            self._sync()
-        return report
+        return self._write(lambda: self._store.upsert(entries, added_by))
 
     def remove(self, entry_id: str) -> bool:
         """Remove a live entry (kept as a tombstone so other processes' indexes drop it too)."""
-        with self._lock:
-            changed = self._store.remove(entry_id)
-            self._sync()
-        return changed
+        return self._write(lambda: self._store.remove(entry_id))
 
     def quarantine(self, entry_id: str, reason: str, duration_s: float) -> bool:
         """Stop an entry from deciding for `duration_s`; False if it is unknown, already quarantined or confirmed."""
-        with self._lock:
-            changed = self._store.quarantine(entry_id, reason, duration_s)
-            self._sync()
-        return changed
+        return self._write(lambda: self._store.quarantine(entry_id, reason, duration_s))
 
     def confirm(self, entry_id: str) -> bool:
         """An operator vouches for the entry: lift its quarantine, and never quarantine it again."""
-        with self._lock:
-            changed = self._store.confirm(entry_id)
-            self._sync()
-        return changed
+        return self._write(lambda: self._store.confirm(entry_id))
 
     # ----- reads for operators -------------------------------------------------------------
 

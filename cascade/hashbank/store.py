@@ -9,6 +9,7 @@ whether anything changed at all. Not thread-safe by itself: `HashBank` serialise
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from collections import Counter
@@ -118,21 +119,22 @@ class BankStore:
         if all(stored.get(k) == v for k, v in wanted.items()):
             return
         rows = self._db.execute("SELECT id, original FROM entries").fetchall()
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             for row in rows:
                 normalized = normalize(row["original"])
                 signature = self.shingler.signature(normalized)
                 self._db.execute(
                     "UPDATE entries SET normalized = ?, text_key = ?, signature = ? WHERE id = ?",
-                    (
-                        normalized,
-                        text_key(normalized),
-                        None if signature is None else signature.tobytes(),
-                        row["id"],
-                    ),
+                    (normalized, text_key(normalized), None if signature is None else signature.tobytes(), row["id"]),
                 )
             self._db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", wanted.items())
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction, taken up front (IMMEDIATE: no upgrade deadlock with another writer)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -171,8 +173,7 @@ class BankStore:
         report = UpsertReport()
         if not batch:
             return report
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             current = {entry_id: dict(row) for entry_id, row in self._existing([e.id for e in batch]).items()}
             seq = self._next_seq()
             changed: dict[str, dict[str, object]] = {}
@@ -227,10 +228,6 @@ class BankStore:
                 f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES ({','.join('?' * len(_COLUMN_NAMES))})",
                 [tuple(row[c] for c in _COLUMN_NAMES) for row in changed.values()],
             )
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
         if changed:
             bump_bank_version(self.path.parent)
         return report
@@ -243,16 +240,11 @@ class BankStore:
         condition: str,
         condition_params: tuple[object, ...] = (),
     ) -> bool:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             changed = self._db.execute(
                 f"UPDATE entries SET {assignments}, seq = ? WHERE id = ? AND removed = 0 AND {condition}",
                 (*params, self._next_seq(), entry_id, *condition_params),
             ).rowcount
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
         if changed:
             bump_bank_version(self.path.parent)
         return changed > 0
