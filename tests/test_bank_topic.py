@@ -41,6 +41,8 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 CLI = str(Path(sys.executable).parent / "cascade")
 CASCADE = ["hash"]
+# A CLI run starts a Python process that imports every command: minutes on a loaded 2-core machine.
+CLI_TIMEOUT_S = 300
 BAD = "WINNER!! You have won a free cruise, text CLAIM to 80082 now"
 
 
@@ -98,7 +100,7 @@ def test_a_bank_change_reaches_every_replica(tmp_path: Path) -> None:
                 env=operator,
                 capture_output=True,
                 text=True,
-                timeout=120,
+                timeout=CLI_TIMEOUT_S,
             )
             assert added.returncode == 0, added.stderr
             entry_id = added.stdout.split()[1]  # "added: <id> (bad)"
@@ -114,7 +116,7 @@ def test_a_bank_change_reaches_every_replica(tmp_path: Path) -> None:
             assert {v.decided_by for v in outcomes.verdicts.values()} == {"hash"}
 
             removed = subprocess.run(
-                [CLI, "bank", "remove", entry_id], env=operator, capture_output=True, text=True, timeout=120
+                [CLI, "bank", "remove", entry_id], env=operator, capture_output=True, text=True, timeout=CLI_TIMEOUT_S
             )
             assert removed.returncode == 0, removed.stderr
             for name in workers:
@@ -182,7 +184,7 @@ def test_imports_feedback_and_quarantines_reach_every_replica(tmp_path: Path) ->
                 env=operator,
                 capture_output=True,
                 text=True,
-                timeout=120,
+                timeout=CLI_TIMEOUT_S,
             )
             assert imported.returncode == 0, imported.stderr
             for name in workers:
