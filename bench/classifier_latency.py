@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from cascade.data import DEFAULT_DATA_DIR
+from cascade.data import DEFAULT_DATA_DIR, read_labelled
 from cascade.embedding import Embedder
 from cascade.settings import Settings
 from cascade.stages.classifier import ClassifierModel
@@ -28,8 +28,7 @@ def main() -> None:
     settings = Settings()
     model = ClassifierModel(Path(sys.argv[1]) if len(sys.argv) > 1 else settings.model_dir)
     embedder = Embedder.from_settings(settings)
-    with DATA.open(encoding="utf-8") as fh:
-        texts = [json.loads(line)["text"] for line in itertools.islice(fh, 256)]
+    texts = [row.text for row in itertools.islice(read_labelled(DATA), 256)]
     result = {}
     for batch in (1, 64):
         sample = texts[:batch]

@@ -20,7 +20,8 @@ from sklearn.neural_network import MLPClassifier
 from cascade.data import Split, labelled_files, load_labelled
 from cascade.embedding import Embedder, cached_embeddings
 from cascade.settings import Settings
-from cascade.train import SEED, TrainOptions, head_data, policy_seed_rows
+from cascade.train import policy_seed_rows
+from cascade.train.fit import SEED, TrainOptions, head_data
 
 DATA = labelled_files()  # ../shared/data: run from the repository root
 WEIGHTS = {"davidson2017": 0.25, "toxicchat0124": 2.0, "policy-seed": 1.0}

@@ -31,7 +31,7 @@ from cascade.data import Split, labelled_files, load_labelled
 from cascade.embedding import Embedder, cached_embeddings
 from cascade.exemplars import load_seed_sets
 from cascade.settings import Settings
-from cascade.train import TrainOptions, head_data
+from cascade.train.fit import TrainOptions, head_data
 
 DATA = labelled_files()  # ../shared/data: run from the repository root
 SOURCES = ("davidson2017", "sms_spam_collection", "toxicchat0124")

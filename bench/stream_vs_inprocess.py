@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import sys
 import tempfile
@@ -27,9 +28,10 @@ from pathlib import Path
 from cascade.assembly import STAGE_ORDER, build_runner
 from cascade.contract import DeadLetter, Verdict
 from cascade.intake import parse_record
+from cascade.jsonl import raw_records
 from cascade.pipeline import new_context
 from cascade.settings import Settings
-from cascade.stream.client import Outcomes, publish
+from cascade.stream.client import StreamOutputs, publish
 from cascade.stream.local import LocalDeployment, collect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -71,7 +73,7 @@ def through_kafka(
         ready_s = deployment.wait_ready()
         started = time.perf_counter()
 
-        async def run() -> Outcomes:
+        async def run() -> StreamOutputs:
             published = await publish(deployment.url, deployment.topics, lines)
             return await collect(deployment.url, deployment.topics, published, timeout_s=900)
 
@@ -89,7 +91,8 @@ def main() -> None:
     parser.add_argument("--llm-server", action="store_true", help="point the LLM stage at tests/llm_server.py")
     args = parser.parse_args()
 
-    lines = [line for line in args.input.read_bytes().splitlines() if line.strip()][: args.limit]
+    with args.input.open("rb") as fh:
+        lines = [record for _, record in itertools.islice(raw_records(fh), args.limit)]
     stages = [s for s in args.stages.split(",") if s]
     with ExitStack() as stack:
         if args.llm_server:

@@ -39,6 +39,18 @@ def unbilled_stages() -> tuple[str, ...]:
     return tuple(name for name, cls in stage_classes().items() if not cls.billed)
 
 
+def adjudicator_stage() -> str:
+    """The costly last-resort stage (the one billed stage): calibration tunes its bands apart, and
+    evaluation counts the items that reach it as "LLM calls"."""
+    (name,) = (name for name, cls in stage_classes().items() if cls.billed)
+    return name
+
+
+def relative_costs() -> dict[str, float]:
+    """Each stage's assumed cost per item, relative to one call of the adjudicator (`Stage.relative_cost`)."""
+    return {name: cls.relative_cost for name, cls in stage_classes().items()}
+
+
 class UnavailableStage(Stage):
     """Stands in for a stage this installation cannot build: every item it sees escalates."""
 

@@ -6,9 +6,11 @@ of every entry and a reader that replays the topic from the start ends with the 
 everyone else. Removals stay as `removed: true` states rather than tombstones: compaction keeps
 them, so a replica whose local store still holds the entry drops it too.
 
-Writers (`cascade bank add|remove|confirm` with a broker configured) first replay the topic into
-their local store, apply the change there, then publish the entry's new state. Every stage
-worker that runs the hash stage replays the topic at start and then follows it.
+Writers with a broker configured (`cascade bank add|import|remove|confirm`, and the review
+service's bank feedback) first replay the topic into their local store, apply the change there,
+then publish the touched entries' new states (`change_shared`). A worker's flood guard publishes
+the entries it quarantines. Every stage worker that runs the hash stage replays the topic at
+start and then follows it.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from cascade.hashbank import BankEntry, EntryInput, HashBank, Polarity
+from cascade.settings import Settings
 from cascade.stream.client import produce, read_topics
 from cascade.stream.kafka import ensure_topics
 from cascade.stream.security import KafkaSecurity
@@ -102,6 +105,20 @@ class BankTopic:
         self.replication_factor = replication_factor
         self.poll_ms = poll_ms
 
+    @classmethod
+    def of_settings(cls, settings: Settings) -> BankTopic | None:
+        """The topic of this deployment on CASCADE_KAFKA_URL; None without a broker.
+
+        Raises KafkaSecurityError on bad TLS/SASL settings (as `on`).
+        """
+        return cls.on(settings.kafka_url, settings) if settings.kafka_url else None
+
+    @classmethod
+    def on(cls, url: str, settings: Settings) -> BankTopic:
+        """The topic of this deployment on the cluster at `url`, with the settings' TLS/SASL."""
+        security = KafkaSecurity.from_settings(settings)
+        return cls(url, settings.topic_prefix, security, settings.stream_replication_factor)
+
     async def ensure(self) -> None:
         # One partition: the topic is small, and one reader replays it in order.
         await ensure_topics(
@@ -145,20 +162,32 @@ class BankTopic:
         return await self.follow(bank, forever=False)
 
 
-async def change_shared(bank: HashBank, topic: BankTopic | None, entry_id: str, change: Callable[[], T]) -> T:
-    """Apply an operator's change to `bank`, through the shared topic when there is one.
+async def change_shared(
+    bank: HashBank,
+    topic: BankTopic | None,
+    entry_ids: Collection[str],
+    change: Callable[[], T],
+    replay: bool = True,
+) -> T:
+    """Apply a change to the entries `entry_ids` of `bank`, through the shared topic when there is one.
 
-    With a topic: replay it first (the change applies to the bank every replica has), make the
-    change locally, then publish the entry's new state for the replicas to follow.
+    With a topic: replay it first (the change applies to the bank every replica has; a caller
+    making many changes replays once and passes `replay=False` after), make the change locally,
+    then publish the touched entries' new states for the replicas to follow.
     """
     if topic is None:
         return change()
-    await topic.replay(bank)
-    before = bank.get(entry_id)
+    if replay:
+        await topic.replay(bank)
+    before = {entry_id: bank.get(entry_id) for entry_id in entry_ids}
     result = change()
-    after = bank.get(entry_id)
-    if after is not None:
-        await topic.publish([EntryState.of(after)])
-    elif before is not None:
-        await topic.publish([EntryState.of(before, removed=True)])
+    states = []
+    for entry_id, old in before.items():
+        new = bank.get(entry_id)
+        if new is not None:
+            states.append(EntryState.of(new))
+        elif old is not None:
+            states.append(EntryState.of(old, removed=True))
+    if states:
+        await topic.publish(states)
     return result

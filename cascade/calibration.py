@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import platform
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -44,10 +44,11 @@ from importlib.metadata import PackageNotFoundError, version
 import numpy as np
 import xxhash
 
+from cascade.assembly import adjudicator_stage
 from cascade.contract import DEFAULT_BAND_SET
 from cascade.data import FLAGGED
 from cascade.scoring import UNKNOWN_LABEL, LabelMatrix, ScoreTable, StageScores
-from cascade.simulation import ALLOW, BLOCK, ESCALATE, LLM_STAGE, BandArrays, stage_decisions
+from cascade.simulation import ALLOW, BLOCK, ESCALATE, BandArrays, stage_decisions
 from cascade.thresholds import Band, BandSet, ScoreMap, ThresholdSet
 
 # Calibrated-probability levels tried for every stage. 0 = never allow, inf = never block.
@@ -91,6 +92,17 @@ class Targets:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+
+    @classmethod
+    def of_thresholds(cls, thresholds: ThresholdSet) -> Targets:
+        """The targets a threshold file was calibrated for (to recalibrate the same way without a source)."""
+        doc = thresholds.provenance.get("targets")
+        try:
+            return cls(doc["block_precision"], doc["max_allow_miss"], doc["max_llm_rate"], doc["confidence"])  # type: ignore[index]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CalibrationError(
+                f"thresholds {thresholds.version} record no calibration targets (provenance.targets)"
+            ) from exc
 
     @property
     def delta(self) -> float:
@@ -247,7 +259,7 @@ class FamilyCounts:
 
 @dataclass
 class Family:
-    """The candidate threshold sets: cheap stages share `cheap_levels`, the LLM stage has its own."""
+    """The candidate threshold sets: cheap stages share `cheap_levels`, the adjudicator (LLM) has its own."""
 
     stages: list[str]
     cheap: dict[str, StageFamily]
@@ -255,14 +267,16 @@ class Family:
     cheap_levels: np.ndarray
     llm_levels: np.ndarray
     maps: Maps = field(default_factory=dict)
+    adjudicator: str = field(default_factory=adjudicator_stage)
 
     @classmethod
     def build(cls, stage_names: Sequence[str], maps: Maps, levels: np.ndarray, llm_levels: np.ndarray) -> Family:
-        if LLM_STAGE in stage_names and stage_names.index(LLM_STAGE) != len(stage_names) - 1:
-            raise CalibrationError(f"the {LLM_STAGE!r} stage must be last, got {list(stage_names)}")
-        cheap = {s: stage_family(s, maps[s], levels) for s in stage_names if s != LLM_STAGE and s in maps}
-        llm = stage_family(LLM_STAGE, maps[LLM_STAGE], llm_levels) if LLM_STAGE in maps else None
-        return cls(list(stage_names), cheap, llm, levels, llm_levels if llm else np.zeros((1, 2)), maps)
+        last = adjudicator_stage()
+        if last in stage_names and stage_names.index(last) != len(stage_names) - 1:
+            raise CalibrationError(f"the {last!r} stage must be last, got {list(stage_names)}")
+        cheap = {s: stage_family(s, maps[s], levels) for s in stage_names if s != last and s in maps}
+        llm = stage_family(last, maps[last], llm_levels) if last in maps else None
+        return cls(list(stage_names), cheap, llm, levels, llm_levels if llm else np.zeros((1, 2)), maps, last)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -276,7 +290,7 @@ class Family:
         last_decisions = np.full((1, n), ESCALATE, dtype=np.int8)
         reached = {}
         for stage in table.stages:
-            if stage.name == LLM_STAGE:
+            if stage.name == self.adjudicator:
                 family = self.llm
                 last_decisions = stage_decisions(stage, family.bands if family else _no_bands())
                 continue
@@ -307,7 +321,7 @@ class Family:
         k1, k2 = divmod(index, self.shape[1])
         stages: dict[str, dict[str, Band]] = {}
         for name in self.stages:
-            family, k = (self.llm, k2) if name == LLM_STAGE else (self.cheap.get(name), k1)
+            family, k = (self.llm, k2) if name == self.adjudicator else (self.cheap.get(name), k1)
             bands = {}
             if family is not None:
                 for category in family.bands.categories:
@@ -326,7 +340,7 @@ class Family:
 
         out = {"cheap": doc(self.cheap_levels[k1])}
         if self.llm is not None:
-            out[LLM_STAGE] = doc(self.llm_levels[k2])
+            out[self.adjudicator] = doc(self.llm_levels[k2])
         return out
 
 
@@ -789,6 +803,35 @@ def with_surfaces(
         "default_test": dict(achieved_test.get(DEFAULT_BAND_SET, {})),
     }
     return thresholds.model_copy(update={"surfaces": surfaces, "provenance": provenance})
+
+
+def hand_set_bands(
+    specs: Sequence[str], stages: Sequence[str], categories: Iterable[str]
+) -> dict[str, dict[str, Band]]:
+    """`STAGE.CATEGORY=ALLOW_BELOW:BLOCK_AT` specs (an empty edge is null) as bands by stage and category.
+
+    A CalibrationError names the first bad spec and what is wrong with it.
+    """
+    known = set(categories)
+    out: dict[str, dict[str, Band]] = {}
+    for spec in specs:
+        try:
+            target, edges = spec.split("=", 1)
+            stage, category = target.split(".", 1)
+            allow, block = edges.split(":", 1)
+            band = Band(allow_below=float(allow) if allow else None, block_at=float(block) if block else None)
+        except ValueError as exc:
+            raise CalibrationError(
+                f"{spec!r}: expected STAGE.CATEGORY=ALLOW_BELOW:BLOCK_AT with edges in [0, 1], "
+                "allow <= block (e.g. llm.flagged=0.5:0.5)"
+            ) from exc
+        if stage not in stages or category not in known:
+            raise CalibrationError(
+                f"{spec!r}: unknown stage or category (stages: {', '.join(stages)}; "
+                f"categories: {', '.join(sorted(known))})"
+            )
+        out.setdefault(stage, {})[category] = band
+    return out
 
 
 def with_hand_set_bands(thresholds: ThresholdSet, hand_set: Mapping[str, Mapping[str, Band]]) -> ThresholdSet:

@@ -30,7 +30,7 @@ class Decision(StrEnum):
     REVIEW = "review"
 
 
-class Outcome(StrEnum):
+class BandOutcome(StrEnum):
     """What one stage's band said about one category."""
 
     CLEARED = "cleared"
@@ -38,7 +38,7 @@ class Outcome(StrEnum):
     UNRESOLVED = "unresolved"
 
 
-class StageOutcome(StrEnum):
+class StageAction(StrEnum):
     """What one stage did with one item overall."""
 
     ALLOW = "allow"
@@ -81,8 +81,8 @@ class TraceEntry(BaseModel):
     stage: str
     stage_version: str
     scores: dict[str, float] = Field(default_factory=dict, description="Per-category score in [0, 1].")
-    outcomes: dict[str, Outcome] = Field(default_factory=dict, description="Band outcome per category.")
-    result: StageOutcome = Field(description="What this stage did with the item.")
+    outcomes: dict[str, BandOutcome] = Field(default_factory=dict, description="Band outcome per category.")
+    result: StageAction = Field(description="What this stage did with the item.")
     matched: bool = Field(default=False, description="Decided by a definitive match (e.g. a bank entry), not by bands.")
     error: str | None = Field(default=None, description="Why the stage could not judge the item; it escalated.")
     latency_ms: float = Field(ge=0, description="Wall time of the stage's batch, shared by its items.")
@@ -137,7 +137,7 @@ class Verdict(BaseModel):
 HUMAN = "human"  # `decided_by` of a verdict a reviewer made (cascade.review)
 
 
-class AppealOutcome(StrEnum):
+class AppealRuling(StrEnum):
     UPHELD = "upheld"
     OVERTURNED = "overturned"
 
@@ -160,7 +160,7 @@ class ReviewDecision(BaseModel):
     decided_at: datetime
     policy_version: str
     appeal: bool = Field(default=False, description="True when this decides an appeal.")
-    appeal_outcome: AppealOutcome | None = Field(default=None, description="Upheld or overturned, for appeals.")
+    appeal_outcome: AppealRuling | None = Field(default=None, description="Upheld or overturned, for appeals.")
     audit: bool = Field(default=False, description="True when this decides an audit sample (moderation.audit).")
     settles: Verdict = Field(description="The cascade (or earlier human) verdict this decision settles.")
 

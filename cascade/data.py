@@ -9,7 +9,6 @@ calibration and reporting never see each other's rows, whatever file order or su
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 import xxhash
 
 from cascade.contract import SURFACE_PATTERN
+from cascade.jsonl import JsonlError, read_jsonl
 
 FLAGGED = "flagged"
 # The labelled data sets sit next to the checkout (the Makefile's SHARED_DATA); relative to the
@@ -114,14 +114,13 @@ def labelled_from_record(record: object, default_source: str = "") -> LabelledIt
 
 
 def read_labelled(path: Path) -> Iterator[LabelledItem]:
-    with Path(path).open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield labelled_from_record(json.loads(line))
-            except ValueError as exc:  # DataError and JSONDecodeError
-                raise DataError(f"{path}:{lineno}: not a labelled row ({exc})") from exc
+    for lineno, value in read_jsonl(path):
+        try:
+            if isinstance(value, JsonlError):
+                raise DataError(value.problem)
+            yield labelled_from_record(value)
+        except ValueError as exc:  # DataError, and a value LabelledItem refuses (e.g. the surface)
+            raise DataError(f"{path}:{lineno}: not a labelled row ({exc})") from exc
 
 
 class SplitChoice(StrEnum):
@@ -136,9 +135,13 @@ class SplitChoice(StrEnum):
         return self is SplitChoice.ALL or split_of(item_id).value == self.value
 
 
+def in_split(rows: Iterable[LabelledItem], split: Split) -> list[LabelledItem]:
+    return [row for row in rows if split_of(row.id) is split]
+
+
 def load_labelled(paths: Iterable[Path], split: Split | None = None) -> list[LabelledItem]:
     rows = [row for path in paths for row in read_labelled(path)]
-    return rows if split is None else [row for row in rows if split_of(row.id) is split]
+    return rows if split is None else in_split(rows, split)
 
 
 def labelled_files(directory: Path = DEFAULT_DATA_DIR) -> list[Path]:

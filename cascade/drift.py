@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from cascade.contract import Decision, StageOutcome, TraceEntry
+from cascade.assembly import adjudicator_stage
+from cascade.contract import Decision, StageAction, TraceEntry
 from cascade.pipeline import UNDECIDED_STAGE
 from cascade.scoring import ScoreTable
-from cascade.simulation import ALLOW, BLOCK, DECISION_NAMES, LLM_STAGE, PIPELINE, REVIEW, simulate
+from cascade.simulation import ALLOW, BLOCK, DECISION_NAMES, PIPELINE, REVIEW, simulate
 from cascade.thresholds import ThresholdSet
 
 BINS = 10  # reference deciles: each bin holds a tenth of the calibration scores (ties merge bins)
@@ -39,7 +40,7 @@ PSI_WATCH = 0.1
 PSI_ALERT = 0.25  # the conventional "population has shifted" level; the PrometheusRule uses it too
 MIN_SKETCH_ITEMS = 50  # fewer calibration scores than this make no usable reference
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-RESULTS = tuple(o.value for o in StageOutcome)  # allow, block, escalate, review
+RESULTS = tuple(o.value for o in StageAction)  # allow, block, escalate, review
 ALL_SURFACES = "_all"  # the surface label of figures over every item (no surface can be named so)
 _AUDIT_SEED = 20261130
 
@@ -400,7 +401,8 @@ def summarise(reference: Reference, traces: Iterable[tuple[Sequence[TraceEntry],
     decisions: dict[str, int] = dict.fromkeys(DECISION_NAMES, 0)
     decided_by: dict[str, int] = dict.fromkeys(reference.decided_by, 0)
     n = llm = 0
-    cheap = [s for s in reference.stages if s != LLM_STAGE]
+    costly = adjudicator_stage()
+    cheap = [s for s in reference.stages if s != costly]
     for trace, decision, by in traces:
         n += 1
         decisions[decision.value] += 1

@@ -1,6 +1,6 @@
 """`cascade evaluate`: what a threshold set does to labelled data, as a report with stable keys.
 
-The report (documented in docs/calibration.md) is computed from a `CascadeOutcome`, so a
+The report (documented in docs/calibration.md) is computed from a `SimulatedRun`, so a
 replay over cached scores and a live run give the same figures for the same decisions.
 Every share is a fraction of all evaluated items unless its name says otherwise; a metric
 with an empty denominator is null.
@@ -16,31 +16,52 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from cascade.calibration import MIN_CLASS_EXAMPLES, CalibrationError, FamilyCounts, Targets, choose_thresholds
+from cascade.assembly import adjudicator_stage, relative_costs
+from cascade.calibration import (
+    MIN_CLASS_EXAMPLES,
+    CalibrationError,
+    CalibrationMap,
+    Family,
+    FamilyCounts,
+    Targets,
+    choose_thresholds,
+    level_grid,
+)
+from cascade.contract import ContentItem, Verdict
 from cascade.data import FLAGGED, LabelledItem, Split, split_of
 from cascade.hashbank import BANK_FILE, HashBank
 from cascade.normalize import normalize, text_key
+from cascade.pipeline import CascadeRunner, new_context
 from cascade.scoring import UNKNOWN_LABEL, LabelMatrix, ScoreTable
-from cascade.simulation import ALLOW, BLOCK, DECISION_NAMES, LLM_STAGE, PIPELINE, REVIEW, CascadeOutcome, simulate
+from cascade.simulation import ALLOW, BLOCK, DECISION_NAMES, PIPELINE, REVIEW, SimulatedRun, run_from_verdicts, simulate
+from cascade.stages.base import Stage
+from cascade.thresholds import ThresholdSet
 
 
 @dataclass(frozen=True)
 class CostModel:
-    """Relative cost per item per stage reached, in units of one LLM call.
+    """Relative cost per item per stage reached, in units of one call of the adjudicator (the LLM).
 
-    Assumed, not measured: an LLM moderation call costs around a thousand times a CPU
-    embedding + kNN or ONNX head, and the hash lookup is cheaper still. Items that escalate
-    past the last cheap stage count as LLM calls even when no LLM stage runs (they would
-    be, in a full deployment). Human review is not priced here.
+    Assumed, not measured, and declared by each stage class (`Stage.relative_cost`): an LLM
+    moderation call costs around a thousand times a CPU embedding + kNN or ONNX head, and
+    the hash lookup is cheaper still. Items that escalate past the last cheap stage count as
+    LLM calls even when no LLM stage runs (they would be, in a full deployment). Human
+    review is not priced here.
     """
 
     per_stage: Mapping[str, float]
+    adjudicator: str
     unknown_stage: float = 0.01
+
+    @classmethod
+    def of_stages(cls) -> CostModel:
+        """The model the stage classes declare (`cascade.assembly.relative_costs`)."""
+        return cls(relative_costs(), adjudicator_stage())
 
     def of(self, stage: str) -> float:
         return self.per_stage.get(stage, self.unknown_stage)
 
-    def relative_to_all_llm(self, outcome: CascadeOutcome) -> float | None:
+    def relative_to_all_llm(self, outcome: SimulatedRun) -> float | None:
         """Cost of this run over the cost of sending every item straight to the LLM."""
         n = len(outcome.decision)
         if n == 0:
@@ -48,13 +69,10 @@ class CostModel:
         cheap = sum(
             self.of(name) * float(outcome.reached[:, i].sum())
             for i, name in enumerate(outcome.stage_names)
-            if name != LLM_STAGE
+            if name != self.adjudicator
         )
-        llm = self.of(LLM_STAGE) * float(outcome.llm_calls.sum())
-        return (cheap + llm) / (n * self.of(LLM_STAGE))
-
-
-COST_MODEL = CostModel({"hash": 0.0001, "retrieval": 0.001, "classifier": 0.001, LLM_STAGE: 1.0})
+        llm = self.of(self.adjudicator) * float(outcome.llm_calls.sum())
+        return (cheap + llm) / (n * self.of(self.adjudicator))
 
 
 def clopper_pearson(successes: int, trials: int, confidence: float) -> tuple[float, float] | None:
@@ -107,7 +125,7 @@ def auprc(scores: np.ndarray, positive: np.ndarray) -> float | None:
 
 
 def guarantee_metrics(
-    outcome: CascadeOutcome, flagged: np.ndarray, confidence: float, rows: np.ndarray | None = None
+    outcome: SimulatedRun, flagged: np.ndarray, confidence: float, rows: np.ndarray | None = None
 ) -> dict[str, dict[str, object]]:
     """The three calibrated quantities (and the review rate) with exact intervals, over `rows` (default all)."""
     if rows is None:
@@ -133,7 +151,7 @@ def _interval_metrics(
 
 
 def cost_f1_frontier(
-    counts: FamilyCounts, budgets: Sequence[float] = tuple(np.linspace(0, 1, 21)), cost_model: CostModel = COST_MODEL
+    counts: FamilyCounts, budgets: Sequence[float] = tuple(np.linspace(0, 1, 21)), cost_model: CostModel | None = None
 ) -> list[dict[str, float]]:
     """For each LLM budget, the candidate (from the calibration family) with the best F1 within it.
 
@@ -147,10 +165,10 @@ def cost_f1_frontier(
     true_blocks = counts.blocks - counts.false_blocks
     f1_allow = 2 * true_blocks / (counts.blocks + positives)
     f1_human = 2 * (true_blocks + counts.reviewed_positives) / (counts.blocks + counts.reviewed_positives + positives)
+    cost_model = cost_model or CostModel.of_stages()
     cheap = sum(cost_model.of(stage) * reached for stage, reached in counts.reached.items())
-    cost = np.repeat(
-        ((cheap + counts.llm_calls * cost_model.of(LLM_STAGE)) / (n * cost_model.of(LLM_STAGE)))[:, None], k2, 1
-    )
+    call = cost_model.of(cost_model.adjudicator)
+    cost = np.repeat(((cheap + counts.llm_calls * call) / (n * call))[:, None], k2, 1)
     llm_rate = np.repeat((counts.llm_calls / n)[:, None], k2, 1)
     points = []
     for budget in budgets:
@@ -170,6 +188,19 @@ def cost_f1_frontier(
     return points
 
 
+def file_frontier(thresholds: ThresholdSet, table: ScoreTable, labels: LabelMatrix) -> list[dict[str, float]]:
+    """The cost–F1 frontier over the default set's calibration family, when the file carries its maps."""
+    maps = {
+        stage: {category: CalibrationMap.of(doc) for category, doc in cats.items()}
+        for stage, cats in thresholds.score_maps.items()
+        if stage in table.stage_names
+    }
+    if not maps:
+        return []
+    family = Family.build(table.stage_names, maps, level_grid(), level_grid())
+    return cost_f1_frontier(family.counts(table, labels.flagged))
+
+
 def _percentiles(values: np.ndarray) -> dict[str, float | None]:
     if values.size == 0:
         return {"p50": None, "p95": None, "p99": None}
@@ -182,12 +213,12 @@ def _shares(decision: np.ndarray) -> dict[str, float | None]:
 
 
 def build_report(
-    outcome: CascadeOutcome,
+    outcome: SimulatedRun,
     labels: LabelMatrix,
     confidence: float = 0.95,
     calibrated_categories: Sequence[str] = (),
     shadow: tuple[str, np.ndarray] | None = None,
-    cost_model: CostModel = COST_MODEL,
+    cost_model: CostModel | None = None,
     stage_flagged: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, object]:
     """The evaluation report; keys are documented in docs/calibration.md and kept stable.
@@ -219,7 +250,7 @@ def build_report(
         **decision_metrics(outcome.decision, flagged),
         "auprc": auprc(outcome.final_scores[FLAGGED], flagged),
         "stage_auprc": {name: auprc(scores, flagged) for name, scores in stage_flagged.items()},
-        "cost_relative_to_all_llm": cost_model.relative_to_all_llm(outcome),
+        "cost_relative_to_all_llm": (cost_model or CostModel.of_stages()).relative_to_all_llm(outcome),
         "latency_ms": {name: _percentiles(values) for name, values in outcome.latency_ms.items()},
         "confidence": confidence,
         "intervals": guarantee_metrics(outcome, labels.flagged, confidence),
@@ -273,7 +304,7 @@ def build_report(
 
 
 def _part(
-    outcome: CascadeOutcome,
+    outcome: SimulatedRun,
     labels: LabelMatrix,
     rows: np.ndarray,
     confidence: float,
@@ -527,3 +558,38 @@ def leakage_warnings(rows: Sequence[LabelledItem], data_dir: Path) -> list[str]:
                 " exact matches, not measurements; use --split test or rows that were never banked"
             )
     return warnings
+
+
+async def live_run(
+    runner: CascadeRunner, items: Sequence[ContentItem], batch_size: int, categories: Sequence[str]
+) -> tuple[SimulatedRun, list[Verdict]]:
+    """Run the cascade for real over `items`, in batches; the run in the replay's shape, and its verdicts."""
+    verdicts: list[Verdict] = []
+    batch_of: list[int] = []
+    for number, start in enumerate(range(0, len(items), batch_size)):
+        contexts = [new_context(item) for item in items[start : start + batch_size]]
+        verdicts.extend(await runner.run(contexts))
+        batch_of.extend([number] * len(contexts))
+    return run_from_verdicts(verdicts, runner.stage_names, batch_of, categories), verdicts
+
+
+def stale_stages(thresholds: ThresholdSet, stages: Sequence[Stage]) -> list[str]:
+    """Stages whose version differs from the one the thresholds were calibrated on (raw cuts no longer fit)."""
+    calibrated = {
+        s["name"]: s["version"] for s in thresholds.provenance.get("stages", []) if isinstance(s, dict) and "name" in s
+    }
+    return [
+        f"thresholds {thresholds.version} were calibrated on {s.name} {calibrated[s.name]}, this is {s.version}"
+        for s in stages
+        if s.name in calibrated and calibrated[s.name] != s.version
+    ]
+
+
+def stage_flagged_from_verdicts(verdicts: Sequence[Verdict], stage_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each stage's `flagged` score per verdict (NaN where the stage gave none): what a replay reads from its table."""
+    out = {name: np.full(len(verdicts), np.nan) for name in stage_names}
+    for i, verdict in enumerate(verdicts):
+        for entry in verdict.trace:
+            if entry.error is None and FLAGGED in entry.scores:
+                out[entry.stage][i] = entry.scores[FLAGGED]
+    return out

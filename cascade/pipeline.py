@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cascade.contract import ContentItem, Decision, Outcome, ShadowDecision, StageOutcome, TraceEntry, Verdict
+from cascade.contract import BandOutcome, ContentItem, Decision, ShadowDecision, StageAction, TraceEntry, Verdict
 from cascade.data import FLAGGED
 from cascade.normalize import normalize, text_key
 from cascade.stages.base import ItemContext, Stage, StageResult
@@ -56,7 +56,7 @@ class StageDecision:
     """The band outcome of one stage for one item: a decision, or None to escalate."""
 
     decision: Decision | None
-    outcomes: dict[str, Outcome]
+    outcomes: dict[str, BandOutcome]
     flagged: list[str]
     reason: str
 
@@ -70,18 +70,18 @@ def apply_bands(stage: str, result: StageResult, bands: dict[str, Band] | None) 
         flagged = list(m.categories) if m.decision is Decision.BLOCK else []
         return StageDecision(m.decision, {}, flagged, f"{stage}: {m.reason}")
     bands = bands or {}
-    outcomes: dict[str, Outcome] = {}
+    outcomes: dict[str, BandOutcome] = {}
     for category, band in bands.items():
         score = result.scores.get(category)
         # A banded category the stage did not score cannot be cleared: it stays unresolved.
-        outcomes[category] = Outcome.UNRESOLVED if score is None else band.outcome(score)
-    blocked = [c for c, o in outcomes.items() if o is Outcome.BLOCK]
+        outcomes[category] = BandOutcome.UNRESOLVED if score is None else band.outcome(score)
+    blocked = [c for c, o in outcomes.items() if o is BandOutcome.BLOCK]
     if blocked:
         detail = ", ".join(f"{c} {result.scores[c]:.3f} >= {bands[c].block_at}" for c in blocked)
         return StageDecision(Decision.BLOCK, outcomes, blocked, f"blocked by {stage}: {detail}")
-    if outcomes and all(o is Outcome.CLEARED for o in outcomes.values()):
+    if outcomes and all(o is BandOutcome.CLEARED for o in outcomes.values()):
         return StageDecision(Decision.ALLOW, outcomes, [], f"cleared by {stage}: every category below its allow band")
-    unresolved = [c for c, o in outcomes.items() if o is Outcome.UNRESOLVED]
+    unresolved = [c for c, o in outcomes.items() if o is BandOutcome.UNRESOLVED]
     why = f"unresolved: {', '.join(unresolved)}" if unresolved else "no bands for this stage"
     return StageDecision(None, outcomes, [], f"{stage} escalated ({why})")
 
@@ -111,7 +111,7 @@ def calibrated_score(trace: Sequence[TraceEntry], band_set: BandSet) -> float | 
         if raw is not None:
             return raw
         if entry.matched:
-            return 1.0 if entry.result is StageOutcome.BLOCK else 0.0
+            return 1.0 if entry.result is StageAction.BLOCK else 0.0
     return None
 
 
@@ -171,9 +171,9 @@ class CascadeRunner:
             band_set = self._band_sets[self.thresholds.band_set_name(ctx.item.surface)]
             decided = apply_bands(stage.name, result, dict(band_set.bands(stage.name)))
             if decided.decision is not None:
-                overall = StageOutcome(decided.decision.value)
+                overall = StageAction(decided.decision.value)
             else:
-                overall = StageOutcome.REVIEW if is_last else StageOutcome.ESCALATE
+                overall = StageAction.REVIEW if is_last else StageAction.ESCALATE
             ctx.trace.append(
                 TraceEntry(
                     stage=stage.name,

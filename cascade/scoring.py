@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cascade.contract import ContentItem, DeadLetter, StageOutcome
+from cascade.contract import ContentItem, DeadLetter, StageAction
 from cascade.data import FLAGGED, LabelledItem, categories_of
 from cascade.intake import parse_record
 from cascade.pipeline import CascadeRunner, new_context
@@ -218,7 +218,7 @@ async def collect_scores(
                 if category in entry.scores:
                     scores[i, j] = entry.scores[category]
             if entry.matched:
-                match[i] = MATCH_BLOCK if entry.result is StageOutcome.BLOCK else MATCH_ALLOW
+                match[i] = MATCH_BLOCK if entry.result is StageAction.BLOCK else MATCH_ALLOW
         collected.append(
             StageScores(
                 name=stage.name,

@@ -4,7 +4,7 @@
 inclusive, allow_below exclusive, null edges never fire), a missing score is unresolved,
 any block wins, allow needs every banded category cleared, errors escalate, matches decide.
 `simulate` chains stages like `CascadeRunner.run`; a test holds the two to exact agreement.
-`outcomes_from_verdicts` turns a live run into the same `CascadeOutcome`, so reports do
+`run_from_verdicts` turns a live run into the same `SimulatedRun`, so reports do
 not care which produced it.
 
 The replay assumes a stage's scores for an item do not depend on which other items share
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cascade.assembly import adjudicator_stage
 from cascade.contract import DEFAULT_BAND_SET, Decision, Verdict
 from cascade.data import FLAGGED
 from cascade.pipeline import UNDECIDED_STAGE
@@ -31,9 +32,6 @@ ESCALATE = REVIEW
 DECISION_NAMES = ("allow", "block", "review")
 DECISION_CODES = {Decision.ALLOW: ALLOW, Decision.BLOCK: BLOCK, Decision.REVIEW: REVIEW}
 PIPELINE = -1  # decided_by index of items nobody decided
-
-# The one stage that is expensive per item; everything before it is "cheap".
-LLM_STAGE = "llm"
 
 
 @dataclass(frozen=True)
@@ -89,7 +87,7 @@ def stage_decisions(stage: StageScores, bands: BandArrays) -> np.ndarray:
 
 
 @dataclass
-class CascadeOutcome:
+class SimulatedRun:
     """What the cascade did with n items."""
 
     stage_names: list[str]
@@ -113,7 +111,8 @@ class CascadeOutcome:
 
 
 def llm_calls(stage_names: Sequence[str], reached: np.ndarray, decided_by: np.ndarray) -> np.ndarray:
-    cheap = [i for i, name in enumerate(stage_names) if name != LLM_STAGE]
+    costly = adjudicator_stage()
+    cheap = [i for i, name in enumerate(stage_names) if name != costly]
     if not cheap:
         return np.ones(len(decided_by), dtype=bool)
     last = cheap[-1]
@@ -191,7 +190,7 @@ def simulate(
     thresholds: ThresholdSet,
     categories: Sequence[str] = (FLAGGED,),
     surfaces: np.ndarray | None = None,
-) -> CascadeOutcome:
+) -> SimulatedRun:
     """`CascadeRunner.run` over the cached scores under one threshold set (items of `surfaces`)."""
     n, count = len(table), len(table.stages)
     band_sets, names = thresholds.band_sets(), band_set_names(thresholds, surfaces, n)
@@ -208,7 +207,7 @@ def simulate(
         decision[settled] = decided[settled]
         decided_by[settled] = index
         pending &= ~settled
-    return CascadeOutcome(
+    return SimulatedRun(
         stage_names=table.stage_names,
         decision=decision,
         decided_by=decided_by,
@@ -222,7 +221,7 @@ def simulate(
 
 
 def simulate_shadow(
-    table: ScoreTable, primary: CascadeOutcome, shadow: ThresholdSet, surfaces: np.ndarray | None = None
+    table: ScoreTable, primary: SimulatedRun, shadow: ThresholdSet, surfaces: np.ndarray | None = None
 ) -> np.ndarray:
     """The shadow decision per item, as `CascadeRunner._shadow` records it in verdicts.
 
@@ -241,13 +240,13 @@ def simulate_shadow(
     return decision
 
 
-def outcomes_from_verdicts(
+def run_from_verdicts(
     verdicts: Sequence[Verdict],
     stage_names: Sequence[str],
     batch_of: Sequence[int],
     categories: Sequence[str] = (FLAGGED,),
-) -> CascadeOutcome:
-    """The same `CascadeOutcome` from a live run's verdicts (their traces).
+) -> SimulatedRun:
+    """The same `SimulatedRun` from a live run's verdicts (their traces).
 
     `batch_of[i]` is the batch verdict i was run in: a trace's latency is its stage's batch
     wall time, shared by the batch's items that reached the stage.
@@ -279,7 +278,7 @@ def outcomes_from_verdicts(
         rows = np.flatnonzero(reached[:, j])
         _, inverse, sizes = np.unique(batches[rows], return_inverse=True, return_counts=True)
         latency[name] = batch_ms[rows, j] / sizes[inverse] if rows.size else np.zeros(0)
-    return CascadeOutcome(
+    return SimulatedRun(
         stage_names=list(stage_names),
         decision=decision,
         decided_by=decided_by,

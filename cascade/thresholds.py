@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cascade.contract import DEFAULT_BAND_SET, SURFACE_PATTERN, Outcome
+from cascade.contract import DEFAULT_BAND_SET, SURFACE_PATTERN, BandOutcome
 
 
 class ThresholdError(ValueError):
@@ -41,12 +41,12 @@ class Band(BaseModel):
             raise ValueError(f"allow_below ({self.allow_below}) must be <= block_at ({self.block_at})")
         return self
 
-    def outcome(self, score: float) -> Outcome:
+    def outcome(self, score: float) -> BandOutcome:
         if self.block_at is not None and score >= self.block_at:
-            return Outcome.BLOCK
+            return BandOutcome.BLOCK
         if self.allow_below is not None and score < self.allow_below:
-            return Outcome.CLEARED
-        return Outcome.UNRESOLVED
+            return BandOutcome.CLEARED
+        return BandOutcome.UNRESOLVED
 
 
 TIE_BREAK = 1e-6

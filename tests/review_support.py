@@ -6,7 +6,7 @@ import re
 import sys
 from pathlib import Path
 
-from cascade.contract import ContentItem, Decision, Outcome, StageOutcome, TraceEntry, Verdict
+from cascade.contract import BandOutcome, ContentItem, Decision, StageAction, TraceEntry, Verdict
 from cascade.stream.local import WorkerProcess
 
 XSS_PAYLOAD = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\"> & \"quotes\""
@@ -24,21 +24,21 @@ def cascade_verdict(
     scores = scores if scores is not None else {"toxic": 0.55, "flagged": 0.6}
     block = decision is Decision.BLOCK
     trace = [
-        TraceEntry(stage="hash", stage_version="h1", result=StageOutcome.ESCALATE, latency_ms=0.1),
+        TraceEntry(stage="hash", stage_version="h1", result=StageAction.ESCALATE, latency_ms=0.1),
         TraceEntry(
             stage="retrieval",
             stage_version="r1",
             scores=scores,
-            outcomes=dict.fromkeys(scores, Outcome.UNRESOLVED),
-            result=StageOutcome.ESCALATE,
+            outcomes=dict.fromkeys(scores, BandOutcome.UNRESOLVED),
+            result=StageAction.ESCALATE,
             latency_ms=9.0,
         ),
         TraceEntry(
             stage="llm",
             stage_version="l1",
             scores=scores,
-            outcomes=dict.fromkeys(scores, Outcome.BLOCK if block else Outcome.UNRESOLVED),
-            result=StageOutcome(decision.value),
+            outcomes=dict.fromkeys(scores, BandOutcome.BLOCK if block else BandOutcome.UNRESOLVED),
+            result=StageAction(decision.value),
             latency_ms=300.0,
             note=rationale,
         ),

@@ -15,11 +15,12 @@ from cascade.bench.report import render, write_json, write_plots
 from cascade.cli import app
 from cascade.data import Split, load_labelled, split_of
 from cascade.embedding import Embedder
-from cascade.evaluation import COST_MODEL
+from cascade.evaluation import CostModel
 from cascade.exemplars import add_exemplars
 from cascade.settings import Settings
 from cascade.thresholds import Band, ThresholdSet
-from cascade.train import TrainOptions, train, write_model
+from cascade.train import train, write_model
+from cascade.train.fit import TrainOptions
 from cascade.vectorindex import EdgeIndex
 
 pytest_plugins = ["model_cache"]  # fixtures: settings, embedder
@@ -122,7 +123,7 @@ def test_every_section_on_tiny_inputs(every_piece: Settings, data: Path, bands: 
     # Relative cost = LLM calls + every cheap stage's unit cost x the share of items that reached it.
     cascade = systems["cascade"]
     reached = {name: row["reached"] for name, row in quality["escalation"].items()}
-    cheap = sum(COST_MODEL.of(name) * share for name, share in reached.items())
+    cheap = sum(CostModel.of_stages().of(name) * share for name, share in reached.items())
     assert cascade["cost_relative_to_all_llm"] == pytest.approx(cascade["llm_rate"] + cheap)
     assert 0 < cascade["llm_rate"] < 1  # the classifier's band settles some items, not all
     assert sum(quality["decisions"].values()) == pytest.approx(1.0)

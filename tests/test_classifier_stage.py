@@ -22,7 +22,9 @@ from cascade.settings import Settings
 from cascade.stages.base import Resources
 from cascade.stages.classifier import ClassifierModel, ClassifierStage, ModelError
 from cascade.thresholds import Band, ThresholdSet
-from cascade.train import TrainOptions, export_onnx, fit_head, head_data, train, write_model
+from cascade.train import train, write_model
+from cascade.train.export import export_onnx
+from cascade.train.fit import TrainOptions, fit_head, head_data
 
 FIXTURE = Path(__file__).parent / "fixtures" / "classifier_tiny.jsonl"
 HEADS = ["flagged", "hate", "jailbreak", "offensive", "spam", "toxic"]

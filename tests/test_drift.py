@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 import cascade.cli.calibrate as calibrate_cli
 from cascade.assembly import build_stages
 from cascade.cli import app
-from cascade.contract import ContentItem, Decision, StageOutcome, TraceEntry, Verdict
+from cascade.contract import ContentItem, Decision, StageAction, TraceEntry, Verdict
 from cascade.data import LabelledItem, Split, load_labelled, split_of
 from cascade.drift import (
     ALL_SURFACES,
@@ -255,7 +255,7 @@ def test_point_masses_merge_bins_and_the_sketch_round_trips() -> None:
     assert ScoreSketch.of(np.ones(10)) is None  # too few to be a reference
 
 
-def _entry(score: float, result: StageOutcome = StageOutcome.ESCALATE) -> TraceEntry:
+def _entry(score: float, result: StageAction = StageAction.ESCALATE) -> TraceEntry:
     return TraceEntry(stage="classifier", stage_version="v", scores={"flagged": score}, result=result, latency_ms=1)
 
 
@@ -273,7 +273,7 @@ def test_monitor_windows_slide_and_bound_the_surfaces() -> None:
     assert len(window) == 100 and window.scored("flagged") == 100
     assert window.psi(min_items=50)["flagged"] < PSI_ALERT
     for _ in range(100):  # the window forgets the old items: only the new, shifted ones remain
-        monitor.observe("classifier", None, _entry(0.99, StageOutcome.BLOCK))
+        monitor.observe("classifier", None, _entry(0.99, StageAction.BLOCK))
     assert window.psi(min_items=50)["flagged"] > 2 and window.result_shares()["block"] == 1.0
     assert monitor.windows[("classifier", "post")].scored("flagged") == 100
 

@@ -18,7 +18,7 @@ from cascade.hashbank import EntryInput, HashBank, Polarity
 from cascade.pipeline import CascadeRunner, new_context
 from cascade.scoring import admit, collect_scores
 from cascade.settings import Settings
-from cascade.simulation import outcomes_from_verdicts, simulate, simulate_shadow
+from cascade.simulation import run_from_verdicts, simulate, simulate_shadow
 from cascade.thresholds import Band, ThresholdSet
 
 
@@ -59,7 +59,7 @@ async def test_replay_equals_a_live_cascade_run(name: str, tmp_path: Path) -> No
         batch = [new_context(item) for item in items[start : start + 50]]
         verdicts.extend(await runner.run(batch))
         batch_of.extend([number] * len(batch))
-    live = outcomes_from_verdicts(verdicts, runner.stage_names, batch_of, ["flagged", "spam"])
+    live = run_from_verdicts(verdicts, runner.stage_names, batch_of, ["flagged", "spam"])
 
     table = await collect_scores(stages, items, batch_size=64)
     replay = simulate(table, primary, ["flagged", "spam"])

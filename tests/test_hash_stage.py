@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from cascade.assembly import build_stages
-from cascade.contract import ContentItem, Decision, StageOutcome, Verdict
+from cascade.contract import ContentItem, Decision, StageAction, Verdict
 from cascade.hashbank import EntryInput, HashBank, Polarity
 from cascade.pipeline import CascadeRunner, new_context
 from cascade.settings import Settings
@@ -63,7 +63,7 @@ async def test_bank_match_blocks_and_miss_escalates(runner: CascadeRunner) -> No
     assert sorted(blocked.flagged_categories) == ["harassment", "violence"]
     assert blocked.categories == {"harassment": 1.0, "violence": 1.0}
     entry = blocked.trace[0]
-    assert entry.matched and entry.result is StageOutcome.BLOCK
+    assert entry.matched and entry.result is StageAction.BLOCK
     assert entry.details["entry_id"] == "threat-1" and entry.details["bank"] == "exact"
     assert "known-bad entry threat-1" in blocked.reason
 
@@ -73,7 +73,7 @@ async def test_bank_match_blocks_and_miss_escalates(runner: CascadeRunner) -> No
     # The only stage: a miss is unresolved after the last stage, so a human reviews it.
     for verdict in (missed, emoji):
         assert verdict.decision is Decision.REVIEW and verdict.decided_by == "pipeline"
-        assert not verdict.trace[0].matched and verdict.trace[0].result is StageOutcome.REVIEW
+        assert not verdict.trace[0].matched and verdict.trace[0].result is StageAction.REVIEW
     assert emoji.trace[0].details == {"skipped": "no letters or digits after normalisation"}
 
 
@@ -91,10 +91,10 @@ async def test_miss_escalates_to_the_next_stage(tmp_path: Path) -> None:
     runner = CascadeRunner([HashStage.from_settings(settings), replica], ThresholdSet(version="t-1"), "p-1")
     missed, matched = await moderate(runner, "nothing banked here", SPAM)
     assert [(t.stage, t.result) for t in missed.trace] == [
-        ("hash", StageOutcome.ESCALATE),
-        ("hash-replica", StageOutcome.REVIEW),
+        ("hash", StageAction.ESCALATE),
+        ("hash-replica", StageAction.REVIEW),
     ]
-    assert [(t.stage, t.result) for t in matched.trace] == [("hash", StageOutcome.BLOCK)]  # settled first
+    assert [(t.stage, t.result) for t in matched.trace] == [("hash", StageAction.BLOCK)]  # settled first
     await runner.aclose()
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from cascade.contract import ContentItem, Decision, Outcome, StageOutcome, Verdict
+from cascade.contract import BandOutcome, ContentItem, Decision, StageAction, Verdict
 from cascade.pipeline import CascadeRunner, apply_bands, new_context
 from cascade.stages.base import ItemContext, Match, Stage, StageResult
 from cascade.thresholds import Band, ThresholdSet
@@ -98,8 +98,8 @@ async def test_cascade_escalates_only_unresolved_items_and_keeps_order() -> None
     assert second.seen == [["c", "d"]]  # only what the first stage could not settle
     d = verdicts[3]
     assert [t.stage for t in d.trace] == ["first", "second"]
-    assert d.trace[-1].result is StageOutcome.REVIEW and d.trace[0].result is StageOutcome.ESCALATE
-    assert d.trace[1].outcomes == {"flagged": Outcome.UNRESOLVED}
+    assert d.trace[-1].result is StageAction.REVIEW and d.trace[0].result is StageAction.ESCALATE
+    assert d.trace[1].outcomes == {"flagged": BandOutcome.UNRESOLVED}
     assert d.categories == {"flagged": 0.6}  # latest score wins
     assert verdicts[1].flagged_categories == ["flagged"]
     assert all(v.policy_version == "p-1" and v.thresholds_version == "t-1" for v in verdicts)

@@ -15,7 +15,7 @@ from review_support import cascade_verdict
 from typer.testing import CliRunner
 
 from cascade.cli import app
-from cascade.contract import HUMAN, Appeal, AppealOutcome, Decision
+from cascade.contract import HUMAN, Appeal, AppealRuling, Decision
 from cascade.data import read_labelled
 from cascade.hashbank import EntryInput, HashBank, Polarity, entry_from_record
 from cascade.review.feedback import BankFeedback, bank_entry_id, labelled_rows
@@ -184,7 +184,7 @@ def test_appeal_of_a_block_is_prioritised_then_overturned_and_counted(store: Rev
     )
     store.claim(task.id, "ann")
     record = store.decide(task.id, "ann", Decision.ALLOW)
-    assert record.appeal and record.appeal_outcome is AppealOutcome.OVERTURNED
+    assert record.appeal and record.appeal_outcome is AppealRuling.OVERTURNED
     assert human_verdict(record).decision is Decision.ALLOW
     stats = store.stats()
     assert (stats.appeals_decided, stats.overturned, stats.overturn_rate) == (1, 1, 1.0)

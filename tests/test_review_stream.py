@@ -23,7 +23,7 @@ from selenium.webdriver.common.by import By
 from typer.testing import CliRunner
 
 from cascade.cli import app
-from cascade.contract import HUMAN, Appeal, AppealOutcome, DeadLetter, Decision, ReviewDecision, Verdict
+from cascade.contract import HUMAN, Appeal, AppealRuling, DeadLetter, Decision, ReviewDecision, Verdict
 from cascade.review.store import ReviewStore
 from cascade.settings import Settings
 from cascade.stream.broker import EmbeddedBroker
@@ -218,7 +218,7 @@ def test_appeal_round_trip_overturned_published_as_allow_and_counted(deployment:
     assert (final.decision, final.decided_by) == (Decision.ALLOW, HUMAN)
     _, value = deployment.read([deployment.topics.decisions], item_id_is("ap-1"))
     decision = ReviewDecision.model_validate_json(value)
-    assert decision.appeal and decision.appeal_outcome is AppealOutcome.OVERTURNED and decision.settles == blocked
+    assert decision.appeal and decision.appeal_outcome is AppealRuling.OVERTURNED and decision.settles == blocked
     assert "cascade_review_overturn_ratio 1.0" in metrics
 
     # An audit sample (docs/drift.md): an automatic block copied to moderation.audit, judged wrong.

@@ -15,7 +15,15 @@ import pytest
 from llm_server import serve
 from pydantic import SecretStr
 
-from cascade.assembly import STAGE_ORDER, UnavailableStage, build_stages, stage_classes, unbilled_stages
+from cascade.assembly import (
+    STAGE_ORDER,
+    UnavailableStage,
+    adjudicator_stage,
+    build_stages,
+    relative_costs,
+    stage_classes,
+    unbilled_stages,
+)
 from cascade.contract import ContentItem
 from cascade.data import FLAGGED, LabelledItem
 from cascade.exemplars import add_exemplars
@@ -113,6 +121,13 @@ def test_every_stage_conforms(name: str, stage_settings: Settings) -> None:
 def test_the_registry_is_the_cascade_order_and_knows_what_bills() -> None:
     assert tuple(stage_classes()) == STAGE_ORDER
     assert unbilled_stages() == tuple(name for name in STAGE_ORDER if name != "llm")
+    # The one billed stage adjudicates last; every stage declares its cost, the adjudicator's is the unit.
+    assert adjudicator_stage() == "llm" == STAGE_ORDER[-1]
+    costs = relative_costs()
+    assert list(costs) == list(STAGE_ORDER) and costs["llm"] == 1.0
+    assert all(0 < costs[name] < 1 for name in unbilled_stages())
+    # Cheapest first: the cascade order is the order of rising cost.
+    assert list(costs.values()) == sorted(costs.values())
 
 
 def test_a_stage_this_install_cannot_build_escalates_every_item() -> None:

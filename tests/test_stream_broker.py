@@ -27,7 +27,7 @@ from cascade.pipeline import new_context
 from cascade.policy import load_policy
 from cascade.settings import Settings
 from cascade.stream.broker import EmbeddedBroker
-from cascade.stream.client import Outcomes, Published, publish
+from cascade.stream.client import Published, StreamOutputs, publish
 from cascade.stream.local import LocalDeployment, collect
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -102,7 +102,7 @@ class Deployment(LocalDeployment):
     def publish(self, lines: list[bytes], rate: float | None = None) -> list[Published]:
         return asyncio.run(publish(self.url, self.topics, lines, rate))
 
-    def collect(self, published: list[Published], timeout_s: float = 60.0) -> Outcomes:
+    def collect(self, published: list[Published], timeout_s: float = 60.0) -> StreamOutputs:
         return asyncio.run(collect(self.url, self.topics, published, timeout_s=timeout_s))
 
 
@@ -154,7 +154,7 @@ def test_sigkill_mid_stream_loses_nothing(deployment: Deployment) -> None:
         publishing = asyncio.create_task(publish(deployment.url, deployment.topics, items(120, "k"), rate=60))
         verdicts_seen = [0]
 
-        def seen(outcomes: Outcomes) -> None:
+        def seen(outcomes: StreamOutputs) -> None:
             verdicts_seen[0] = len(outcomes.verdicts)
 
         reader = asyncio.create_task(

@@ -30,7 +30,7 @@ from test_stream_broker import Deployment, items, write_llm_thresholds
 from cascade.contract import DeadLetter, DeadLetterCode, Decision, Verdict
 from cascade.settings import Settings
 from cascade.stream.broker import EmbeddedBroker
-from cascade.stream.client import Outcomes, read_topics
+from cascade.stream.client import StreamOutputs, read_topics
 from cascade.stream.topics import Topics
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -73,8 +73,8 @@ def read_all(url: str, topics: list[str], idle_s: float = 2.0) -> list[tuple[str
     return asyncio.run(read())
 
 
-def read_outcomes(url: str, topics: Topics) -> Outcomes:
-    outcomes = Outcomes(topics)
+def read_outcomes(url: str, topics: Topics) -> StreamOutputs:
+    outcomes = StreamOutputs(topics)
     for topic, value in read_all(url, [*topics.all_verdicts, topics.deadletter]):
         outcomes.add(topic, value)
     return outcomes
@@ -100,7 +100,7 @@ def letter_id(letter: DeadLetter) -> str | None:
     return found.group(1).decode() if found else None
 
 
-def assert_one_outcome_each(outcomes: Outcomes, ids: set[str], dead: dict[str, DeadLetterCode]) -> None:
+def assert_one_outcome_each(outcomes: StreamOutputs, ids: set[str], dead: dict[str, DeadLetterCode]) -> None:
     ours = [(letter_id(d), d) for d in outcomes.dead_letters if letter_id(d) in dead]
     letters = dict(ours)
     assert set(outcomes.verdicts) & ids == ids - set(dead)

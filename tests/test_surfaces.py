@@ -20,7 +20,7 @@ from cascade.evaluation import auprc
 from cascade.pipeline import CascadeRunner, new_context
 from cascade.scoring import LabelMatrix, ScoreTable, StageScores, admit, collect_scores
 from cascade.settings import Settings
-from cascade.simulation import outcomes_from_verdicts, simulate
+from cascade.simulation import run_from_verdicts, simulate
 from cascade.thresholds import Band, BandSet, ScoreMap, ThresholdError, ThresholdSet
 
 
@@ -108,7 +108,7 @@ async def test_pipeline_picks_the_band_set_by_surface_and_falls_back(tmp_path: P
         if verdict.decided_by == "classifier":
             assert verdict.score == verdict.trace[-1].scores["flagged"], "no map in the default set: raw"
 
-    live = outcomes_from_verdicts(verdicts, runner.stage_names, [0] * len(verdicts))
+    live = run_from_verdicts(verdicts, runner.stage_names, [0] * len(verdicts))
     table = await collect_scores(stages, items)
     replay = simulate(table, SURFACE_SETS, surfaces=np.array([i.surface for i in items], dtype=object))
     np.testing.assert_array_equal(replay.decision, live.decision)

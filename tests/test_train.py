@@ -13,24 +13,12 @@ from typer.testing import CliRunner
 
 from cascade.cli import app
 from cascade.data import file_digest, load_labelled
-from cascade.embedding import Embedder
+from cascade.embedding import Embedder, cached_embeddings
 from cascade.exemplars import POLICY_SEED_SOURCE
 from cascade.settings import Settings
-from cascade.train import (
-    PARITY_TOLERANCE,
-    TrainError,
-    TrainOptions,
-    cached_embeddings,
-    export_onnx,
-    fit_head,
-    head_data,
-    onnx_scores,
-    policy_seed_rows,
-    sklearn_scores,
-    source_weights,
-    train,
-    write_model,
-)
+from cascade.train import policy_seed_rows, train, write_model
+from cascade.train.export import PARITY_TOLERANCE, export_onnx, onnx_scores, sklearn_scores
+from cascade.train.fit import TrainError, TrainOptions, fit_head, head_data, source_weights
 
 FIXTURE = Path(__file__).parent / "fixtures" / "classifier_tiny.jsonl"
 TINY = TrainOptions(design="logreg", split=None, min_positives=5, folds=3, compare=(), cross_source=False, name="tiny")

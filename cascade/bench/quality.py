@@ -2,7 +2,8 @@
 
 Stage scores come from the calibration engineer's score cache (`cascade.scoring`), the
 cascade's decisions from the offline replay (`cascade.simulation.simulate`, held to exact
-agreement with `CascadeRunner`), and relative cost from `cascade.evaluation.COST_MODEL`.
+agreement with `CascadeRunner`), and relative cost from `cascade.evaluation.CostModel.of_stages()`
+(what each stage class declares).
 
 - Only cheap stages run. The LLM's quality cannot be measured here (no real LLM is
   reachable), so items the cascade would send to it are *unresolved*: the headline F1 counts
@@ -23,19 +24,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cascade.assembly import build_stages
+from cascade.assembly import adjudicator_stage, build_stages
 from cascade.bench.config import BenchConfig
 from cascade.bench.measure import Row, not_available
 from cascade.bench.stages import BenchStages
 from cascade.contract import ContentItem
 from cascade.data import FLAGGED, LabelledItem, Split, split_of
-from cascade.evaluation import COST_MODEL, build_report, prf
+from cascade.evaluation import CostModel, build_report, prf
 from cascade.llm.pricing import cost_usd, price_table
 from cascade.pipeline import new_context
 from cascade.policy import load_policy
 from cascade.scoring import LabelMatrix, ScoreTable, admit, cache_key, cached_scores
 from cascade.settings import Settings
-from cascade.simulation import BLOCK, LLM_STAGE, simulate
+from cascade.simulation import BLOCK, simulate
 from cascade.thresholds import ThresholdSet
 
 DAVIDSON = "davidson2017"
@@ -134,7 +135,7 @@ async def _calibrate_cache(
     uses the LLM stage's, which were collected without an LLM.
     """
     try:
-        (llm,) = build_stages(settings, [LLM_STAGE])
+        (llm,) = build_stages(settings, [adjudicator_stage()])
     except Exception:  # no LLM stage can be built: there is no such cache either
         return None
     try:
@@ -147,7 +148,7 @@ async def _calibrate_cache(
     table = ScoreTable.load(path)
     if table.ids.tolist() != [item.id for item in items]:
         return None
-    return ScoreTable(table.ids, [s for s in table.stages if s.name != LLM_STAGE])
+    return ScoreTable(table.ids, [s for s in table.stages if s.name != llm.name])
 
 
 def _peer() -> Callable[[list[str]], np.ndarray] | str:
@@ -204,7 +205,8 @@ async def measure_quality(
     groups = _groups(sources)
 
     outcome = simulate(test, thresholds)
-    report = build_report(outcome, labels)
+    cost_model = CostModel.of_stages()
+    report = build_report(outcome, labels, cost_model=cost_model)
     final = outcome.final_scores[FLAGGED]
 
     systems: dict[str, Row] = {}
@@ -220,7 +222,7 @@ async def measure_quality(
         **_decision_metrics(outcome.decision, positive, final),
         "auto_coverage": report["auto"]["coverage"],
         "llm_rate": llm_rate,
-        "cost_relative_to_all_llm": COST_MODEL.relative_to_all_llm(outcome),
+        "cost_relative_to_all_llm": cost_model.relative_to_all_llm(outcome),
         "usd_per_1k_items": cascade_usd,
     }
     per_source["cascade"] = {
@@ -241,7 +243,7 @@ async def measure_quality(
     for name, (scores, cal_scores) in single.items():
         key = "peer" if name == PEER else f"{name}_only"
         threshold = best_f1_threshold(cal_scores, cal_positive)
-        relative = None if name == PEER else COST_MODEL.of(name) / COST_MODEL.of(LLM_STAGE)
+        relative = None if name == PEER else cost_model.of(name) / cost_model.of(cost_model.adjudicator)
         systems[key] = {
             "label": PEER if name == PEER else f"{name} alone",
             "available": True,
@@ -286,7 +288,7 @@ async def measure_quality(
             "systems": per_source,
         },
         "cost_model": {
-            "relative": dict(COST_MODEL.per_stage),
+            "relative": dict(cost_model.per_stage),
             "llm_model": settings.llm_model,
             "usd": usd
             if isinstance(usd, str)

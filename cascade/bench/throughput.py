@@ -206,9 +206,9 @@ def measure_throughput(
         opened = runner.run(open_stages(settings))
         try:
             runs: dict[str, Callable[[], float]] = {}
-            hash_stage = next((s for s in opened.stages if s.name == "hash"), None)
+            hash_stage = next((s for s in opened.stages if s.name == HashStage.name), None)
             if hash_stage is None:
-                reason = opened.missing.get("hash", "not configured")
+                reason = opened.missing.get(HashStage.name, "not configured")
                 rows["hash_stage"] = not_available(ROW_LABELS["hash_stage"], reason)
             else:
                 runs["hash_stage"] = _hash_round(runner, hash_stage, items)

@@ -1,18 +1,15 @@
 """`cascade bank ...`: manage the banks under the data directory.
 
-`import --kind` picks what a file feeds: each kind is one `BankKind` member and one
-`Importer` in `_IMPORTERS` (see `_import_hash`), sharing `parsed_batches` and
-`ImportReport`.
+Each command parses its flags, calls the domain (`cascade.hashbank`, `cascade.bankimport`,
+`cascade.banktopic`, `cascade.exemplars`) and prints; with a broker configured, hash-bank
+changes go through the shared banks topic.
 """
 
 from __future__ import annotations
 
 import asyncio
 import getpass
-import json
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -23,75 +20,50 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from cascade.bankimport import DEFAULT_SPLIT, BankKind, ImportJob, ImportReport, import_file
 from cascade.banktopic import BankTopic, change_shared
 from cascade.bankversion import bump_bank_version
 from cascade.cli.app import bank_app, fail
-from cascade.data import LabelledItem, SplitChoice, labelled_from_record
-from cascade.hashbank import BankError, EntryInput, HashBank, Polarity, entry_from_record
-from cascade.normalize import normalize, text_key
+from cascade.data import SplitChoice
+from cascade.hashbank import BankError, EntryInput, HashBank, Polarity, derived_entry_id
 from cascade.policy import load_policy
 from cascade.settings import Settings
-from cascade.stream.security import KafkaSecurity, KafkaSecurityError
+from cascade.stream.security import KafkaSecurityError
 
 console = Console()
 err_console = Console(stderr=True)
 
 _SHOWN_ERRORS = 20
 _SHOWN_QUARANTINES = 20
-RowT = TypeVar("RowT", EntryInput, LabelledItem)
 T = TypeVar("T")
 
 
-class BankKind(StrEnum):
-    HASH = "hash"
-    EXEMPLARS = "exemplars"
+def render_report(report: ImportReport, kind: BankKind) -> None:
+    table = Table(title=f"bank import ({kind.value})")
+    table.add_column("outcome")
+    table.add_column("lines", justify="right")
+    for label, count in (
+        ("added", report.added),
+        ("updated", report.updated),
+        ("skipped (unchanged)", report.skipped),
+        ("filtered (other split)", report.filtered),
+        ("errors", len(report.errors)),
+    ):
+        table.add_row(label, str(count))
+    console.print(table)
+    for message in report.errors[:_SHOWN_ERRORS]:
+        err_console.print(f"[red]{message}[/]")
+    if len(report.errors) > _SHOWN_ERRORS:
+        err_console.print(f"[red]... and {len(report.errors) - _SHOWN_ERRORS} more errors[/]")
+    if report.unknown_categories:
+        unknown = ", ".join(sorted(report.unknown_categories))
+        err_console.print(f"[yellow]categories not in the policy (kept, reported): {unknown}[/]")
 
 
-@dataclass
-class ImportReport:
-    added: int = 0
-    updated: int = 0
-    skipped: int = 0  # already in the bank, identical
-    filtered: int = 0  # outside the requested split
-    errors: list[str] = field(default_factory=list)
-    unknown_categories: set[str] = field(default_factory=set)
-
-    def render(self, kind: BankKind) -> None:
-        table = Table(title=f"bank import ({kind.value})")
-        table.add_column("outcome")
-        table.add_column("lines", justify="right")
-        for label, count in (
-            ("added", self.added),
-            ("updated", self.updated),
-            ("skipped (unchanged)", self.skipped),
-            ("filtered (other split)", self.filtered),
-            ("errors", len(self.errors)),
-        ):
-            table.add_row(label, str(count))
-        console.print(table)
-        for message in self.errors[:_SHOWN_ERRORS]:
-            err_console.print(f"[red]{message}[/]")
-        if len(self.errors) > _SHOWN_ERRORS:
-            err_console.print(f"[red]... and {len(self.errors) - _SHOWN_ERRORS} more errors[/]")
-        if self.unknown_categories:
-            unknown = ", ".join(sorted(self.unknown_categories))
-            err_console.print(f"[yellow]categories not in the policy (kept, reported): {unknown}[/]")
-
-
-def read_jsonl(path: Path, progress: Progress) -> Iterator[tuple[int, object]]:
-    """(line number, parsed JSON) per non-blank line; a `BankError` instead of the value when it does not parse."""
+def file_progress(progress: Progress, path: Path) -> Callable[[int], None]:
+    """A progress bar over `path`'s bytes; the returned callback advances it (`read_jsonl`'s `on_read`)."""
     task = progress.add_task(path.name, total=path.stat().st_size)
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            progress.advance(task, len(raw))
-            if not raw.strip():
-                continue
-            try:
-                yield lineno, json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                yield lineno, BankError("not valid UTF-8")
-            except json.JSONDecodeError as exc:
-                yield lineno, BankError(f"not valid JSON ({exc.msg})")
+    return lambda size: progress.advance(task, size)
 
 
 def import_progress() -> Progress:
@@ -118,120 +90,22 @@ def _open_bank(settings: Settings) -> HashBank:
 
 def _shared_topic(settings: Settings) -> BankTopic | None:
     """The banks topic every replica follows, when a broker is configured (CASCADE_KAFKA_URL)."""
-    if not settings.kafka_url:
-        return None
     try:
-        security = KafkaSecurity.from_settings(settings)
+        return BankTopic.of_settings(settings)
     except KafkaSecurityError as exc:
         raise fail(str(exc)) from None
-    return BankTopic(settings.kafka_url, settings.topic_prefix, security, settings.stream_replication_factor)
+
+
+def _unreachable(settings: Settings, exc: KafkaError) -> typer.Exit:
+    return fail(f"cannot reach the banks topic on {settings.kafka_url}: {type(exc).__name__}: {exc}")
 
 
 def _change(settings: Settings, bank: HashBank, entry_id: str, change: Callable[[], T]) -> T:
     topic = _shared_topic(settings)
     try:
-        return asyncio.run(change_shared(bank, topic, entry_id, change))
+        return asyncio.run(change_shared(bank, topic, [entry_id], change))
     except KafkaError as exc:
-        raise fail(f"cannot reach the banks topic on {settings.kafka_url}: {type(exc).__name__}: {exc}") from None
-
-
-def parsed_batches(
-    path: Path,
-    split: SplitChoice,
-    parse: Callable[[object], RowT],
-    categories_of: Callable[[RowT], Iterable[str]],
-    report: ImportReport,
-    known: frozenset[str],
-    batch_size: int,
-) -> Iterator[list[RowT]]:
-    """The file's rows of `split`, parsed, in batches; bad lines go to `report.errors`, not up."""
-    pending: list[RowT] = []
-    with import_progress() as progress:
-        for lineno, record in read_jsonl(path, progress):
-            try:
-                if isinstance(record, BankError):
-                    raise record
-                row = parse(record)
-            except (BankError, ValueError) as exc:
-                report.errors.append(f"{path.name}:{lineno}: {exc}")
-                continue
-            if not split.keeps(row.id):
-                report.filtered += 1
-                continue
-            report.unknown_categories.update(set(categories_of(row)) - known)
-            pending.append(row)
-            if len(pending) >= batch_size:
-                yield pending
-                pending = []
-        if pending:
-            yield pending
-
-
-def _import_hash(path: Path, settings: Settings, split: SplitChoice, batch_size: int, confirm: bool) -> ImportReport:
-    report = ImportReport()
-    known = load_policy(settings.policies_dir).names
-    added_by = _operator()
-    bank = _open_bank(settings)
-    try:
-        for batch in parsed_batches(
-            path,
-            split,
-            lambda record: replace(entry_from_record(record, default_source=path.name), confirmed=confirm),
-            lambda entry: entry.categories,
-            report,
-            known,
-            batch_size,
-        ):
-            done = bank.upsert(batch, added_by)
-            report.added += done.added
-            report.updated += done.updated
-            report.skipped += done.unchanged
-    finally:
-        bank.close()
-    return report
-
-
-def _import_exemplars(
-    path: Path, settings: Settings, split: SplitChoice, batch_size: int, confirm: bool
-) -> ImportReport:
-    from cascade.embedding import Embedder
-    from cascade.exemplars import add_exemplars
-    from cascade.vectorindex import StoreInUseError, open_vector_index
-
-    report = ImportReport()
-    known = load_policy(settings.policies_dir).names
-    added_by = _operator()
-    embedder = Embedder.from_settings(settings)
-    try:
-        index = open_vector_index(settings)
-    except StoreInUseError as exc:
-        raise fail(str(exc)) from None
-    before = index.count()
-    try:
-        for batch in parsed_batches(
-            path,
-            split,
-            lambda record: labelled_from_record(record, default_source=path.name),
-            lambda row: row.labels,
-            report,
-            known,
-            batch_size,
-        ):
-            report.updated += add_exemplars(index, embedder, batch, added_by)
-        bump_bank_version(settings.data_dir)
-        index.optimize()
-        # Upserts by id: what did not grow the bank replaced an exemplar with the same id.
-        report.added = index.count() - before
-        report.updated -= report.added
-    finally:
-        index.close()
-    return report
-
-
-Importer = Callable[[Path, Settings, SplitChoice, int, bool], ImportReport]
-_IMPORTERS: dict[BankKind, Importer] = {BankKind.HASH: _import_hash, BankKind.EXEMPLARS: _import_exemplars}
-# Exemplars vote at serving time: by default only train rows, so evaluation rows never sit in the bank.
-_DEFAULT_SPLIT: dict[BankKind, SplitChoice] = {BankKind.HASH: SplitChoice.ALL, BankKind.EXEMPLARS: SplitChoice.TRAIN}
+        raise _unreachable(settings, exc) from None
 
 
 @bank_app.command("add")
@@ -259,7 +133,9 @@ def add(
     bank = _open_bank(settings)
     try:
         # An operator typed this one entry: it is confirmed, so no flood of copies can quarantine it.
-        entry = EntryInput(entry_id or _derived_id(polarity, text), text, polarity, categories, source, confirmed=True)
+        entry = EntryInput(
+            entry_id or derived_entry_id(polarity, text), text, polarity, categories, source, confirmed=True
+        )
         report = _change(settings, bank, entry.id, lambda: bank.upsert([entry], _operator()))
     except BankError as exc:
         raise fail(str(exc)) from None
@@ -267,11 +143,6 @@ def add(
         bank.close()
     outcome = "added" if report.added else "updated" if report.updated else "unchanged"
     console.print(f"{outcome}: {entry.id} ({polarity.value})")
-
-
-def _derived_id(polarity: Polarity, text: str) -> str:
-    # From the normalised text: adding a disguised copy of a banked text updates that entry.
-    return f"{polarity.value}-{text_key(normalize(text))[:16]}"
 
 
 @bank_app.command("import")
@@ -293,9 +164,21 @@ def import_(
         raise fail(f"input file not found: {file}")
     if confirm and kind is not BankKind.HASH:
         raise fail("--confirm applies to the hash bank only (--kind hash)")
-    report = _IMPORTERS[kind](file, Settings(), split or _DEFAULT_SPLIT[kind], batch_size, confirm)
-    report.render(kind)
-    if not report.added + report.updated + report.skipped:
+    from cascade.vectorindex import StoreInUseError
+
+    settings = Settings()
+    with import_progress() as progress:
+        job = ImportJob(
+            file, split or DEFAULT_SPLIT[kind], batch_size, _operator(), confirm, file_progress(progress, file)
+        )
+        try:
+            report = import_file(kind, job, settings, _shared_topic(settings))
+        except StoreInUseError as exc:
+            raise fail(str(exc)) from None
+        except KafkaError as exc:
+            raise _unreachable(settings, exc) from None
+    render_report(report, kind)
+    if not report.imported:
         raise fail(
             f"nothing imported from {file}: {len(report.errors)} line(s) failed, {report.filtered} in another split;"
             " fix the file or choose --split"

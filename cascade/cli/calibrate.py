@@ -6,7 +6,7 @@ import asyncio
 import json
 import shlex
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -21,33 +21,43 @@ from cascade.assembly import STAGE_ORDER, build_stages
 from cascade.calibration import (
     CalibratedBySurface,
     CalibrationError,
-    CalibrationMap,
-    Family,
     InfeasibleTargets,
     Targets,
     choose_thresholds,
     choose_thresholds_by_surface,
-    level_grid,
+    hand_set_bands,
     with_hand_set_bands,
     with_provenance,
     with_surfaces,
 )
 from cascade.cli.app import app, fail
-from cascade.contract import ContentItem, Verdict
-from cascade.data import FLAGGED, DataError, LabelledItem, Split, SplitChoice, file_digest, load_labelled, split_of
+from cascade.data import (
+    FLAGGED,
+    DataError,
+    LabelledItem,
+    Split,
+    SplitChoice,
+    file_digest,
+    in_split,
+    load_labelled,
+    split_of,
+)
 from cascade.drift import Reference
 from cascade.evaluation import (
     build_report,
-    cost_f1_frontier,
+    file_frontier,
     guarantee_metrics,
     leakage_warnings,
+    live_run,
     render_report,
+    stage_flagged_from_verdicts,
+    stale_stages,
     value_with_ci,
 )
 from cascade.evaluation import leave_one_source_out as cross_source
 from cascade.llm.answers import LLMRun, sample_rows
 from cascade.llm.shadow import shadow_agreement
-from cascade.pipeline import CascadeRunner, new_context
+from cascade.pipeline import CascadeRunner
 from cascade.plots import cost_f1_frontier as plot_frontier
 from cascade.plots import pr_curves, reliability
 from cascade.policy import load_policy
@@ -55,13 +65,11 @@ from cascade.scoring import LabelMatrix, ScoreTable, admit, cache_key, cached_sc
 from cascade.settings import Settings
 from cascade.simulation import (
     DECISION_CODES,
-    CascadeOutcome,
-    outcomes_from_verdicts,
     simulate,
     simulate_shadow,
 )
 from cascade.stages.base import Stage
-from cascade.thresholds import Band, ThresholdError, ThresholdSet
+from cascade.thresholds import ThresholdError, ThresholdSet
 
 T = TypeVar("T")
 
@@ -142,10 +150,6 @@ async def _score(
     return table, LabelMatrix.of(kept), skipped
 
 
-def _split_rows(rows: Sequence[LabelledItem], split: Split) -> list[LabelledItem]:
-    return [row for row in rows if split_of(row.id) is split]
-
-
 @app.command()
 def calibrate(
     data: Annotated[list[Path], typer.Argument(help="Labelled JSONL files (shared/data/README.md format).")],
@@ -208,13 +212,16 @@ def calibrate(
     if llm_run is not None:
         rows = _confirm_llm_spend(llm_run, rows, settings, llm_sample, yes, err)
     policy = load_policy(settings.policies_dir)
-    hand_set = _hand_set_bands(hand_set_band or [], policy.names)
+    try:
+        hand_set = hand_set_bands(hand_set_band or [], STAGE_ORDER, policy.names)
+    except CalibrationError as exc:
+        raise fail(f"--hand-set-band {exc}") from None
     version = version or f"calibrated-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
 
     async def work() -> tuple[tuple[ScoreTable, LabelMatrix, int], tuple[ScoreTable, LabelMatrix, int]]:
         cal = await _score(
             built,
-            _split_rows(rows, Split.CALIBRATION),
+            in_split(rows, Split.CALIBRATION),
             settings,
             digests,
             "calibration",
@@ -223,7 +230,7 @@ def calibrate(
             err,
         )
         test = await _score(
-            built, _split_rows(rows, Split.TEST), settings, digests, "test", refresh_scores, batch_size, err
+            built, in_split(rows, Split.TEST), settings, digests, "test", refresh_scores, batch_size, err
         )
         return cal, test
 
@@ -297,30 +304,6 @@ def _confirm_llm_spend(
         if not agreed:
             raise fail("not confirmed: no llm call made (omit the llm stage with --stages, or cap --llm-sample)")
     return sampled
-
-
-def _hand_set_bands(specs: Sequence[str], categories: Iterable[str]) -> dict[str, dict[str, Band]]:
-    """`--hand-set-band` values as bands, or an operator error naming the bad one."""
-    known = set(categories)
-    out: dict[str, dict[str, Band]] = {}
-    for spec in specs:
-        try:
-            target, edges = spec.split("=", 1)
-            stage, category = target.split(".", 1)
-            allow, block = edges.split(":", 1)
-            band = Band(allow_below=float(allow) if allow else None, block_at=float(block) if block else None)
-        except ValueError as exc:
-            raise fail(
-                f"--hand-set-band {spec!r}: expected STAGE.CATEGORY=ALLOW_BELOW:BLOCK_AT with edges in [0, 1], "
-                "allow <= block (e.g. llm.flagged=0.5:0.5)"
-            ) from exc
-        if stage not in STAGE_ORDER or category not in known:
-            raise fail(
-                f"--hand-set-band {spec!r}: unknown stage or category (stages: {', '.join(STAGE_ORDER)}; "
-                f"categories: {', '.join(sorted(known))})"
-            )
-        out.setdefault(stage, {})[category] = band
-    return out
 
 
 def _render_surfaces(thresholds: ThresholdSet, by_surface: CalibratedBySurface, console: Console) -> None:
@@ -411,67 +394,6 @@ def _render_shadow_model(agreement: dict[str, object], console: Console) -> None
     console.print(table)
 
 
-def _live_outcome(
-    runner: CascadeRunner, items: Sequence[ContentItem], batch_size: int, categories: Sequence[str]
-) -> Callable[[], Awaitable[tuple[CascadeOutcome, list[Verdict]]]]:
-    async def work() -> tuple[CascadeOutcome, list[Verdict]]:
-        verdicts: list[Verdict] = []
-        batch_of: list[int] = []
-        for number, start in enumerate(range(0, len(items), batch_size)):
-            contexts = [new_context(item) for item in items[start : start + batch_size]]
-            verdicts.extend(await runner.run(contexts))
-            batch_of.extend([number] * len(contexts))
-        return outcomes_from_verdicts(verdicts, runner.stage_names, batch_of, categories), verdicts
-
-    return work
-
-
-def _stale_stages(thresholds: ThresholdSet, stages: Sequence[Stage]) -> list[str]:
-    """Stages whose version differs from the one the thresholds were calibrated on (raw cuts no longer fit)."""
-    calibrated = {
-        s["name"]: s["version"] for s in thresholds.provenance.get("stages", []) if isinstance(s, dict) and "name" in s
-    }
-    return [
-        f"thresholds {thresholds.version} were calibrated on {s.name} {calibrated[s.name]}, this is {s.version}"
-        for s in stages
-        if s.name in calibrated and calibrated[s.name] != s.version
-    ]
-
-
-def _file_targets(thresholds: ThresholdSet) -> Targets:
-    """The targets a threshold file was calibrated for (to recalibrate the same way without a source)."""
-    doc = thresholds.provenance.get("targets")
-    try:
-        return Targets(doc["block_precision"], doc["max_allow_miss"], doc["max_llm_rate"], doc["confidence"])  # type: ignore[index]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise fail(
-            f"thresholds {thresholds.version} record no calibration targets (provenance.targets); "
-            "--leave-one-source-out needs a file written by `cascade calibrate`"
-        ) from exc
-
-
-def _stage_flagged_from_verdicts(verdicts: Sequence[Verdict], stage_names: Sequence[str]) -> dict[str, np.ndarray]:
-    out = {name: np.full(len(verdicts), np.nan) for name in stage_names}
-    for i, verdict in enumerate(verdicts):
-        for entry in verdict.trace:
-            if entry.error is None and FLAGGED in entry.scores:
-                out[entry.stage][i] = entry.scores[FLAGGED]
-    return out
-
-
-def _frontier(thresholds: ThresholdSet, table: ScoreTable, labels: LabelMatrix) -> list[dict[str, float]]:
-    """The cost–F1 frontier over the default set's calibration family, when the file carries its maps."""
-    maps = {
-        stage: {category: CalibrationMap.of(doc) for category, doc in cats.items()}
-        for stage, cats in thresholds.score_maps.items()
-        if stage in table.stage_names
-    }
-    if not maps:
-        return []
-    family = Family.build(table.stage_names, maps, level_grid(), level_grid())
-    return cost_f1_frontier(family.counts(table, labels.flagged))
-
-
 @app.command()
 def evaluate(
     data: Annotated[list[Path], typer.Argument(help="Labelled JSONL files (shared/data/README.md format).")],
@@ -503,7 +425,7 @@ def evaluate(
     rows, digests = _load_rows(data)
     all_rows = rows
     if split is not SplitChoice.ALL:
-        rows = _split_rows(rows, Split(split.value))
+        rows = in_split(rows, Split(split.value))
     if not rows:
         raise fail(f"no rows in {', '.join(map(str, data))} for split {split.value}")
     policy = load_policy(settings.policies_dir)
@@ -523,18 +445,21 @@ def evaluate(
         )
     for message in leakage_warnings(rows, settings.data_dir):
         err.print(f"[yellow]warning:[/] {message}")
-    cross_targets = _file_targets(primary) if leave_one_source_out else None
+    try:
+        cross_targets = Targets.of_thresholds(primary) if leave_one_source_out else None
+    except CalibrationError as exc:
+        raise fail(f"{exc}; --leave-one-source-out needs a file written by `cascade calibrate`") from None
     built = _stages(settings, stages)
-    stale = _stale_stages(primary, built)
+    stale = stale_stages(primary, built)
     for message in stale:
         err.print(f"[yellow]warning:[/] {message}; re-run `cascade calibrate`")
     labels_categories = LabelMatrix.of(rows).categories
     if live:
         kept, items, skipped = admit(rows, settings)
         runner = CascadeRunner(built, primary, policy.version, shadow)
-        outcome, verdicts = _with_stages(built, _live_outcome(runner, items, batch_size, labels_categories))
+        outcome, verdicts = _with_stages(built, lambda: live_run(runner, items, batch_size, labels_categories))
         labels = LabelMatrix.of(kept)
-        stage_flagged = _stage_flagged_from_verdicts(verdicts, runner.stage_names)
+        stage_flagged = stage_flagged_from_verdicts(verdicts, runner.stage_names)
         shadow_decision = (
             np.array([DECISION_CODES[v.shadow.decision] for v in verdicts if v.shadow], dtype=np.int8)
             if shadow
@@ -548,7 +473,7 @@ def evaluate(
         outcome = simulate(table, primary, labels_categories, labels.surfaces)
         stage_flagged = {s.name: s.column(FLAGGED) for s in table.stages}
         shadow_decision = simulate_shadow(table, outcome, shadow, labels.surfaces) if shadow else None
-        frontier = _frontier(primary, table, labels)
+        frontier = file_frontier(primary, table, labels)
 
     calibrated = {
         c
@@ -581,7 +506,7 @@ def evaluate(
         async def both_splits() -> tuple[tuple[ScoreTable, LabelMatrix, int], tuple[ScoreTable, LabelMatrix, int]]:
             scored = [
                 await _score(
-                    built, _split_rows(all_rows, part), settings, digests, part.value, refresh_scores, batch_size, err
+                    built, in_split(all_rows, part), settings, digests, part.value, refresh_scores, batch_size, err
                 )
                 for part in (Split.CALIBRATION, Split.TEST)
             ]

@@ -18,9 +18,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from cascade.cli.app import app, fail
-from cascade.cli.bank import import_progress, read_jsonl
+from cascade.cli.bank import file_progress, import_progress
 from cascade.contract import Verdict
 from cascade.drift import PSI_ALERT, PSI_WATCH, DriftError, Reference, moved, rows_to_label, summarise
+from cascade.jsonl import read_jsonl
 from cascade.settings import Settings
 from cascade.stream.client import read_topics
 from cascade.stream.topics import Topics
@@ -41,7 +42,7 @@ def _from_files(paths: Sequence[Path], err: Console) -> list[Verdict]:
     verdicts, skipped = [], 0
     with import_progress() as progress:
         for path in paths:
-            for _, record in read_jsonl(path, progress):
+            for _, record in read_jsonl(path, file_progress(progress, path)):
                 try:
                     verdicts.append(Verdict.model_validate(record))
                 except ValidationError:

@@ -20,6 +20,7 @@ from cascade.assembly import STAGE_ORDER, build_runner, freeze_loaded_heap
 from cascade.cli.app import app, fail
 from cascade.contract import DeadLetter, Verdict
 from cascade.intake import parse_record
+from cascade.jsonl import raw_records
 from cascade.pipeline import CascadeRunner, new_context
 from cascade.repeats import is_repeat
 from cascade.settings import Settings
@@ -85,10 +86,8 @@ class ModerationSummary:
 
 
 def _read_records(stream: IO[bytes], name: str) -> Iterator[tuple[bytes, str]]:
-    for lineno, line in enumerate(stream, 1):
-        record = line.rstrip(b"\r\n")
-        if record.strip():  # blank lines are separators, not records
-            yield record, f"{name}:{lineno}"
+    for lineno, record in raw_records(stream):
+        yield record, f"{name}:{lineno}"
 
 
 def _batches(records: Iterator[tuple[bytes, str]], size: int) -> Iterator[list[tuple[bytes, str]]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import signal
 import sys
 import time
@@ -20,9 +21,10 @@ from cascade.assembly import STAGE_ORDER, build_runner, single_process_stages
 from cascade.cli.app import app, fail
 from cascade.cli.moderate import ModerationSummary
 from cascade.contract import Decision, Verdict
+from cascade.jsonl import raw_records
 from cascade.settings import Settings
 from cascade.stream.broker import BrokerError
-from cascade.stream.client import NoTopicsError, Outcomes, Published, publish, read_topics
+from cascade.stream.client import NoTopicsError, Published, StreamOutputs, publish, read_topics
 from cascade.stream.kafka import bootstrap_servers, client_logs_quiet, unreachable_message
 from cascade.stream.local import LocalDeployment, WorkerError, collect, worker_stages
 from cascade.stream.security import KafkaSecurity, KafkaSecurityError
@@ -62,14 +64,7 @@ def _security(settings: Settings) -> KafkaSecurity:
 
 def _lines(path: Path, limit: int | None) -> Iterator[bytes]:
     with path.open("rb") as fh:
-        count = 0
-        for line in fh:
-            record = line.rstrip(b"\r\n")
-            if not record.strip():  # blank lines separate records, they are not records
-                continue
-            if limit is not None and count >= limit:
-                return
-            count += 1
+        for _, record in itertools.islice(raw_records(fh), limit):
             yield record
 
 
@@ -266,7 +261,7 @@ async def _publish_and_watch(
             )
             _report_published(err, published, url, time.perf_counter() - started)
 
-    def progress(outcomes: Outcomes) -> None:
+    def progress(outcomes: StreamOutputs) -> None:
         done = len(outcomes.verdicts) + len(outcomes.dead_letters)
         elapsed = time.perf_counter() - started
         counts = " ".join(

@@ -20,7 +20,7 @@ from cascade.data import DataError, Split
 from cascade.settings import Settings
 
 if TYPE_CHECKING:
-    from cascade.train import TrainOptions
+    from cascade.train.fit import TrainOptions
     from cascade.tuning.build import TunedOptions
 
 
@@ -188,8 +188,9 @@ def train(
 ) -> None:
     """Train the classifier on DATA and write it to OUT with its model card."""
     from cascade.embedding import Embedder, frozen_spec
-    from cascade.train import DESIGNS, TrainError, TrainOptions, write_model
     from cascade.train import train as run_training
+    from cascade.train import write_model
+    from cascade.train.fit import DESIGNS, TrainError, TrainOptions
 
     weights = _parse_weights(source_weight or [])
     if design == "tuned":

@@ -9,20 +9,25 @@ read the file as it is.
 known-bad hash bank and the exemplar bank, and items allowed although blocked or near-matching a
 bank entry to the known-good bank. Entries are keyed `review-<item id>`, so an overturned block
 flips the same entry. Every change is audited in the store: who, when, which decision, which bank.
+The review service gives it the banks topic, so hash-bank changes reach every stage worker.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from cascade.banktopic import BankTopic, change_shared
 from cascade.contract import Decision, ReviewDecision
 from cascade.data import FLAGGED, LabelledItem
+from cascade.hashbank import BankError, EntryInput, HashBank, Polarity
 from cascade.review.store import ReviewStore
 from cascade.settings import Settings
+from cascade.stages.hash import HashStage
 
 if TYPE_CHECKING:  # the embedder (onnxruntime) loads only when exemplar feedback is on
     from cascade.embedding import Embedder
@@ -30,7 +35,6 @@ if TYPE_CHECKING:  # the embedder (onnxruntime) loads only when exemplar feedbac
 log = logging.getLogger(__name__)
 
 REVIEW_SOURCE = "review"
-HASH_STAGE = "hash"
 
 
 def labelled_rows(
@@ -61,16 +65,23 @@ def bank_entry_id(item_id: str) -> str:
 
 def _near_matching(record: ReviewDecision) -> bool:
     """The hash stage found a bank entry close to the item (a hit, whatever its band said)."""
-    return any(entry.stage == HASH_STAGE and entry.scores for entry in record.settles.trace)
+    return any(entry.stage == HashStage.name and entry.scores for entry in record.settles.trace)
 
 
 class BankFeedback:
-    """Applies decided items to the banks; the bank APIs are the ones `cascade bank` uses."""
+    """Applies decided items to the banks; the bank APIs are the ones `cascade bank` uses.
 
-    def __init__(self, store: ReviewStore, settings: Settings, exemplars: bool = True) -> None:
+    With a banks topic (a broker configured), hash-bank changes go through it, as `cascade bank
+    add` does: every stage worker's replica gets them.
+    """
+
+    def __init__(
+        self, store: ReviewStore, settings: Settings, exemplars: bool = True, topic: BankTopic | None = None
+    ) -> None:
         self.store = store
         self.settings = settings
         self.exemplars = exemplars
+        self.topic = topic
         self._embedder: Embedder | None = None  # loaded on the first exemplar, then kept
 
     def _get_embedder(self) -> Embedder:
@@ -81,40 +92,52 @@ class BankFeedback:
         return self._embedder
 
     def apply_pending(self) -> int:
-        done = 0
-        for record in self.store.pending_feedback():
+        """Feed the banks from every decision not yet applied; blocking (the publisher runs it in a thread).
+
+        Raises KafkaError when the banks topic cannot be reached: nothing is marked applied then,
+        so the next round retries (every change is idempotent by entry id).
+        """
+        records = self.store.pending_feedback()
+        if not records:
+            return 0
+        bank = HashBank.open(self.settings.data_dir, self.settings.near_dup_threshold)
+        try:
+            return asyncio.run(self._apply(bank, records))
+        finally:
+            bank.close()
+
+    async def _apply(self, bank: HashBank, records: Sequence[ReviewDecision]) -> int:
+        if self.topic is not None:
+            await self.topic.replay(bank)  # once per round: changes apply to the bank every replica has
+        for record in records:
             text = self._text(record)
-            changes = self.changes_for(record, text) if text.strip() else [("none", "no text to bank")]
+            changes = await self._changes_for(bank, record, text) if text.strip() else [("none", "no text to bank")]
             self.store.record_feedback(record, changes)
-            done += 1
-        return done
+        return len(records)
 
     def _text(self, record: ReviewDecision) -> str:
         item = record.settles.item
         return item.text if item is not None else ""
 
-    def changes_for(self, record: ReviewDecision, text: str) -> list[tuple[str, str]]:
+    async def _changes_for(self, bank: HashBank, record: ReviewDecision, text: str) -> list[tuple[str, str]]:
         blocked = record.decision == Decision.BLOCK.value
         if not blocked and record.settles.decision is not Decision.BLOCK and not _near_matching(record):
             return []  # an ordinary allow teaches the banks nothing
-        changes = [self._hash(record, text, blocked)]
+        changes = [await self._hash(bank, record, text, blocked)]
         if self.exemplars:
             changes.append(self._exemplar(record, text, blocked))
         return changes
 
-    def _hash(self, record: ReviewDecision, text: str, blocked: bool) -> tuple[str, str]:
-        from cascade.hashbank import BankError, EntryInput, HashBank, Polarity
-
+    async def _hash(self, bank: HashBank, record: ReviewDecision, text: str, blocked: bool) -> tuple[str, str]:
         polarity = Polarity.BAD if blocked else Polarity.GOOD
         entry_id = bank_entry_id(record.id)
-        bank = HashBank.open(self.settings.data_dir, self.settings.near_dup_threshold)
+        entry = EntryInput(entry_id, text, polarity, tuple(record.categories), REVIEW_SOURCE)
         try:
-            entry = EntryInput(entry_id, text, polarity, tuple(record.categories), REVIEW_SOURCE)
-            report = bank.upsert([entry], f"review:{record.reviewer}")
+            report = await change_shared(
+                bank, self.topic, [entry_id], lambda: bank.upsert([entry], f"review:{record.reviewer}"), replay=False
+            )
         except BankError as exc:
             return "hash", f"not banked: {exc}"
-        finally:
-            bank.close()
         outcome = "added" if report.added else "updated" if report.updated else "unchanged"
         return "hash", f"{outcome} {polarity.value} entry {entry_id}"
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import uvicorn
 from aiokafka import AIOKafkaProducer
 
+from cascade.banktopic import BankTopic
 from cascade.contract import Decision
 from cascade.review.consumer import consume, input_topics
 from cascade.review.feedback import BankFeedback
@@ -55,7 +56,10 @@ async def serve(
     await producer.start()
     announce()
     stop, ready = asyncio.Event(), asyncio.Event()
-    feedback = BankFeedback(store, settings) if settings.review_bank_feedback else None
+    # Through the banks topic, so the stage workers' replicas learn from reviewers too.
+    feedback = (
+        BankFeedback(store, settings, topic=BankTopic.on(url, settings)) if settings.review_bank_feedback else None
+    )
     app = create_app(AppState(store, settings, ready))
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
     parts = {

@@ -29,10 +29,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from cascade.contract import (
     HUMAN,
     Appeal,
-    AppealOutcome,
+    AppealRuling,
     Decision,
     ReviewDecision,
-    StageOutcome,
+    StageAction,
     TraceEntry,
     Verdict,
 )
@@ -201,7 +201,7 @@ def human_verdict(record: ReviewDecision) -> Verdict:
     entry = TraceEntry(
         stage=HUMAN,
         stage_version=HUMAN_STAGE_VERSION,
-        result=StageOutcome(decision.value),
+        result=StageAction(decision.value),
         latency_ms=0.0,
         note=f"{'appeal ' + record.appeal_outcome.value if record.appeal_outcome else 'decided'} by {record.reviewer}",
         details={"decision_id": record.decision_id, "reviewer": record.reviewer},
@@ -404,7 +404,7 @@ class ReviewStore:
             appeal = task.kind == TaskKind.APPEAL
             outcome = None
             if appeal:
-                outcome = AppealOutcome.UPHELD if decision is Decision.BLOCK else AppealOutcome.OVERTURNED
+                outcome = AppealRuling.UPHELD if decision is Decision.BLOCK else AppealRuling.OVERTURNED
             record = ReviewDecision(
                 decision_id=str(uuid.uuid4()),
                 id=task.item_id,
@@ -536,7 +536,7 @@ class ReviewStore:
                 .group_by(DecisionRow.appeal_outcome)
             ):
                 stats.appeals_decided += count
-                if outcome == AppealOutcome.OVERTURNED.value:
+                if outcome == AppealRuling.OVERTURNED.value:
                     stats.overturned += count
             stats.unpublished = session.scalar(select(func.count()).where(DecisionRow.published_at.is_(None))) or 0
             leans = StageJudgement.max_score >= LEANS_VIOLATING

@@ -147,7 +147,11 @@ class Stage(ABC):
     name: str
     version: str
     # Each call costs money (a paid API): evaluation runs and the bench never call such a stage.
+    # The billed stage is the cascade's costly adjudicator: "LLM calls" count the items reaching it.
     billed: bool = False
+    # Assumed cost of one item through the stage, relative to one call of the billed stage (1.0):
+    # evaluation's cost model (`cascade.assembly.relative_costs`). Every registered stage sets it.
+    relative_cost: float
 
     @classmethod
     def from_settings(cls, settings: Settings, resources: Resources) -> Stage:

@@ -88,6 +88,7 @@ class ClassifierModel:
 
 class ClassifierStage(Stage):
     name = "classifier"
+    relative_cost = 0.001  # ONNX heads on the shared embedding
 
     def __init__(self, model: ClassifierModel | None, embedder: Embedder) -> None:
         """`model`: heads on the frozen embedding; None when the embedder's own heads score (tuned)."""

@@ -17,18 +17,21 @@ quarantined, for `CASCADE_FLOOD_QUARANTINE_S`; a confirmed entry keeps deciding.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from cascade.contract import Decision
-from cascade.hashbank import FloodGuard, HashBank, Hit, MatchKind, Polarity
+from cascade.hashbank import BankEntry, FloodGuard, HashBank, Hit, MatchKind, Polarity
 from cascade.normalize import NORMALIZE_VERSION, has_content
 from cascade.settings import Settings
 from cascade.stages.base import ItemContext, Match, Stage, StageResult
 
 if TYPE_CHECKING:
     from cascade.stages.base import Resources
+
+log = logging.getLogger(__name__)
 
 # Category reported for a bad entry that was added without one.
 FALLBACK_CATEGORY = "flagged"
@@ -37,11 +40,16 @@ _MAX_DETAILED_HITS = 5
 
 class HashStage(Stage):
     name = "hash"
+    relative_cost = 0.0001  # an SQLite lookup and a MinHash: cheaper still than an embedding
 
     def __init__(self, bank: HashBank, flood_guard: FloodGuard, quarantine_s: float = 3600.0) -> None:
         self.bank = bank
         self.flood_guard = flood_guard
         self.quarantine_s = quarantine_s
+        # Set by a stream worker whose banks are shared (cascade.stream.worker): gets the entries this
+        # replica's flood guard quarantined, to publish them so every replica stops trusting them.
+        self.on_quarantine: Callable[[list[BankEntry]], Awaitable[None]] | None = None
+        self._publishing: set[asyncio.Task[None]] = set()
         self.version = f"1+normalize{NORMALIZE_VERSION}+{bank.shingler.version}@{bank.near_threshold:g}"
 
     @classmethod
@@ -53,7 +61,21 @@ class HashStage(Stage):
     async def score(self, batch: Sequence[ItemContext]) -> list[StageResult]:
         # SQLite reads (and flood-guard quarantines) block: off the event loop, which also serves
         # the worker's consumer heartbeats and health probes.
-        return await asyncio.to_thread(self._score_batch, batch)
+        results = await asyncio.to_thread(self._score_batch, batch)
+        quarantined = [entry_id for r in results for entry_id in r.details.get("newly_quarantined", ())]
+        if quarantined and self.on_quarantine is not None:
+            entries = await asyncio.to_thread(lambda: [e for e in map(self.bank.get, quarantined) if e is not None])
+            # In the background: the batch's verdicts do not wait for the broker. The quarantine
+            # already holds here; a failed publish only leaves the other replicas to their own guard.
+            task = asyncio.create_task(self.on_quarantine(entries))
+            self._publishing.add(task)
+            task.add_done_callback(self._published)
+        return results
+
+    def _published(self, task: asyncio.Task[None]) -> None:
+        self._publishing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("hash: could not share a flood-guard quarantine: %s", task.exception())
 
     def _score_batch(self, batch: Sequence[ItemContext]) -> list[StageResult]:
         # One pragma per batch picks up entries added or quarantined by other processes.
@@ -79,6 +101,8 @@ class HashStage(Stage):
         return self.bank.quarantine(entry_id, reason, self.quarantine_s)
 
     async def aclose(self) -> None:
+        if self._publishing:
+            await asyncio.wait(self._publishing)
         self.bank.close()
 
 

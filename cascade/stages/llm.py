@@ -52,6 +52,7 @@ class ResultCache(Protocol):
 class LLMStage(Stage):
     name = "llm"
     billed = True
+    relative_cost = 1.0
 
     def __init__(
         self,

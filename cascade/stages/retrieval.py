@@ -133,6 +133,7 @@ def evidence_neighbours(neighbours: Sequence[Neighbour], nearest_bad: Neighbour 
 
 class RetrievalStage(Stage):
     name = "retrieval"
+    relative_cost = 0.001  # a CPU embedding and a kNN query, ~a thousandth of an LLM call
 
     def __init__(
         self,

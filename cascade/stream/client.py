@@ -183,7 +183,7 @@ async def read_topics(
 
 
 @dataclass
-class Outcomes:
+class StreamOutputs:
     """What came out of the cascade: verdicts by id (duplicates counted) and dead letters."""
 
     topics: Topics
@@ -215,11 +215,11 @@ class Outcomes:
             if p.item_id not in self.verdicts and p.item_id not in dead_ids and p.source not in dead_sources
         ]
 
-    def restricted_to(self, published: Sequence[Published]) -> Outcomes:
+    def restricted_to(self, published: Sequence[Published]) -> StreamOutputs:
         """Only the outcomes of these records (topics read from the beginning hold older runs too)."""
         ids = {p.item_id for p in published if p.item_id}
         sources = {p.source for p in published}
-        kept = Outcomes(self.topics)
+        kept = StreamOutputs(self.topics)
         kept.verdicts = {i: v for i, v in self.verdicts.items() if i in ids}
         kept.deliveries = Counter({i: n for i, n in self.deliveries.items() if i in ids})
         kept.dead_letters = [d for d in self.dead_letters if d.id in ids or d.source in sources]

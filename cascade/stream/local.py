@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cascade.settings import Settings
 from cascade.stream.broker import EmbeddedBroker, free_port
-from cascade.stream.client import Outcomes, Published, read_topics
+from cascade.stream.client import Published, StreamOutputs, read_topics
 from cascade.stream.kafka import ensure_topics
 from cascade.stream.security import PLAINTEXT, KafkaSecurity
 from cascade.stream.topics import Topics
@@ -251,17 +251,17 @@ async def collect(
     topics: Topics,
     published: Sequence[Published] | Callable[[], Sequence[Published]],
     timeout_s: float | None = None,
-    on_update: Callable[[Outcomes], None] | None = None,
+    on_update: Callable[[StreamOutputs], None] | None = None,
     alive: Callable[[], bool] = lambda: True,
     until_drained: bool = True,
     security: KafkaSecurity = PLAINTEXT,
-) -> Outcomes:
+) -> StreamOutputs:
     """Read verdicts and dead letters until every published record has one (or forever).
 
     `published` may be a callable when publishing is still under way. Raises TimeoutError after
     `timeout_s`, WorkerError when `alive()` turns false.
     """
-    outcomes = Outcomes(topics)
+    outcomes = StreamOutputs(topics)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last_update = 0.0
     async for topic, value in read_topics(url, [*topics.all_verdicts, topics.deadletter], security=security):

@@ -15,8 +15,9 @@ import typer
 from aiokafka.errors import KafkaError
 
 from cascade.assembly import STAGE_ORDER, build_runner, freeze_loaded_heap
-from cascade.banktopic import BankTopic
+from cascade.banktopic import BankTopic, EntryState
 from cascade.drift import Reference
+from cascade.hashbank import BankEntry
 from cascade.pipeline import CascadeRunner
 from cascade.repeats import RepeatingRunner
 from cascade.settings import Settings, SettingsError
@@ -132,9 +133,12 @@ def _follow_banks(
     if hash_stage is None:
         return
     bank = hash_stage.bank
-    topic = BankTopic(
-        broker_url, settings.topic_prefix, KafkaSecurity.from_settings(settings), settings.stream_replication_factor
-    )
+    topic = BankTopic.on(broker_url, settings)
+
+    async def share_quarantines(entries: list[BankEntry]) -> None:
+        await topic.publish([EntryState.of(entry) for entry in entries])
+
+    hash_stage.on_quarantine = share_quarantines
 
     @app.task
     async def follow_banks() -> None:

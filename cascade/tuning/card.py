@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from cascade.data import FLAGGED
+from cascade.train.card import markdown_table
 
 
 def write_card(card: Mapping[str, Any], out: Path) -> None:
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     (out / "card.md").write_text(render_card(card), encoding="utf-8")
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join("–" if cell is None else str(cell) for cell in row) + " |" for row in rows]
-    return [*lines, ""]
 
 
 def _flagged_rows(figures: Mapping[str, Any]) -> dict[str, Any]:
@@ -50,7 +45,7 @@ def render_card(card: Mapping[str, Any]) -> str:
         f"on {card['machine']}; best state at epoch {fit['best']['epoch']:.2f} (step {fit['best']['step']}) by macro "
         "`flagged` AUPRC over the sources of a fixed calibration-split sample (early stopping):",
         "",
-        *_table(
+        *markdown_table(
             ["epoch", "step", "seconds", "macro flagged AUPRC", *sorted(fit["best"]["per_source"])],
             [
                 [f"{e['epoch']:.2f}", e["step"], e["seconds"], e["macro_flagged_auprc"], *e["per_source"].values()]
@@ -61,13 +56,15 @@ def render_card(card: Mapping[str, Any]) -> str:
         "Sources are balanced by sampling afresh each epoch: uncapped sources come whole, a capped source gives "
         "`source_caps` rows, half flagged and half not.",
         "",
-        *_table(["head", "labelled train rows", "positives"], [[h, *card["label_counts"][h]] for h in card["heads"]]),
+        *markdown_table(
+            ["head", "labelled train rows", "positives"], [[h, *card["label_counts"][h]] for h in card["heads"]]
+        ),
         "## Test split, per source (AUPRC; rows never seen in training or model selection)",
         "",
         f"At most {card['options']['test_cap']} test rows per source (a fixed random sample; the smaller sources "
         "whole).",
         "",
-        *_table(
+        *markdown_table(
             ["source", "head", "rows", "positives", "tuned int8", "tuned fp32", "frozen"],
             [
                 [
@@ -93,13 +90,13 @@ def render_card(card: Mapping[str, Any]) -> str:
         f"(at most {evaluation['loso_cap']} per source), scored on the held-out source's test rows. For the "
         "tuned encoder this holds the head out, not the encoder: the encoder was fine-tuned on every source.",
         "",
-        *_table(
+        *markdown_table(
             ["held-out source", *evaluation["leave_one_source_out"]],
             [[s, *(v[s]["auprc"] for v in evaluation["leave_one_source_out"].values())] for s in sources],
         ),
         "## Truncation (chosen on the calibration split)",
         "",
-        *_table(
+        *markdown_table(
             [
                 "max tokens",
                 *sorted(next(iter(evaluation["truncation"].values()))["auprc"]),
@@ -116,7 +113,7 @@ def render_card(card: Mapping[str, Any]) -> str:
         f"at least 95 % of the texts that reach it ({evaluation['near_copy']['queries']} calibration texts against "
         f"{evaluation['near_copy']['bank']} train texts):",
         "",
-        *_table(
+        *markdown_table(
             ["similarity >=", "share of texts", "of which near-duplicates"],
             [
                 [level, v["share_of_queries"], v["near_duplicates"]]
@@ -125,13 +122,13 @@ def render_card(card: Mapping[str, Any]) -> str:
         ),
         "## Speed (sentences/s, best of interleaved rounds, this machine, same texts)",
         "",
-        *_table(
+        *markdown_table(
             ["precision", *next(iter(evaluation["speed"].values()))],
             [[p, *v.values()] for p, v in evaluation["speed"].items()],
         ),
         "## Export parity against torch",
         "",
-        *_table(
+        *markdown_table(
             ["precision", "embedding max abs diff", "min cosine", "mean cosine", "scores max abs diff"],
             [
                 [
@@ -146,7 +143,9 @@ def render_card(card: Mapping[str, Any]) -> str:
         ),
         "## Data",
         "",
-        *_table(["file", "rows", "sha256"], [[Path(d["path"]).name, d["rows"], d["sha256"]] for d in card["data"]]),
+        *markdown_table(
+            ["file", "rows", "sha256"], [[Path(d["path"]).name, d["rows"], d["sha256"]] for d in card["data"]]
+        ),
         "## Reproduce",
         "",
         f"```\n{card['command']}\n```",
