@@ -315,7 +315,9 @@ class QdrantClientIndex(VectorIndex):
 
 def _neighbour(score: float, payload: dict[str, Any] | None) -> Neighbour:
     payload = payload or {}
-    return Neighbour(id=str(payload.get("exemplar_id", "")), similarity=float(score), payload=payload)
+    # A cosine of float32 unit vectors can land a rounding error outside [-1, 1] (a text against itself).
+    similarity = min(1.0, max(-1.0, float(score)))
+    return Neighbour(id=str(payload.get("exemplar_id", "")), similarity=similarity, payload=payload)
 
 
 def index_identity(settings: Settings) -> str:
