@@ -23,7 +23,7 @@ from cascade.train import train, write_model
 from cascade.train.fit import TrainOptions
 from cascade.vectorindex import EdgeIndex
 
-pytest_plugins = ["model_cache"]  # fixtures: settings, embedder
+pytest_plugins = ["model_cache"]  # fixtures: settings, embedder, frozen_embedder
 
 FIXTURE = Path(__file__).parent / "fixtures" / "classifier_tiny.jsonl"
 THROUGHPUT_ROWS = {"hash_stage", "embedding_onnx_b64", "embedding_onnx_b1", "cascade_inprocess"}
@@ -68,14 +68,15 @@ def tiny(data: Path, **overrides: object) -> BenchConfig:
 
 
 @pytest.fixture
-def every_piece(settings: Settings, embedder: Embedder, data: Path, tmp_path: Path) -> Settings:
-    """A trained classifier and an exemplar bank built from the train split, in this test's data dir."""
+def every_piece(settings: Settings, frozen_embedder: Embedder, data: Path, tmp_path: Path) -> Settings:
+    """A trained (frozen-design) classifier and an exemplar bank built from the train split with the
+    frozen MiniLM it serves, in this test's data dir."""
     train_rows = [r for r in load_labelled([data]) if split_of(r.id) is Split.TRAIN]
     index = EdgeIndex(settings.data_path("exemplars"))
-    add_exemplars(index, embedder, train_rows, added_by="test")
+    add_exemplars(index, frozen_embedder, train_rows, added_by="test")
     index.close()
     options = TrainOptions(min_positives=5, folds=2, compare=(), cross_source=False, name="bench-tiny")
-    trained = train([data], embedder.embed, embedder.identity, settings.data_path("train-cache"), options)
+    trained = train([data], frozen_embedder.embed, frozen_embedder.identity, settings.data_path("train-cache"), options)
     write_model(trained, tmp_path / "model")
     return settings.model_copy(update={"model_dir": tmp_path / "model"})
 
