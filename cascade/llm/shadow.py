@@ -18,7 +18,6 @@ from cascade.data import FLAGGED
 
 DETAILS_KEY = "shadow_model"
 FLAG_AT = 0.5
-LLM_STAGE = "llm"
 
 SHADOW_ITEMS = Counter(
     "cascade_llm_shadow_total",
@@ -53,7 +52,7 @@ def shadow_agreement(verdicts: Sequence[Verdict]) -> dict[str, Any] | None:
     shadow_label = None
     for verdict in verdicts:
         for entry in verdict.trace:
-            shadow = entry.details.get(DETAILS_KEY) if entry.stage == LLM_STAGE else None
+            shadow = entry.details.get(DETAILS_KEY)  # only the adjudicating stage writes it
             if not isinstance(shadow, dict) or entry.details.get("cache") != "miss":
                 continue
             shadow_label = shadow.get("route", shadow_label)
