@@ -222,7 +222,15 @@ async def test_server_without_json_schema_falls_back_to_json_mode_once(
     assert formats == ["json_schema", "json_object", "json_object"]
     grammar = server.state.requests[1]["response_format"]["schema"]
     assert grammar["properties"]["rationale"]["maxLength"] == 300  # bounded where a grammar enforces it
-    assert grammar["properties"]["categories"] == stage.primary.backend.prompt.schema["properties"]["categories"]
+    # The grammar admits exactly the consistent judgements: severity "none" exactly when not violating.
+    for judgement in grammar["properties"]["categories"]["properties"].values():
+        allowed = [
+            (shape["properties"]["violates"]["const"], severity)
+            for shape in judgement["anyOf"]
+            for severity in shape["properties"]["severity"].get("enum", [shape["properties"]["severity"].get("const")])
+        ]
+        assert sorted(allowed) == [(False, "none"), (True, "high"), (True, "low"), (True, "medium")]
+    assert set(grammar["properties"]["categories"]["required"]) == set(stage.primary.backend.prompt.categories)
     assert "maxLength" not in json.dumps(server.state.requests[0]["response_format"])  # strict mode refuses it
     assert server.state.requests[0]["max_completion_tokens"] == server.state.requests[1]["max_tokens"] == 800
     await stage.aclose()
