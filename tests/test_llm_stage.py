@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -571,4 +572,19 @@ async def test_items_waiting_for_a_slot_use_the_format_learnt_meanwhile(tmp_path
     results = await stage.score([ctx(f"queued item {i}") for i in range(4)])
     assert all(r.error is None for r in results)
     assert [r["response_format"]["type"] for r in server.state.requests] == ["json_schema"] + ["json_object"] * 4
+    await stage.aclose()
+
+
+async def test_request_time_is_the_models_not_the_wait_for_a_slot(tmp_path: Path, server: LocalLLMServer) -> None:
+    """One slot, three items of 0.2 s each, run one after another: their request times add up to at
+    most the batch's wall time (counting the waits for the slot would make them add up to about twice it)."""
+    server.state.default_mode = Mode.SLOW
+    server.state.slow_s = 0.2
+    stage = make_stage(make_settings(tmp_path, server, llm_concurrency=1, llm_timeout_s=30.0))
+    started = time.perf_counter()
+    results = await stage.score([ctx(f"queued item {i}") for i in range(3)])
+    wall_ms = (time.perf_counter() - started) * 1000
+    assert all(r.error is None for r in results)
+    timings = [r.details["request_ms"] for r in results]
+    assert all(ms >= 200 for ms in timings) and sum(timings) <= wall_ms, (timings, wall_ms)
     await stage.aclose()
