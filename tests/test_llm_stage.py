@@ -21,7 +21,7 @@ from llm_server import HIJACK_JSON, HIJACK_PLAIN, LocalLLMServer, Mode, judged_t
 from cascade.assembly import build_runner, build_stages
 from cascade.contract import ContentItem, Decision, Verdict
 from cascade.llm.backends.base import describe_error, rejects_structured_output
-from cascade.llm.prompt import select_examples
+from cascade.llm.prompt import PromptBuilder, select_examples
 from cascade.llm.resilience import BreakerState, CircuitBreaker, RollingBudget, TokenBucket
 from cascade.llm.verdict import (
     InvalidOutput,
@@ -588,3 +588,15 @@ async def test_request_time_is_the_models_not_the_wait_for_a_slot(tmp_path: Path
     timings = [r.details["request_ms"] for r in results]
     assert all(ms >= 200 for ms in timings) and sum(timings) <= wall_ms, (timings, wall_ms)
     await stage.aclose()
+
+
+def test_brief_policy_prompt_holds_the_descriptions_not_the_category_files(tmp_path: Path) -> None:
+    policy = load_policy()
+    full = PromptBuilder.from_settings(Settings(data_dir=tmp_path), policy)
+    brief = PromptBuilder.from_settings(Settings(data_dir=tmp_path, llm_policy_detail="brief"), policy)
+    violence_file = (Settings().policies_dir / "violence.md").read_text(encoding="utf-8").strip()
+    assert violence_file in full.system_prompt and violence_file not in brief.system_prompt
+    for name in brief.categories:
+        assert policy.categories[name].description in brief.system_prompt
+    assert "Severity scale" in brief.system_prompt  # the general principles stay: they define the output
+    assert len(brief.system_prompt) < len(full.system_prompt) / 2 and brief.prompt_hash != full.prompt_hash

@@ -79,7 +79,8 @@ class LocalModel:
         slower here (docs/llm.md); scores are then mapped from the verdict. The server runs one
         request at a time and finishes a request whose client gave up: so one request in flight
         (more would only wait in its queue, inside their own timeouts) and no retries (a retried
-        timeout queues behind the abandoned request it repeats).
+        timeout queues behind the abandoned request it repeats). The brief policy prompt (1,450
+        tokens instead of 4,000) is evaluated in a third of the time at start-up.
         """
         return {
             "OPENAI_BASE_URL": self.base_url,
@@ -89,6 +90,7 @@ class LocalModel:
             "CASCADE_LLM_LOGPROBS": "false",
             "CASCADE_LLM_CONCURRENCY": "1",
             "CASCADE_LLM_MAX_RETRIES": "0",
+            "CASCADE_LLM_POLICY_DETAIL": "brief",
         }
 
     def warm_up(self, settings: Settings) -> float:
@@ -101,10 +103,7 @@ class LocalModel:
         """
         if settings.llm_backend != "chat":
             return 0.0
-        policy = load_policy(settings.policies_dir)
-        prompt = PromptBuilder.from_policy_dir(
-            settings.policies_dir, policy, settings.llm_few_shot_k, settings.llm_max_text_chars
-        )
+        prompt = PromptBuilder.from_settings(settings, load_policy(settings.policies_dir))
         body = {"model": self.model, "messages": [{"role": "system", "content": prompt.system_prompt}], "max_tokens": 1}
         request = urllib.request.Request(
             f"{self.base_url}/chat/completions",
@@ -175,12 +174,13 @@ def main() -> None:
     if not command:
         parser.error("name the command to run after --")
     try:
-        settings = Settings()
+        Settings()  # a bad setting stops here, before the server starts
         with serve(args.port, log_path=args.log) as model:
             print(f"local model {model.model} serving on {model.base_url}; warming up", file=sys.stderr, flush=True)
-            warm_s = model.warm_up(settings)
+            os.environ.update(model.environment())
+            warm_s = model.warm_up(Settings())
             print(f"local model ready (policy prompt evaluated in {warm_s:.0f} s)", file=sys.stderr, flush=True)
-            status = subprocess.call(command, env=os.environ | model.environment())
+            status = subprocess.call(command)
     except (LocalModelUnavailable, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
