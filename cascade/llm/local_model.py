@@ -42,6 +42,7 @@ START_TIMEOUT_S = 180.0
 THREADS = 1
 # Evaluating the ~4,000-token policy prefix took 3-6 minutes on the loaded 2-core machine.
 WARM_UP_TIMEOUT_S = 900.0
+REQUEST_TIMEOUT_S = 60.0
 
 
 class LocalModelUnavailable(RuntimeError):
@@ -79,8 +80,9 @@ class LocalModel:
         slower here (docs/llm.md); scores are then mapped from the verdict. The server runs one
         request at a time and finishes a request whose client gave up: so one request in flight
         (more would only wait in its queue, inside their own timeouts) and no retries (a retried
-        timeout queues behind the abandoned request it repeats). The brief policy prompt (1,450
-        tokens instead of 4,000) is evaluated in a third of the time at start-up.
+        timeout queues behind the abandoned request it repeats). The brief policy prompt (1,561
+        tokens instead of 4,012) is evaluated in a third of the time at start-up. A reply is
+        ~270 generated tokens, ~10 s on one busy core: the timeout fits that, not a hosted API.
         """
         return {
             "OPENAI_BASE_URL": self.base_url,
@@ -91,6 +93,7 @@ class LocalModel:
             "CASCADE_LLM_CONCURRENCY": "1",
             "CASCADE_LLM_MAX_RETRIES": "0",
             "CASCADE_LLM_POLICY_DETAIL": "brief",
+            "CASCADE_LLM_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
         }
 
     def warm_up(self, settings: Settings) -> float:
