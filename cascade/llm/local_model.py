@@ -187,7 +187,7 @@ def main() -> None:
     except (LocalModelUnavailable, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    raise SystemExit(status)
+    raise SystemExit(status if status >= 0 else 128 - status)  # killed by a signal: the shell's convention
 
 
 if __name__ == "__main__":
