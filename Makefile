@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SHARED_DATA ?= ../shared/data
-SAMPLE_SIZE ?= 2000
+# With LLM=local every LLM-bound item waits for a CPU model: a smaller default sample (docs/llm.md).
+SAMPLE_SIZE ?= $(if $(filter local,$(LLM)),100,2000)
 export CASCADE_DATA_DIR ?= .cascade
 export HF_HUB_OFFLINE := 1
 
@@ -48,6 +49,7 @@ $(LLAMA_STAMP): $(STAMP)
 
 # LLM=local: the whole cascade with the llama.cpp server on the packaged model as its LLM.
 LOCAL_LLM := $(if $(filter local,$(LLM)),$(BIN)/python -m cascade.llm.local_model --log $(CASCADE_DATA_DIR)/llama-server.log --,)
+RUN_TIMEOUT := $(if $(filter local,$(LLM)),3600,900)
 # The shipped threshold files, rebuilt from scratch for the current model (docs/calibration.md,
 # "Shipped thresholds"): fresh banks from the train split, then both files calibrated by surface on
 # the calibration split, then the test-split report. Scoring takes 10-30 minutes on 2 cores.
@@ -72,7 +74,7 @@ thresholds: $(STAMP)
 # a verdict summary, a clean shutdown.
 run: $(BANKS_STAMP) $(if $(filter local,$(LLM)),$(LLAMA_STAMP))
 	$(BIN)/cascade sample $(DATA_FILES) --split test -n $(SAMPLE_SIZE) -o $(CASCADE_DATA_DIR)/sample.jsonl
-	$(LOCAL_LLM) $(BIN)/cascade run --publish $(CASCADE_DATA_DIR)/sample.jsonl --until-drained
+	$(LOCAL_LLM) $(BIN)/cascade run --publish $(CASCADE_DATA_DIR)/sample.jsonl --until-drained --timeout $(RUN_TIMEOUT)
 
 # The human review page on what `make run` left in review (same CASCADE_DATA_DIR); Ctrl-C stops it.
 review: $(STAMP)
@@ -92,7 +94,7 @@ test: lint system-packages
 
 # The LLM backends against the real llama.cpp server (builds it first; minutes, see docs/llm.md).
 test-llm: $(LLAMA_STAMP)
-	CASCADE_TEST_LLAMA=1 $(BIN)/pytest -q -m llama_server tests/test_llm_llama.py
+	CASCADE_TEST_LLAMA=1 $(BIN)/pytest -q -s -m llama_server tests/test_llm_llama.py
 
 format: install
 	$(BIN)/ruff format .

@@ -73,6 +73,7 @@ class _YamlFileSource(PydanticBaseSettingsSource):
 
 LLMBackendName = Literal["chat", "moderation", "guard"]
 GuardFormat = Literal["llama_guard", "shieldgemma"]
+PolicyDetail = Literal["full", "brief"]
 
 
 class LLMRoute(BaseModel):
@@ -173,6 +174,10 @@ class Settings(BaseSettings):
     llm_model: str = "gpt-4.1-mini-2025-04-14"
     llm_backend: LLMBackendName = Field(default="chat", description="chat | moderation | guard (docs/llm.md).")
     llm_guard_format: GuardFormat = Field(default="llama_guard", description="Answer format of the guard backend.")
+    llm_policy_detail: PolicyDetail = Field(
+        default="full",
+        description="Chat prompt: full policy text per category, or `brief`: its one-line description (small models).",
+    )
     llm_fallback: LLMRoute | None = Field(
         default=None, description="Answers when the primary's breaker or budget refuses."
     )

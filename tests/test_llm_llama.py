@@ -52,6 +52,7 @@ CLEAN_ESCALATIONS = ("invalid model output", "llm request timed out", "llm endpo
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalModel]:
     log = tmp_path_factory.mktemp("llama") / "server.log"
     with serve(log_path=log) as model:
+        model.warm_up(Settings(llm_policy_detail="brief"))
         yield model
 
 
@@ -67,6 +68,7 @@ def settings_for(model: LocalModel, tmp_path: Path, **overrides: Any) -> Setting
         "llm_concurrency": 1,
         "llm_max_output_tokens": 400,
         "llm_logprobs": False,  # as `make run LLM=local`: llama-cpp-python's logprobs are slow (docs/llm.md)
+        "llm_policy_detail": "brief",  # as `make run LLM=local`: a third of the prompt to evaluate
     }
     return Settings(**(values | overrides))
 
@@ -100,12 +102,59 @@ async def test_chat_backend_detects_json_mode_and_keeps_a_cost_ledger(llama: Loc
         assert_verdict_or_clean_escalation(verdict)
         entry = verdict.trace[-1]
         details = entry.details
-        assert details["requests"] >= 1 and details["prompt_tokens"] > 3000  # the policy prompt, counted by the server
+        assert details["requests"] >= 1 and details["prompt_tokens"] > 1000  # the policy prompt, counted by the server
         expected = (details["prompt_tokens"] * 0.1 + details["completion_tokens"] * 0.4) / 1e6
         assert entry.cost_usd == pytest.approx(expected)
     decided = sum(v.decision is not Decision.REVIEW for v in verdicts)
     assert decided >= 3, [v.reason for v in verdicts]
     print(f"\nchat backend, real llama.cpp server: {len(TEXTS)} items in {elapsed:.1f} s, {decided} decided")
+    await stage.aclose()
+
+
+def test_moderate_100_items_mostly_decided_by_the_llm(llama: LocalModel, tmp_path: Path) -> None:
+    rows = load_labelled([DATA])[:100]
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"id": r.id, "text": r.text}) + "\n" for r in rows), encoding="utf-8")
+    thresholds = tmp_path / "bands.yaml"
+    ThresholdSet(version="llama-demo", stages={"hash": {}, **BANDS.stages}).dump(thresholds)
+    out = tmp_path / "verdicts.jsonl"
+    # The same generous timeout as the other tests: the shared test machine can be very busy.
+    env = os.environ | llama.environment() | {"CASCADE_DATA_DIR": str(tmp_path / "state")}
+    env["CASCADE_LLM_TIMEOUT_S"] = "120"
+    command = [str(Path(sys.executable).with_name("cascade")), "moderate", str(items), "-o", str(out)]
+    command += ["--stages", "hash,llm", "--thresholds", str(thresholds)]
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False, timeout=1800)
+    elapsed = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr
+    verdicts = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(verdicts) == 100
+    llm_entries = [t for v in verdicts for t in v["trace"] if t["stage"] == "llm"]
+    llm_bound = [v for v in verdicts if any(t["stage"] == "llm" for t in v["trace"])]
+    by_llm = [v for v in llm_bound if v["decided_by"] == "llm"]
+    for verdict in llm_bound:
+        assert "Traceback" not in verdict["reason"]
+    assert len(by_llm) > len(llm_bound) / 2, {v["reason"][:120] for v in llm_bound if v["decided_by"] != "llm"}
+    latencies = sorted(t["details"]["request_ms"] / 1000 for t in llm_entries if "request_ms" in t["details"])
+    p50, p95 = latencies[len(latencies) // 2], latencies[min(len(latencies) - 1, int(len(latencies) * 0.95))]
+    print(
+        f"\ncascade moderate, 100 items: {len(llm_bound)} LLM-bound, {len(by_llm)} decided by the LLM, {elapsed:.0f} s;"
+        f" request time per adjudication p50 {p50:.1f} s, p95 {p95:.1f} s"
+    )
+
+
+async def test_repair_prompt_on_a_real_invalid_reply(llama: LocalModel, tmp_path: Path) -> None:
+    """Plain JSON mode (no schema in the grammar): the tiny model's replies often miss the schema."""
+    stage = make_stage(settings_for(llama, tmp_path))
+    stage.primary.backend.response_format = ResponseFormat.JSON_OBJECT
+    results = await stage.score([new_context(ContentItem(id=str(i), text=t)) for i, t in enumerate(TEXTS)])
+    repaired = [r for r in results if r.details["requests"] == 2]
+    assert repaired, [r.error for r in results]  # at least one first reply was invalid and got its one repair
+    for result in results:
+        assert result.details["requests"] in (1, 2)
+        assert result.error is None or "invalid model output" in result.error
+        if result.error is not None:
+            assert result.error.endswith("(after one repair)") and result.details["requests"] == 2
     await stage.aclose()
 
 
@@ -127,45 +176,4 @@ async def test_timeouts_escalate_every_item(llama: LocalModel, tmp_path: Path) -
     verdicts = await runner.run([new_context(ContentItem(id=str(i), text=f"{t} ({i})")) for i, t in enumerate(TEXTS)])
     assert [v.id for v in verdicts] == [str(i) for i in range(len(TEXTS))]
     assert all(v.decision is Decision.REVIEW and "timed out" in v.reason for v in verdicts)
-    await stage.aclose()
-
-
-def test_moderate_100_items_mostly_decided_by_the_llm(llama: LocalModel, tmp_path: Path) -> None:
-    rows = load_labelled([DATA])[:100]
-    items = tmp_path / "items.jsonl"
-    items.write_text("".join(json.dumps({"id": r.id, "text": r.text}) + "\n" for r in rows), encoding="utf-8")
-    thresholds = tmp_path / "bands.yaml"
-    ThresholdSet(version="llama-demo", stages={"hash": {}, **BANDS.stages}).dump(thresholds)
-    out = tmp_path / "verdicts.jsonl"
-    env = os.environ | llama.environment() | {"CASCADE_DATA_DIR": str(tmp_path / "state")}
-    command = [str(Path(sys.executable).with_name("cascade")), "moderate", str(items), "-o", str(out)]
-    command += ["--stages", "hash,llm", "--thresholds", str(thresholds)]
-    started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False, timeout=1800)
-    elapsed = time.perf_counter() - started
-    assert done.returncode == 0, done.stderr
-    verdicts = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(verdicts) == 100
-    llm_bound = [v for v in verdicts if any(t["stage"] == "llm" for t in v["trace"])]
-    by_llm = [v for v in llm_bound if v["decided_by"] == "llm"]
-    for verdict in llm_bound:
-        assert "Traceback" not in verdict["reason"]
-    assert len(by_llm) > len(llm_bound) / 2, {v["reason"][:120] for v in llm_bound if v["decided_by"] != "llm"}
-    print(
-        f"\ncascade moderate, 100 items: {len(llm_bound)} LLM-bound, {len(by_llm)} decided by the LLM, {elapsed:.0f} s"
-    )
-
-
-async def test_repair_prompt_on_a_real_invalid_reply(llama: LocalModel, tmp_path: Path) -> None:
-    """Plain JSON mode (no schema in the grammar): the tiny model's replies often miss the schema."""
-    stage = make_stage(settings_for(llama, tmp_path))
-    stage.primary.backend.response_format = ResponseFormat.JSON_OBJECT
-    results = await stage.score([new_context(ContentItem(id=str(i), text=t)) for i, t in enumerate(TEXTS)])
-    repaired = [r for r in results if r.details["requests"] == 2]
-    assert repaired, [r.error for r in results]  # at least one first reply was invalid and got its one repair
-    for result in results:
-        assert result.details["requests"] in (1, 2)
-        assert result.error is None or "invalid model output" in result.error
-        if result.error is not None:
-            assert result.error.endswith("(after one repair)") and result.details["requests"] == 2
     await stage.aclose()

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from llm_server import HIJACK_JSON, HIJACK_PLAIN, LocalLLMServer, Mode, judged_t
 from cascade.assembly import build_runner, build_stages
 from cascade.contract import ContentItem, Decision, Verdict
 from cascade.llm.backends.base import describe_error, rejects_structured_output
-from cascade.llm.prompt import select_examples
+from cascade.llm.prompt import PromptBuilder, select_examples
 from cascade.llm.resilience import BreakerState, CircuitBreaker, RollingBudget, TokenBucket
 from cascade.llm.verdict import (
     InvalidOutput,
@@ -222,7 +223,15 @@ async def test_server_without_json_schema_falls_back_to_json_mode_once(
     assert formats == ["json_schema", "json_object", "json_object"]
     grammar = server.state.requests[1]["response_format"]["schema"]
     assert grammar["properties"]["rationale"]["maxLength"] == 300  # bounded where a grammar enforces it
-    assert grammar["properties"]["categories"] == stage.primary.backend.prompt.schema["properties"]["categories"]
+    # The grammar admits exactly the consistent judgements: severity "none" exactly when not violating.
+    for judgement in grammar["properties"]["categories"]["properties"].values():
+        allowed = [
+            (shape["properties"]["violates"]["const"], severity)
+            for shape in judgement["anyOf"]
+            for severity in shape["properties"]["severity"].get("enum", [shape["properties"]["severity"].get("const")])
+        ]
+        assert sorted(allowed) == [(False, "none"), (True, "high"), (True, "low"), (True, "medium")]
+    assert set(grammar["properties"]["categories"]["required"]) == set(stage.primary.backend.prompt.categories)
     assert "maxLength" not in json.dumps(server.state.requests[0]["response_format"])  # strict mode refuses it
     assert server.state.requests[0]["max_completion_tokens"] == server.state.requests[1]["max_tokens"] == 800
     await stage.aclose()
@@ -564,3 +573,30 @@ async def test_items_waiting_for_a_slot_use_the_format_learnt_meanwhile(tmp_path
     assert all(r.error is None for r in results)
     assert [r["response_format"]["type"] for r in server.state.requests] == ["json_schema"] + ["json_object"] * 4
     await stage.aclose()
+
+
+async def test_request_time_is_the_models_not_the_wait_for_a_slot(tmp_path: Path, server: LocalLLMServer) -> None:
+    """One slot, three items of 0.2 s each, run one after another: their request times add up to at
+    most the batch's wall time (counting the waits for the slot would make them add up to about twice it)."""
+    server.state.default_mode = Mode.SLOW
+    server.state.slow_s = 0.2
+    stage = make_stage(make_settings(tmp_path, server, llm_concurrency=1, llm_timeout_s=30.0))
+    started = time.perf_counter()
+    results = await stage.score([ctx(f"queued item {i}") for i in range(3)])
+    wall_ms = (time.perf_counter() - started) * 1000
+    assert all(r.error is None for r in results)
+    timings = [r.details["request_ms"] for r in results]
+    assert all(ms >= 200 for ms in timings) and sum(timings) <= wall_ms, (timings, wall_ms)
+    await stage.aclose()
+
+
+def test_brief_policy_prompt_holds_the_descriptions_not_the_category_files(tmp_path: Path) -> None:
+    policy = load_policy()
+    full = PromptBuilder.from_settings(Settings(data_dir=tmp_path), policy)
+    brief = PromptBuilder.from_settings(Settings(data_dir=tmp_path, llm_policy_detail="brief"), policy)
+    violence_file = (Settings().policies_dir / "violence.md").read_text(encoding="utf-8").strip()
+    assert violence_file in full.system_prompt and violence_file not in brief.system_prompt
+    for name in brief.categories:
+        assert policy.categories[name].description in brief.system_prompt
+    assert "Severity scale" in brief.system_prompt  # the general principles stay: they define the output
+    assert len(brief.system_prompt) < len(full.system_prompt) / 2 and brief.prompt_hash != full.prompt_hash

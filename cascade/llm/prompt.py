@@ -19,6 +19,7 @@ from typing import Any
 from cascade.data import FLAGGED
 from cascade.normalize import normalize
 from cascade.policy import Policy
+from cascade.settings import PolicyDetail, Settings
 from cascade.stages.base import ItemContext
 
 SEVERITIES = ("none", "low", "medium", "high")
@@ -188,13 +189,23 @@ def _as_float(value: object) -> float:
 class PromptBuilder:
     """Builds the messages for one item; `prompt_hash` identifies the system prompt + layout."""
 
-    def __init__(self, policy: Policy, policy_texts: Mapping[str, str], few_shot_k: int, max_text_chars: int) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        policy_texts: Mapping[str, str],
+        few_shot_k: int,
+        max_text_chars: int,
+        detail: PolicyDetail = "full",
+    ) -> None:
         self.policy_version = policy.version
         self.categories: tuple[str, ...] = tuple(c for c in policy.categories if c != FLAGGED)
         self.few_shot_k = few_shot_k
         self.max_text_chars = max_text_chars
         self.schema = output_schema(self.categories)
-        sections = [f"## {policy.categories[name].title} (`{name}`)\n{policy_texts[name]}" for name in self.categories]
+        # `brief`: the one-line descriptions of policy.yaml instead of the category files, a prompt a
+        # third the size, for small local models that evaluate every prompt token on a CPU.
+        texts = policy_texts if detail == "full" else {n: policy.categories[n].description for n in self.categories}
+        sections = [f"## {policy.categories[name].title} (`{name}`)\n{texts[name]}" for name in self.categories]
         self.system_prompt = _SYSTEM_TEMPLATE.format(
             version=policy.version,
             principles=policy_texts[FLAGGED],
@@ -207,6 +218,11 @@ class PromptBuilder:
     @classmethod
     def from_policy_dir(cls, policy_dir: Path, policy: Policy, few_shot_k: int, max_text_chars: int) -> PromptBuilder:
         return cls(policy, load_policy_texts(policy_dir, policy), few_shot_k, max_text_chars)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, policy: Policy) -> PromptBuilder:
+        texts = load_policy_texts(settings.policies_dir, policy)
+        return cls(policy, texts, settings.llm_few_shot_k, settings.llm_max_text_chars, settings.llm_policy_detail)
 
     def examples(self, ctx: ItemContext) -> list[Example]:
         return select_examples(

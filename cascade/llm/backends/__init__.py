@@ -29,9 +29,7 @@ def build_backend(
         from cascade.llm.backends.chat import ChatBackend
 
         if prompt is None:
-            prompt = PromptBuilder.from_policy_dir(
-                settings.policies_dir, policy, settings.llm_few_shot_k, settings.llm_max_text_chars
-            )
+            prompt = PromptBuilder.from_settings(settings, policy)
         return ChatBackend(prompt, model, price, settings.llm_logprobs, settings.llm_max_output_tokens, secret)
     if kind == "moderation":
         from cascade.llm.backends.moderation import ModerationBackend

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -205,9 +206,23 @@ class Backend(ABC):
         return outcome
 
     async def send(self, conn: Connection, outcome: Adjudication, request: Callable[[AsyncOpenAI], Awaitable[T]]) -> T:
-        """One HTTP request (counted in the item's details, whether or not it succeeds)."""
+        """One HTTP request, counted and timed in the item's details whether or not it succeeds.
+
+        `request_ms` is the time the item's requests took once they had a slot (client retries
+        included): the model's latency, without the wait behind other items.
+        """
         outcome.details["requests"] += 1
-        return await conn.send(request)
+
+        async def timed(client: AsyncOpenAI) -> T:
+            started = time.perf_counter()
+            try:
+                return await request(client)
+            finally:
+                outcome.details["request_ms"] = round(
+                    outcome.details.get("request_ms", 0.0) + (time.perf_counter() - started) * 1000, 1
+                )
+
+        return await conn.send(timed)
 
     async def send_asking_logprobs(
         self,

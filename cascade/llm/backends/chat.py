@@ -30,7 +30,7 @@ from cascade.llm.backends.base import (
     rejects_structured_output,
 )
 from cascade.llm.pricing import Price
-from cascade.llm.prompt import PromptBuilder
+from cascade.llm.prompt import SEVERITIES, PromptBuilder
 from cascade.llm.verdict import (
     InvalidOutput,
     ModelVerdict,
@@ -58,6 +58,36 @@ class ResponseFormat(StrEnum):
 FORMAT_LADDER = (ResponseFormat.JSON_SCHEMA, ResponseFormat.JSON_OBJECT_SCHEMA, ResponseFormat.JSON_OBJECT)
 
 
+def grammar_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """The reply schema for servers that compile it into a grammar (llama.cpp's `json_object` + schema).
+
+    Such a grammar can say more than strict `json_schema` allows (OpenAI refuses `maxLength` and
+    `const`): the rationale is bounded, so a small model cannot ramble past max_output_tokens, and
+    each category's `severity` is "none" exactly when `violates` is false, so the model cannot
+    write the inconsistent pair that validation would reject (a repair request each time).
+    """
+    bounded = copy.deepcopy(schema)
+    bounded["properties"]["rationale"]["maxLength"] = RATIONALE_MAX_CHARS
+    judgement = {
+        "anyOf": [
+            _judgement_shape({"const": False}, {"const": "none"}),
+            _judgement_shape({"const": True}, {"enum": [s for s in SEVERITIES if s != "none"]}),
+        ]
+    }
+    categories = bounded["properties"]["categories"]
+    categories["properties"] = dict.fromkeys(categories["properties"], judgement)
+    return bounded
+
+
+def _judgement_shape(violates: dict[str, Any], severity: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"violates": violates, "severity": severity},
+        "required": ["violates", "severity"],
+        "additionalProperties": False,
+    }
+
+
 @dataclass
 class _Reply:
     content: str | None
@@ -82,10 +112,7 @@ class ChatBackend(Backend):
         self.logprobs = logprobs
         self.max_output_tokens = max_output_tokens
         self.response_format = ResponseFormat.JSON_SCHEMA
-        # Servers that compile the schema into a grammar (llama.cpp) also bound the rationale, so a
-        # small model cannot ramble past max_output_tokens; strict json_schema (OpenAI) refuses maxLength.
-        self._grammar_schema = copy.deepcopy(prompt.schema)
-        self._grammar_schema["properties"]["rationale"]["maxLength"] = RATIONALE_MAX_CHARS
+        self._grammar_schema = grammar_schema(prompt.schema)
 
     @property
     def identity(self) -> str:
