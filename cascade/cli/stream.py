@@ -269,7 +269,7 @@ async def _publish_and_watch(
         )
         line = (
             f"verdicts {len(outcomes.verdicts)} ({counts}) dead letters {len(outcomes.dead_letters)}"
-            f" of {len(published) or '?'} published | {done / elapsed:.0f} items/s"
+            f" of {len(published) or '?'} published | {_rate(done / elapsed)} items/s"
         )
         if err.is_terminal:
             err.print(line.ljust(100), end="\r", highlight=False)
@@ -318,7 +318,7 @@ async def _publish_and_watch(
     summary.render(err, deployment.cascade)
     err.print(
         f"{len(published)} published, {len(outcomes.verdicts)} verdicts ({outcomes.duplicates} redelivered duplicates),"
-        f" {len(outcomes.dead_letters)} dead letters in {elapsed:.1f} s: {len(published) / elapsed:.0f} items/s"
+        f" {len(outcomes.dead_letters)} dead letters in {elapsed:.1f} s: {_rate(len(published) / elapsed)} items/s"
     )
     _hand_to_review(err, list(outcomes.verdicts.values()))
     return 0
@@ -348,3 +348,8 @@ def _hand_to_review(err: Console, verdicts: list[Verdict]) -> None:
         " `cascade review user add NAME` (password on stdin).",
         soft_wrap=True,  # the URL and the commands stay copyable
     )
+
+
+def _rate(per_second: float) -> str:
+    """Items/s with two significant digits below 10 (a run through a CPU-served LLM makes 0.23)."""
+    return f"{per_second:.0f}" if per_second >= 10 else f"{per_second:.2g}"
