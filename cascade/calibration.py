@@ -708,7 +708,8 @@ def choose_thresholds_by_surface(
     surface that cannot be certified gets a set with no bands instead of the default: nothing
     is decided for it by score (no uncertified automatic block or allow).
     """
-    fit_labels = labels.take(np.flatnonzero(fit_half(table.ids)))
+    fitting = fit_half(table.ids)
+    fit_labels = labels.take(np.flatnonzero(fitting))
     named = sorted({s for s in labels.surfaces.tolist() if s is not None})
     shortfalls = {surface: _surface_shortfall(fit_labels, surface) for surface in named}
     tried = [surface for surface, why in shortfalls.items() if why is None]
@@ -739,7 +740,7 @@ def choose_thresholds_by_surface(
     # its verdicts' scores then say what a violation means on it, not on the pooled mix.
     fallback_maps = {}
     for surface in fallbacks:
-        rows = np.flatnonzero((labels.surfaces == surface) & fit_half(table.ids))
+        rows = np.flatnonzero((labels.surfaces == surface) & fitting)
         fallback_maps[surface] = fit_maps(table.take(rows), labels.take(rows), allowed_categories)
     return CalibratedBySurface(
         default=default,

@@ -121,8 +121,9 @@ class Verdict(BaseModel):
         default=None,
         ge=0,
         le=1,
-        description="Calibrated probability that the item is flagged, from the stage that decided (or the last that "
-        "scored); comparable across stages. Null when no stage scored it.",
+        description="Calibrated probability that the item violates the policy: the largest calibrated category "
+        "probability of the stage that decided (or the last that scored); comparable across stages. Null when no "
+        "stage scored it.",
     )
     processed_at: datetime = Field(default_factory=utc_now)
     shadow: ShadowDecision | None = Field(default=None, description="Decision under shadow thresholds; never acted on.")

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "all-MiniLM-L6-v2"
 DIMENSIONS = 384
 MAX_TOKENS = 256  # sentence-transformers' max_seq_length for this model
+MAX_BATCH = 64  # texts per model run of an fp32 graph
 EMBEDDING_OUTPUT = "sentence_embedding"
 SCORES_OUTPUT = "scores"
 CARD_FILE = "card.json"
@@ -156,7 +157,7 @@ class EncoderSpec:
         """Texts per model run. An int8 graph quantises activations with one scale per run, so a
         text's vector would depend on its batch-mates (cosine ~0.99): it runs one text at a time,
         and a verdict never depends on which items share its batch. fp32 batches (exact to 1e-5)."""
-        return 1 if self.int8 else 64
+        return 1 if self.int8 else MAX_BATCH
 
 
 def tuned_card(model_dir: Path) -> dict[str, Any] | None:
@@ -171,9 +172,13 @@ def tuned_card(model_dir: Path) -> dict[str, Any] | None:
 
 def serves_int8(settings: Settings) -> bool:
     """Whether `settings` serve the int8 graph: as set, else the tuned model card's default precision."""
+    return _int8_under(settings, tuned_card(settings.model_dir))
+
+
+def _int8_under(settings: Settings, card: dict[str, Any] | None) -> bool:
+    """`serves_int8` given the model directory's tuned card (None: frozen), read once by the caller."""
     if settings.embedding_int8 is not None:
         return settings.embedding_int8
-    card = tuned_card(settings.model_dir)
     return card is not None and card.get("default_precision") == "int8"
 
 
@@ -193,17 +198,18 @@ def near_copy_similarity(settings: Settings) -> float:
     return float(measured) if measured is not None else FROZEN_NEAR_COPY
 
 
-def _precision(settings: Settings) -> str:
-    return "int8" if serves_int8(settings) else "fp32"
-
-
 def encoder_identity(settings: Settings) -> str:
     """The identity of the encoder `settings` serve, without loading (or exporting) it."""
     card = tuned_card(settings.model_dir)
+    int8 = _int8_under(settings, card)
     if card is None:
-        shipped = shipped_frozen(settings.model_dir, _precision(settings))
-        return shipped.identity if shipped is not None else model_identity(serves_int8(settings))
-    return f"{card['name']}@{card['version']}-{_precision(settings)}"
+        shipped = shipped_frozen(settings.model_dir, "int8" if int8 else "fp32")
+        return shipped.identity if shipped is not None else model_identity(int8)
+    return _tuned_identity(card, int8)
+
+
+def _tuned_identity(card: dict[str, Any], int8: bool) -> str:
+    return f"{card['name']}@{card['version']}-{'int8' if int8 else 'fp32'}"
 
 
 def shipped_frozen(model_dir: Path, precision: str) -> EncoderSpec | None:
@@ -234,23 +240,25 @@ def frozen_spec(settings: Settings) -> EncoderSpec:
 
     Exporting needs the `train` extra once; the result is cached under the data directory.
     """
-    shipped = shipped_frozen(settings.model_dir, _precision(settings))
+    int8 = serves_int8(settings)
+    shipped = shipped_frozen(settings.model_dir, "int8" if int8 else "fp32")
     if shipped is not None:
         return shipped
     return EncoderSpec(
-        ensure_onnx_model(settings, serves_int8(settings)),
+        ensure_onnx_model(settings, int8),
         source_model_dir() / "tokenizer.json",
-        model_identity(serves_int8(settings)),
-        int8=serves_int8(settings),
+        model_identity(int8),
+        int8=int8,
     )
 
 
 def encoder_spec(settings: Settings) -> EncoderSpec:
     """The tuned encoder of `settings.model_dir` if it has one, else the frozen MiniLM."""
-    precision = _precision(settings)
     card = tuned_card(settings.model_dir)
     if card is None:
         return frozen_spec(settings)
+    int8 = _int8_under(settings, card)
+    precision = "int8" if int8 else "fp32"
     encoder = card["encoder"]
     model_path = Path(settings.model_dir) / encoder["files"][precision]
     if not model_path.is_file():
@@ -265,10 +273,10 @@ def encoder_spec(settings: Settings) -> EncoderSpec:
     return EncoderSpec(
         model_path,
         Path(settings.model_dir) / encoder["tokenizer"],
-        encoder_identity(settings),
+        _tuned_identity(card, int8),
         tuple(card["heads"]),
         int(encoder["max_tokens"]),
-        int8=precision == "int8",
+        int8=int8,
     )
 
 
@@ -302,7 +310,7 @@ class Embedder:
         identity: str,
         threads: int = 0,
         cache_size: int = 50_000,
-        max_batch: int = 64,
+        max_batch: int = MAX_BATCH,
         heads: Sequence[str] = (),
         max_tokens: int = MAX_TOKENS,
         spin: bool = False,

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cascade.data import FLAGGED
-from cascade.embedding import encoder_identity, near_copy_similarity
+from cascade.embedding import FROZEN_NEAR_COPY, encoder_identity, near_copy_similarity
 from cascade.exemplars import bank_problem
 from cascade.normalize import normalize, text_key
 from cascade.settings import Settings
@@ -143,7 +143,7 @@ class RetrievalStage(Stage):
         index_name: str,
         k: int = 10,
         min_similarity: float = 0.3,
-        near_copy: float = 0.95,
+        near_copy: float = FROZEN_NEAR_COPY,
         prior_weight: float = 0.5,
         retry_after_s: float = _RETRY_AFTER_S,
     ) -> None:

@@ -17,6 +17,7 @@ import hashlib
 import re
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +33,10 @@ def serving_embedder(
     model_dir: Path, int8: bool, max_tokens: int | None = None, settings: Settings | None = None
 ) -> Embedder:
     """The embedder `cascade moderate` would build for `model_dir` (tuned or frozen)."""
-    chosen = (settings or Settings()).model_copy(update={"model_dir": model_dir, "embedding_int8": int8})
+    update = {"model_dir": model_dir, "embedding_int8": int8, "embedding_cache_size": 0}
+    chosen = (settings or Settings()).model_copy(update=update)
     spec = encoder_spec(chosen)
-    return Embedder(
-        spec.model_path,
-        spec.tokenizer_path,
-        spec.identity,
-        threads=chosen.embedding_threads,
-        cache_size=0,
-        heads=spec.heads,
-        max_tokens=max_tokens or spec.max_tokens,
-        max_batch=spec.max_batch,
-    )
+    return Embedder.from_settings(chosen, replace(spec, max_tokens=max_tokens) if max_tokens else spec)
 
 
 def model_scores(
@@ -117,8 +110,9 @@ NEAR_DUPLICATE_JACCARD = 0.6  # word-set overlap of two texts that are edits of 
 NEAR_COPY_PURITY = 0.95
 
 
-def _words(text: str) -> set[str]:
-    return set(re.findall(r"\w+", text.lower()))
+def _word_jaccard(a: str, b: str) -> float:
+    words_a, words_b = (set(re.findall(r"\w+", t.lower())) for t in (a, b))
+    return len(words_a & words_b) / max(1, len(words_a | words_b))
 
 
 def near_copy_threshold(
@@ -133,12 +127,7 @@ def near_copy_threshold(
     similarity = queries @ bank.T
     nearest = similarity.argmax(axis=1)
     top = similarity[np.arange(len(texts)), nearest]
-    overlap = np.array(
-        [
-            len(_words(t) & _words(bank_texts[j])) / max(1, len(_words(t) | _words(bank_texts[j])))
-            for t, j in zip(texts, nearest, strict=True)
-        ]
-    )
+    overlap = np.array([_word_jaccard(t, bank_texts[j]) for t, j in zip(texts, nearest, strict=True)])
     figures: dict[str, Any] = {}
     for level in NEAR_COPY_CANDIDATES:
         reached = top >= level
