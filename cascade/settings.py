@@ -149,7 +149,14 @@ class Settings(BaseSettings):
     retrieval_prior_weight: float = Field(default=0.5, ge=0, description="Pseudo-neighbour voting 0 in each vote.")
 
     # Embeddings (shared by retrieval and classifier).
-    embedding_threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = one per core.")
+    embedding_threads: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Encoder threads; 0 = one per core. A graph run one text at a time (int8) runs that many texts "
+            "side by side, one thread each; a batched (fp32) graph splits each run over them."
+        ),
+    )
     embedding_cache_size: int = Field(default=50_000, ge=0, description="Per-process LRU entries by text key.")
     embedding_int8: bool | None = Field(
         default=None,

@@ -14,7 +14,14 @@ import pytest
 from model_cache import frozen
 
 from cascade.contract import ContentItem
-from cascade.embedding import DIMENSIONS, Embedder, ensure_onnx_model, onnx_model_path, source_model_dir
+from cascade.embedding import (
+    DIMENSIONS,
+    Embedder,
+    encoder_spec,
+    ensure_onnx_model,
+    onnx_model_path,
+    source_model_dir,
+)
 from cascade.pipeline import new_context
 from cascade.settings import PROJECT_ROOT, Settings
 from cascade.stages.base import ItemContext
@@ -62,6 +69,20 @@ def test_vectors_are_unit_float32_and_independent_of_batch_padding(embedder: Emb
     np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
     assert (batched * alone).sum(axis=1).min() > 0.99999
     assert embedder.embed([]).shape == (0, DIMENSIONS)
+
+
+def test_texts_run_side_by_side_give_the_same_outputs_in_order(settings: Settings) -> None:
+    """An int8 graph runs one text per pass; with threads its texts run concurrently, same results."""
+    spec = encoder_spec(settings)
+    assert spec.max_batch == 1, "the shipped default serves int8, one text per model run"
+    texts = [f"{t} {i}" for i, t in enumerate(["short", "a somewhat longer sentence than the first", *EDGE_CASES] * 4)]
+    alone = Embedder.from_settings(settings.model_copy(update={"embedding_threads": 1}), spec)
+    side_by_side = Embedder.from_settings(settings.model_copy(update={"embedding_threads": 2}), spec)
+    assert alone._pool is None and side_by_side._pool is not None
+    (vectors, scores), (vectors2, scores2) = alone.encode(texts), side_by_side.encode(texts)
+    np.testing.assert_array_equal(vectors, vectors2)
+    np.testing.assert_array_equal(scores, scores2)
+    np.testing.assert_array_equal(side_by_side.embed(texts[3:4])[0], vectors[3])
 
 
 def test_similar_texts_are_closer_than_unrelated_ones(embedder: Embedder) -> None:
