@@ -159,7 +159,7 @@ def train(
         int, typer.Option(min=2, help="Rows of each class a category needs to get a head (else it is skipped).")
     ] = 30,
     epochs: Annotated[int, typer.Option(min=1, help="tuned: most epochs (early stopping may end sooner).")] = 3,
-    max_tokens: Annotated[int, typer.Option(min=8, max=512, help="tuned: truncation while training.")] = 128,
+    max_tokens: Annotated[int, typer.Option(min=8, max=512, help="tuned: truncation while training.")] = 256,
     batch_size: Annotated[int, typer.Option(min=1, help="tuned: rows per optimisation step.")] = 16,
     learning_rate: Annotated[float, typer.Option(min=1e-7, help="tuned: peak learning rate of the encoder.")] = 5e-5,
     source_cap: Annotated[
