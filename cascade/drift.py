@@ -18,6 +18,7 @@ share of automatic decisions also sent to human review, see `audited`).
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -75,8 +76,9 @@ class ScoreSketch:
             quantiles=quantiles(scores),
         )
 
-    def bins(self, scores: np.ndarray) -> np.ndarray:
-        return np.searchsorted(np.asarray(self.edges), scores, side="left")
+    def bin(self, score: float) -> int:
+        """The bin of one score (per item on the hot path: no array round trip)."""
+        return bisect.bisect_left(self.edges, score)
 
     def psi(self, counts: np.ndarray) -> float:
         """Population-stability index of live bin counts against the reference shares.
@@ -243,7 +245,7 @@ class StageWindow:
             for category, sketch in self.reference.scores.items():
                 score = entry.scores.get(category)
                 if score is not None and not math.isnan(score):
-                    bins[category] = int(sketch.bins(np.array([score]))[0])
+                    bins[category] = sketch.bin(score)
         observation = _Observation(RESULTS.index(entry.result.value), bins)
         self.items.append(observation)
         self._count(observation, 1)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from synthetic_scores import SyntheticStage
 from typer.testing import CliRunner
 
 from cascade.assembly import build_runner
-from cascade.bankversion import bank_version, bump_bank_version
+from cascade.bankversion import VERSION_FILE, bank_version, bump_bank_version
 from cascade.cli import app
 from cascade.contract import ContentItem, Verdict
 from cascade.hashbank import EntryInput, HashBank, Polarity
@@ -296,3 +298,19 @@ async def test_the_same_text_on_another_surface_is_judged_by_that_surface_s_band
     assert [is_repeat(v) for v in cached] == [False, False, True]
     # A re-issued verdict carries its own item, not the one it repeats.
     assert cached[2].item is not None and cached[2].item.id == "on-a-post-again" and cached[2].item.text == "OK  one"
+
+
+def test_bank_version_polling_sees_every_change(tmp_path: Path) -> None:
+    """The counter is memoised by file identity, but a file changed within the last second is read again."""
+    path = tmp_path / VERSION_FILE
+    path.write_text("5", encoding="ascii")
+    past = time.time() - 10
+    os.utime(path, (past, past))
+    assert bank_version(tmp_path) == 5
+    assert bump_bank_version(tmp_path) == 6
+    assert bank_version(tmp_path) == 6
+    # Rewritten in place within the same clock tick (same inode, size, maybe mtime): still read again.
+    path.write_text("7", encoding="ascii")
+    assert bank_version(tmp_path) == 7
+    path.write_text("8", encoding="ascii")
+    assert bank_version(tmp_path) == 8
