@@ -33,6 +33,9 @@ def bench(
         "throughput,quality,scaling"
     ),
     rounds: Annotated[int | None, typer.Option(min=1, help="Interleaved rounds per throughput row.")] = None,
+    items: Annotated[
+        int | None, typer.Option(min=8, help="Test-split texts every throughput row runs on (default 512).")
+    ] = None,
     torch: Annotated[bool, typer.Option(help="Compare sentence-transformers (torch) embeddings.")] = True,
     stream: Annotated[bool, typer.Option(help="Measure end to end through the embedded broker.")] = True,
     scale_out: Annotated[
@@ -67,6 +70,8 @@ def bench(
     }
     if rounds is not None:
         overrides["rounds"] = rounds
+    if items is not None:
+        overrides["throughput_items"] = items
     config = BenchConfig.preset(tuple(paths), quick, **overrides)
     settings = Settings()
     err = Console(stderr=True)
