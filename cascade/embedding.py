@@ -37,10 +37,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from cascade.normalize import text_key
+from cascade.pertext import one_text_per_iteration
 from cascade.settings import Settings
 from cascade.stages.base import StageUnavailable
 
@@ -155,9 +157,10 @@ class EncoderSpec:
 
     @property
     def max_batch(self) -> int:
-        """Texts per model run. An int8 graph quantises activations with one scale per run, so a
-        text's vector would depend on its batch-mates (cosine ~0.99): it runs one text at a time,
-        and a verdict never depends on which items share its batch. fp32 batches (exact to 1e-5)."""
+        """Texts per pass. An int8 graph quantises activations with one scale per pass, so a text's
+        vector would depend on its batch-mates (cosine ~0.99): each text gets a pass of its own (a loop
+        inside one model run, `cascade.pertext`), and a verdict never depends on which items share its
+        batch. fp32 batches (exact to 1e-5)."""
         return 1 if self.int8 else MAX_BATCH
 
 
@@ -317,23 +320,29 @@ class Embedder:
         spin: bool = False,
     ) -> None:
         options = ort.SessionOptions()
-        threads = threads or len(os.sched_getaffinity(0))
-        # A graph run one text at a time (int8) parallelises badly inside a pass (many small operators,
-        # the threads meet at each): its texts run side by side instead, `threads` at once, one thread
-        # each, ~1.4x the texts/s on 2 cores (docs/bench.md). A batched graph splits each run's operators.
-        # Either way a text's outputs do not depend on what runs beside it.
-        side_by_side = max_batch == 1 and threads > 1
-        options.intra_op_num_threads = 1 if side_by_side else threads
+        self.threads = threads or len(os.sched_getaffinity(0))
+        # A graph that must see one text per pass (int8, max_batch 1) runs as a loop over the batch's
+        # texts inside one model run (cascade.pertext): one GIL round trip per run, not per text. Such
+        # small passes parallelise badly inside onnxruntime (the threads meet at every operator), so its
+        # runs go side by side instead, `threads` at once, one thread each: ~1.5x the texts/s on 2 cores
+        # (docs/bench.md). A batched graph splits each run's operators over the threads. Either way a
+        # text's outputs do not depend on what runs beside it.
+        self.per_text = max_batch == 1
+        side_by_side = self.per_text and self.threads > 1
+        options.intra_op_num_threads = 1 if side_by_side else self.threads
         options.inter_op_num_threads = 1
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="encoder") if side_by_side else None
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="encoder") if side_by_side else None
         # Spinning pool threads burn a core between passes, which the stages' own Python work, the
         # broker client and other workers on the same cores need (docs/bench.md, "Where the time went
         # around the encoder").
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            self._session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own untyped errors for any bad graph
+            graph: str | bytes = str(model_path)
+            if self.per_text:
+                graph = one_text_per_iteration(onnx.load(str(model_path))).SerializeToString()
+            self._session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnx and onnxruntime raise their own untyped errors for any bad graph
             raise ModelError(f"{model_path} is not a loadable ONNX model: {exc}") from exc
         outputs = {o.name for o in self._session.get_outputs()}
         self.heads = tuple(heads)
@@ -386,7 +395,14 @@ class Embedder:
         return vectors, scores
 
     def _chunks(self, token_ids: list[list[int]]) -> Iterator[list[int]]:
-        return length_batches([len(ids) for ids in token_ids], self.max_batch)
+        lengths = [len(ids) for ids in token_ids]
+        if not self.per_text:
+            return length_batches(lengths, self.max_batch)
+        # One loop run per thread (more for a big batch), dealt in length order so each gets a like share
+        # of the work; each text runs cut to its own length, so padding costs only the input copy.
+        runs = max(min(self.threads, len(lengths)), -(-len(lengths) // MAX_BATCH))
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        return iter([order[start::runs] for start in range(runs)] if order else [])
 
     def _run(self, token_ids: list[list[int]]) -> list[np.ndarray]:
         longest = max(len(ids) for ids in token_ids)

@@ -10,8 +10,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from model_cache import frozen
+from onnx import TensorProto, helper
+from tokenizers import Tokenizer
 
 from cascade.contract import ContentItem
 from cascade.embedding import (
@@ -22,6 +25,7 @@ from cascade.embedding import (
     onnx_model_path,
     source_model_dir,
 )
+from cascade.pertext import one_text_per_iteration
 from cascade.pipeline import new_context
 from cascade.settings import PROJECT_ROOT, Settings
 from cascade.stages.base import ItemContext
@@ -83,6 +87,30 @@ def test_texts_run_side_by_side_give_the_same_outputs_in_order(settings: Setting
     np.testing.assert_array_equal(vectors, vectors2)
     np.testing.assert_array_equal(scores, scores2)
     np.testing.assert_array_equal(side_by_side.embed(texts[3:4])[0], vectors[3])
+    # The loop inside one model run gives what the shipped graph gives run on each text alone.
+    session = ort.InferenceSession(str(spec.model_path), providers=["CPUExecutionProvider"])
+    tokenizer = Tokenizer.from_file(str(spec.tokenizer_path))
+    tokenizer.enable_truncation(spec.max_tokens)
+    tokenizer.no_padding()
+    for row, encoding in enumerate(tokenizer.encode_batch(texts)):
+        ids = np.array([encoding.ids], dtype=np.int64)
+        vector, head_scores = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        np.testing.assert_array_equal(vector[0], vectors[row])
+        np.testing.assert_array_equal(head_scores[0], scores[row])
+
+
+def test_the_per_text_loop_refuses_a_graph_that_uses_its_names() -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input_ids"], ["pertext__x"])],
+        "g",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "t"]),
+        ],
+        [helper.make_tensor_value_info("pertext__x", TensorProto.INT64, ["b", "t"])],
+    )
+    with pytest.raises(ValueError, match="prefix"):
+        one_text_per_iteration(helper.make_model(graph))
 
 
 def test_similar_texts_are_closer_than_unrelated_ones(embedder: Embedder) -> None:

@@ -10,7 +10,7 @@ Two designs, told apart by the model directory's `card.json`:
 
 Everything is checked when the stage is built, so a missing, corrupt or mismatched model
 stops start-up with a message naming the file instead of failing on the first item.
-Serving needs onnxruntime, tokenizers and numpy only.
+Serving needs onnxruntime, onnx, tokenizers and numpy only.
 """
 
 from __future__ import annotations
