@@ -7,7 +7,7 @@ stream worker, where the Kafka client and the other stages run Python beside the
 spent about two thirds of their time waiting for it (docs/bench.md). The wrapper built here takes the
 same padded `input_ids` / `attention_mask` as the graph, and its loop body slices out text `i`, cut to
 its own length, and runs the original nodes on it alone: outputs equal to one run per text, value for
-value, for one GIL round trip per batch.
+value, for one GIL round trip per model run.
 
 Built in memory when the encoder loads; the shipped file (and so the card's digest and the encoder
 identity the banks record) is unchanged.

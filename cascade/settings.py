@@ -153,8 +153,8 @@ class Settings(BaseSettings):
         default=0,
         ge=0,
         description=(
-            "Encoder threads; 0 = one per core. A graph run one text at a time (int8) runs that many texts "
-            "side by side, one thread each; a batched (fp32) graph splits each run over them."
+            "Encoder threads; 0 = one per core. A graph that needs one pass per text (int8) runs that many "
+            "model runs side by side, one thread each; a batched (fp32) graph splits each run over them."
         ),
     )
     embedding_cache_size: int = Field(default=50_000, ge=0, description="Per-process LRU entries by text key.")
