@@ -37,12 +37,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from cascade.normalize import text_key
-from cascade.pertext import one_text_per_iteration
 from cascade.settings import Settings
 from cascade.stages.base import StageUnavailable
 
@@ -340,7 +338,9 @@ class Embedder:
         try:
             graph: str | bytes = str(model_path)
             if self.per_text:
-                graph = one_text_per_iteration(onnx.load(str(model_path))).SerializeToString()
+                from cascade.pertext import per_text_graph  # onnx: only a per-text graph needs it
+
+                graph = per_text_graph(model_path)
             self._session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnx and onnxruntime raise their own untyped errors for any bad graph
             raise ModelError(f"{model_path} is not a loadable ONNX model: {exc}") from exc

@@ -15,6 +15,8 @@ identity the banks record) is unchanged.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -95,3 +97,8 @@ def one_text_per_iteration(model: onnx.ModelProto) -> onnx.ModelProto:
     wrapped = helper.make_model(outer, opset_imports=list(model.opset_import))
     wrapped.ir_version = model.ir_version
     return wrapped
+
+
+def per_text_graph(model_path: Path) -> bytes:
+    """The serialised wrapper of the graph in `model_path`, for an onnxruntime session."""
+    return one_text_per_iteration(onnx.load(str(model_path))).SerializeToString()
