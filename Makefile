@@ -25,13 +25,16 @@ DATA_FILES := $(wildcard $(SHARED_DATA)/*.jsonl)
 BANKS_STAMP := $(CASCADE_DATA_DIR)/.banks-seeded
 
 # Banks from the train split only (the sample below is drawn from the test split); idempotent by id.
-$(BANKS_STAMP): $(STAMP) $(DATA_FILES)
+# A new model (its card) re-embeds the exemplars an older encoder embedded (`bank reindex`: none on a fresh data dir).
+MODEL_CARD := cascade/defaults/models/default/card.json
+$(BANKS_STAMP): $(STAMP) $(DATA_FILES) $(MODEL_CARD)
 	@test -n "$(DATA_FILES)" || { echo "no labelled data in $(SHARED_DATA)"; exit 2; }
 	for f in $(DATA_FILES); do \
 	  $(BIN)/cascade bank import $$f --kind hash --split train && \
 	  $(BIN)/cascade bank import $$f --kind exemplars --split train || exit 1; \
 	done
 	$(BIN)/cascade bank seed
+	$(BIN)/cascade bank reindex
 	touch $@
 
 banks: $(BANKS_STAMP)

@@ -100,21 +100,24 @@ def bank_problem(index: VectorIndex, encoder: str) -> str | None:
 
 
 def reindex(index: VectorIndex, embedder: Embedder, on_batch: Callable[[int], None] | None = None) -> int:
-    """Re-embed every exemplar with `embedder`, in place (same ids and payloads); returns how many."""
+    """Re-embed, in place (same ids and payloads), every exemplar that another encoder embedded; returns
+    how many. The identity names the model version and precision, so one that matches is current."""
     total = 0
     offset = None
     while True:
         page, offset = index.scroll(IMPORT_BATCH, offset)
-        if page:
-            vectors = embedder.embed([str(n.payload.get("text", "")) for n in page])
-            payloads = [{**n.payload, "encoder": embedder.identity} for n in page]
-            index.upsert([n.id for n in page], vectors, payloads)
-            total += len(page)
+        stale = [n for n in page if n.payload.get("encoder") != embedder.identity]
+        if stale:
+            vectors = embedder.embed([str(n.payload.get("text", "")) for n in stale])
+            payloads = [{**n.payload, "encoder": embedder.identity} for n in stale]
+            index.upsert([n.id for n in stale], vectors, payloads)
+            total += len(stale)
             if on_batch is not None:
-                on_batch(len(page))
+                on_batch(len(stale))
         if offset is None:
             break
-    index.optimize()
+    if total:
+        index.optimize()
     return total
 
 

@@ -265,7 +265,8 @@ async def test_retrieval_refuses_a_bank_of_another_encoder_until_reindexed(
     assert bank_problem(index, frozen_encoder.identity) is not None
     (top,) = index.search(tuned.embed([load_labelled([FIXTURE])[3].text]), 1)[0]
     assert top.id == load_labelled([FIXTURE])[3].id and top.similarity > 0.99
-    assert reindex(index, tuned) == 30  # idempotent
+    assert reindex(index, tuned) == 0, "every exemplar is current: nothing to re-embed"
+    assert index.count() == 30 and bank_problem(index, tuned.identity) is None
     index.close()
 
 

@@ -306,7 +306,7 @@ def seed() -> None:
 
 @bank_app.command("reindex")
 def reindex() -> None:
-    """Re-embed every exemplar with the encoder this configuration serves (after changing the model)."""
+    """Re-embed the exemplars another encoder embedded, with the one configured now (after a model change)."""
     from cascade.embedding import Embedder, ModelError
     from cascade.exemplars import reindex as reembed
     from cascade.vectorindex import StoreInUseError, open_vector_index
