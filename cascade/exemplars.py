@@ -116,8 +116,8 @@ def reindex(index: VectorIndex, embedder: Embedder, on_batch: Callable[[int], No
                 on_batch(len(stale))
         if offset is None:
             break
-    if total:
-        index.optimize()
+    # Even with nothing re-embedded: a store made under older index tuning gets its graphs built now.
+    index.optimize()
     return total
 
 

@@ -21,9 +21,11 @@ one stage at a time (the stream workers, one agent per stage).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 
 from cascade.contract import BandOutcome, ContentItem, Decision, ShadowDecision, StageAction, TraceEntry, Verdict
@@ -264,3 +266,21 @@ class CascadeRunner:
     async def aclose(self) -> None:
         for stage in self.stages:
             await stage.aclose()
+
+
+async def judge_batches(
+    runner: CascadeRunner, batches: Iterable[Sequence[ItemContext]], in_flight: int
+) -> AsyncIterator[list[Verdict]]:
+    """Each batch's verdicts, in order, with up to `in_flight` batches judged at once: one batch's
+    kNN and bookkeeping then run while the next one's encoder pass does (`Settings.batches_in_flight`)."""
+    running: deque[asyncio.Future[list[Verdict]]] = deque()
+    try:
+        for batch in batches:
+            running.append(asyncio.ensure_future(runner.run(batch)))
+            if len(running) >= in_flight:
+                yield await running.popleft()
+        while running:
+            yield await running.popleft()
+    finally:
+        for future in running:
+            future.cancel()

@@ -19,13 +19,14 @@ What is remembered, and for how long:
   most `repeat_cache_ttl_s` seconds after it was judged.
 
 `run` (the whole cascade in one call: `cascade moderate`, the bench) also serves copies inside
-one batch from the cache; a stream worker, which calls `run_stage` stage by stage, judges
-copies inside one batch each, since the first one's verdict is not known before the batch has
-passed its last stage.
+one batch, or inside another batch judged at the same time, from the cache; a stream worker,
+which calls `run_stage` stage by stage, judges copies inside one batch each, since the first
+one's verdict is not known before the batch has passed its last stage.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -164,31 +165,53 @@ class RepeatingRunner(CascadeRunner):
         self.cache = cache
         self.data_dir = data_dir
         self.stage_versions = stage_versions
+        self._judging: dict[str, asyncio.Future[None]] = {}  # repeat key -> done when its verdict is known
 
     def current_stamp(self) -> Stamp:
         shadow = self.shadow_thresholds.version if self.shadow_thresholds is not None else None
         return Stamp(self.policy_version, self.thresholds.version, shadow, bank_version(self.data_dir))
 
     async def run(self, batch: Sequence[ItemContext]) -> list[Verdict]:
-        """The whole cascade; copies of a text inside the batch wait for its first occurrence's verdict.
+        """The whole cascade; copies of a text being judged wait for its first occurrence's verdict.
 
         First occurrences run first, the later copies after them, so a copy is a cache hit when its
         first occurrence's verdict may be re-issued, and is judged like any item when it may not.
+        The first occurrence may be in this batch or in another one judged at the same time
+        (`cascade.pipeline.judge_batches`).
         """
         seen: set[str] = set()
         firsts: list[int] = []
         copies: list[int] = []
+        elsewhere: set[asyncio.Future[None]] = set()
         for position, ctx in enumerate(batch):
             key = repeat_key(ctx)
-            (copies if key in seen else firsts).append(position)
+            judging = self._judging.get(key)
+            if judging is not None:
+                elsewhere.add(judging)
+            (copies if key in seen or judging is not None else firsts).append(position)
             seen.add(key)
         if not copies:
-            return await super().run(batch)
-        verdicts: dict[int, Verdict] = {}
-        for positions in (firsts, copies):
-            judged = await super().run([batch[position] for position in positions])
-            verdicts.update(zip(positions, judged, strict=True))
+            return await self._run_firsts(batch, range(len(batch)))
+        verdicts = dict(zip(firsts, await self._run_firsts(batch, firsts), strict=True))
+        if elsewhere:
+            await asyncio.wait(elsewhere)
+        judged = await super().run([batch[position] for position in copies])
+        verdicts.update(zip(copies, judged, strict=True))
         return [verdicts[position] for position in range(len(batch))]
+
+    async def _run_firsts(self, batch: Sequence[ItemContext], positions: Sequence[int]) -> list[Verdict]:
+        """The cascade on these items, marked as being judged until their verdicts are known (or it fails)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        keys = [repeat_key(batch[position]) for position in positions]
+        for key in keys:
+            self._judging[key] = done
+        try:
+            return await super().run([batch[position] for position in positions])
+        finally:
+            for key in keys:
+                if self._judging.get(key) is done:
+                    del self._judging[key]
+            done.set_result(None)
 
     async def run_stage(self, index: int, batch: Sequence[ItemContext]) -> list[Verdict | ItemContext]:
         stamp = self.current_stamp()

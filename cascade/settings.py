@@ -8,6 +8,7 @@ print in logs or reprs.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ PROJECT_ROOT = PACKAGE_DIR.parent
 # Room a Kafka message needs besides its value: the key (an item id, at most 512 characters,
 # so 2 KiB of UTF-8) and the record batch framing.
 MESSAGE_FRAMING_BYTES = 4096
+DEFAULT_BATCHES_IN_FLIGHT = 2  # per stage not named in stream_concurrency (docs/bench.md)
 
 
 class SettingsError(ValueError):
@@ -231,7 +233,11 @@ class Settings(BaseSettings):
     stream_batch_size: int = Field(default=32, gt=0, description="Most items a stage agent takes at once.")
     stream_batch_wait_s: float = Field(default=0.2, gt=0, description="Longest wait to fill a batch.")
     stream_concurrency: dict[str, int] = Field(
-        default_factory=lambda: {"llm": 4}, description="Batches in flight per stage (default 1), per worker."
+        default_factory=lambda: {"llm": 4},
+        description=(
+            "Batches judged at once per stage, per worker; a stage not named takes 2, so that one batch's "
+            "kNN and bookkeeping run while the next one's encoder pass does."
+        ),
     )
     stream_session_timeout_s: float = Field(default=6.0, gt=0, description="Consumer group session timeout.")
     stream_max_message_bytes: int = Field(
@@ -293,6 +299,10 @@ class Settings(BaseSettings):
     def max_value_bytes(self) -> int:
         """The largest message value a producer may send: the message limit less room for key and framing."""
         return self.stream_max_message_bytes - MESSAGE_FRAMING_BYTES
+
+    def batches_in_flight(self, stages: Sequence[str]) -> int:
+        """Batches judged at once by a run of `stages` in one process (`stream_concurrency`)."""
+        return max((self.stream_concurrency.get(name, DEFAULT_BATCHES_IN_FLIGHT) for name in stages), default=1)
 
     @property
     def line_limit(self) -> int:

@@ -14,6 +14,7 @@ probability of the label): the runtime applies them to report one score scale ac
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,17 @@ class ScoreMap(BaseModel):
         return (1 - TIE_BREAK) * np.interp(scores, self.x, self.y) + TIE_BREAK * np.clip(scores, 0, 1)
 
     def probability(self, score: float) -> float:
-        return float(self.probabilities(np.array([score]))[0])
+        """`probabilities` of one score, equal to it bit for bit: the same operations as `np.interp` in
+        plain floats, without numpy's per-call overhead (it ran for every category of every verdict)."""
+        x, y, s = self.x, self.y, float(score)
+        j = bisect_right(x, s) - 1  # np.interp's segment: x[j] <= s < x[j + 1]
+        if j < 0:
+            value = y[0]
+        elif j >= len(x) - 1 or x[j] == s:
+            value = y[j]
+        else:
+            value = (y[j + 1] - y[j]) / (x[j + 1] - x[j]) * (s - x[j]) + y[j]
+        return (1 - TIE_BREAK) * value + TIE_BREAK * min(max(s, 0.0), 1.0)
 
 
 StageBands = dict[str, dict[str, Band]]

@@ -57,9 +57,11 @@ class HnswTuning:
     search_ef: int = 128
     # Qdrant sizes these in KB of vectors (1000 KB ≈ 650 MiniLM vectors): a segment smaller than
     # `indexing_threshold_kb` gets no HNSW graph, a search filtered below `full_scan_threshold_kb`
-    # candidates scans them exactly. None keeps the engine default.
+    # candidates scans them exactly. The engine's default indexing threshold (10,000 KB) left a
+    # bank's later imports (~5,000 exemplars) unindexed, scanned exactly by every query: half the
+    # kNN time (docs/bench.md).
     full_scan_threshold_kb: int = 1000
-    indexing_threshold_kb: int | None = None
+    indexing_threshold_kb: int | None = 1000
 
 
 class StoreInUseError(RuntimeError):
@@ -128,9 +130,15 @@ class VectorIndex(ABC):
 
 
 class EdgeIndex(VectorIndex):
-    """Embedded Qdrant engine (`qdrant-edge`), persistent in one directory, one process at a time."""
+    """Embedded Qdrant engine (`qdrant-edge`), persistent in one directory, one process at a time.
+
+    Payloads are kept in memory once read (up to `PAYLOAD_CACHE` of them): reading them from the
+    shard cost as much as the search itself, and the same exemplars answer many queries. The store
+    is single-process, so this object sees every write, and each write drops what it changes.
+    """
 
     IDENTITY = "qdrant-edge:exemplars"
+    PAYLOAD_CACHE = 50_000  # tens of MB at most
 
     def __init__(self, path: Path, tuning: HnswTuning | None = None) -> None:
         import qdrant_edge as qe
@@ -139,9 +147,23 @@ class EdgeIndex(VectorIndex):
         self.tuning = tuning or HnswTuning()
         self.path = Path(path)
         self.identity = self.IDENTITY
+        self._payloads: dict[uuid.UUID, dict[str, Any]] = {}
+        self._writes = 0  # a read that overlaps a write must not cache what it read
+        hnsw = qe.HnswIndexConfig(
+            m=self.tuning.m,
+            ef_construct=self.tuning.ef_construct,
+            full_scan_threshold=self.tuning.full_scan_threshold_kb,
+        )
+        config = qe.EdgeConfig(
+            vectors=qe.EdgeVectorParams(size=DIMENSIONS, distance=qe.Distance.Cosine),
+            hnsw_config=hnsw,
+            payload_memory=qe.Memory.Cached,
+            optimizers=qe.EdgeOptimizersConfig(indexing_threshold=self.tuning.indexing_threshold_kb),
+        )
         if (self.path / "edge_config.json").exists():
             try:
-                self._shard = qe.EdgeShard.load(str(self.path))
+                # With the config: a store made under older tuning takes this one (the next optimize applies it).
+                self._shard = qe.EdgeShard.load(str(self.path), config)
             except Exception as exc:
                 if "WouldBlock" in str(exc):
                     raise StoreInUseError(
@@ -150,17 +172,6 @@ class EdgeIndex(VectorIndex):
                     ) from exc
                 raise
         else:
-            hnsw = qe.HnswIndexConfig(
-                m=self.tuning.m,
-                ef_construct=self.tuning.ef_construct,
-                full_scan_threshold=self.tuning.full_scan_threshold_kb,
-            )
-            config = qe.EdgeConfig(
-                vectors=qe.EdgeVectorParams(size=DIMENSIONS, distance=qe.Distance.Cosine),
-                hnsw_config=hnsw,
-                payload_memory=qe.Memory.Cached,
-                optimizers=qe.EdgeOptimizersConfig(indexing_threshold=self.tuning.indexing_threshold_kb),
-            )
             self._shard = qe.EdgeShard.create(str(self.path), config)
             for name in KEYWORD_FIELDS:
                 self._shard.update(qe.UpdateOperation.create_field_index(name, qe.PayloadSchemaType.Keyword))
@@ -180,6 +191,9 @@ class EdgeIndex(VectorIndex):
             for i, v, p in zip(ids, np.asarray(vectors, dtype=np.float32), payloads, strict=True)
         ]
         if points:
+            self._writes += 1
+            for i in ids:
+                self._payloads.pop(uuid.UUID(point_id(i)), None)
             self._shard.update(qe.UpdateOperation.upsert_points(points))
 
     def search(
@@ -190,16 +204,40 @@ class EdgeIndex(VectorIndex):
         condition = self._filter(where)
         requests = [
             qe.QueryRequest(
-                limit=k, query=qe.Query.Nearest(v.tolist()), filter=condition, with_payload=True, params=params
+                limit=k, query=qe.Query.Nearest(v.tolist()), filter=condition, with_payload=False, params=params
             )
             for v in np.asarray(vectors, dtype=np.float32)
         ]
         if not requests:
             return []
         answers = self._shard.query_batch(qe.QueryBatchRequest(requests))
-        return [[_neighbour(p.score, p.payload) for p in points] for points in answers]
+        # Keyed by the engine's own id objects (UUIDs): each `.id` read builds one, so read it once.
+        hits = [[(p.id, p.score) for p in points] for points in answers]
+        payloads = self._payloads_of({i for found in hits for i, _ in found})
+        return [[_neighbour(score, payloads[i]) for i, score in found] for found in hits]
+
+    def _payloads_of(self, ids: set[uuid.UUID]) -> dict[uuid.UUID, dict[str, Any]]:
+        found: dict[uuid.UUID, dict[str, Any]] = {}
+        missing = []
+        for i in ids:
+            payload = self._payloads.get(i)
+            if payload is None:
+                missing.append(i)
+            else:
+                found[i] = payload
+        if missing:
+            writes = self._writes
+            read = {r.id: r.payload or {} for r in self._shard.retrieve(missing, True, False)}
+            if writes == self._writes:
+                if len(self._payloads) + len(read) > self.PAYLOAD_CACHE:
+                    self._payloads.clear()  # a bank larger than the cache: start over, not track recency
+                self._payloads.update(read)
+            found.update(read)
+        return found
 
     def delete(self, where: Where) -> None:
+        self._writes += 1
+        self._payloads.clear()
         self._shard.update(self._qe.UpdateOperation.delete_points_by_filter(self._filter(where)))
 
     def count(self, where: Where | None = None) -> int:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import numpy as np
 import pytest
 
 from cascade.contract import BandOutcome, ContentItem, Decision, StageAction, Verdict
-from cascade.pipeline import CascadeRunner, apply_bands, new_context
+from cascade.pipeline import CascadeRunner, apply_bands, judge_batches, new_context
+from cascade.settings import Settings
 from cascade.stages.base import ItemContext, Match, Stage, StageResult
 from cascade.thresholds import Band, ThresholdSet
 
@@ -172,3 +174,37 @@ def test_runner_rejects_duplicate_or_missing_stages() -> None:
         CascadeRunner([], thresholds(), "p")
     with pytest.raises(ValueError):
         CascadeRunner([ScriptedStage("x", {}), ScriptedStage("x", {})], thresholds(), "p")
+
+
+class OverlapStage(ScriptedStage):
+    """Yields to the event loop mid-batch and records how many batches it held at once."""
+
+    def __init__(self) -> None:
+        super().__init__("first", {})
+        self.holding = 0
+        self.most = 0
+
+    async def score(self, batch: Sequence[ItemContext]) -> list[StageResult]:
+        self.holding += 1
+        self.most = max(self.most, self.holding)
+        await asyncio.sleep(0.01)  # an encoder pass in a thread, as far as the event loop can tell
+        self.holding -= 1
+        return await super().score(batch)
+
+
+@pytest.mark.parametrize("in_flight", [1, 2, 3])
+async def test_judge_batches_overlaps_batches_and_keeps_their_order(in_flight: int) -> None:
+    stage = OverlapStage()
+    runner = CascadeRunner([stage], thresholds(first=BANDS), "p-1")
+    batches = [[ctx(f"b{b}i{i}") for i in range(3)] for b in range(7)]
+    out = [[v.id for v in verdicts] async for verdicts in judge_batches(runner, batches, in_flight)]
+    assert out == [[c.item.id for c in batch] for batch in batches]
+    assert stage.most == in_flight
+
+
+def test_batches_in_flight_by_stage() -> None:
+    settings = Settings()
+    assert settings.batches_in_flight(["hash", "retrieval", "classifier"]) == 2
+    assert settings.batches_in_flight(["llm"]) == 4
+    custom = Settings(stream_concurrency={"retrieval": 1, "hash": 1, "classifier": 1})
+    assert custom.batches_in_flight(["hash", "retrieval", "classifier"]) == 1

@@ -18,7 +18,7 @@ from cascade.bankversion import VERSION_FILE, bank_version, bump_bank_version
 from cascade.cli import app
 from cascade.contract import ContentItem, Verdict
 from cascade.hashbank import EntryInput, HashBank, Polarity
-from cascade.pipeline import CascadeRunner, new_context
+from cascade.pipeline import CascadeRunner, judge_batches, new_context
 from cascade.repeats import REPEAT_OF, RepeatCache, RepeatingRunner, is_repeat
 from cascade.settings import Settings
 from cascade.stages.base import ItemContext, Stage, StageResult
@@ -314,3 +314,16 @@ def test_bank_version_polling_sees_every_change(tmp_path: Path) -> None:
     assert bank_version(tmp_path) == 7
     path.write_text("8", encoding="ascii")
     assert bank_version(tmp_path) == 8
+
+
+async def test_a_copy_in_a_batch_judged_at_the_same_time_waits_for_the_first(tmp_path: Path) -> None:
+    stage_list = stages()
+    runner = repeating(stage_list, RepeatCache(100, 600), tmp_path)
+    first = [ContentItem(id="a0", text="ok wave"), ContentItem(id="a1", text="ok other")]
+    second = [ContentItem(id="b0", text="OK  wave"), ContentItem(id="b1", text="ok third")]
+    batches = [[new_context(item) for item in batch] for batch in (first, second)]
+    verdicts = [v async for judged in judge_batches(runner, batches, 2) for v in judged]
+    assert [v.id for v in verdicts] == ["a0", "a1", "b0", "b1"]
+    assert [is_repeat(v) for v in verdicts] == [False, False, True, False]
+    assert stage_list[0].scored == 3  # the wave's copy skipped the cascade although both batches ran at once
+    assert verdicts[2].trace[-1].details[REPEAT_OF] == "a0"

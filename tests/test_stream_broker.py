@@ -27,8 +27,10 @@ from cascade.pipeline import new_context
 from cascade.policy import load_policy
 from cascade.settings import Settings
 from cascade.stream.broker import EmbeddedBroker
-from cascade.stream.client import Published, StreamOutputs, publish
+from cascade.stream.client import Published, StreamOutputs, end_offsets, publish, read_topics
+from cascade.stream.kafka import ensure_topics
 from cascade.stream.local import LocalDeployment, collect
+from cascade.stream.topics import Topics
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -263,3 +265,22 @@ def test_a_worker_reissues_repeated_texts_without_the_llm(deployment: Deployment
     hits = [s.value for s in families["cascade_repeat_cache_lookups"].samples if s.labels.get("result") == "hit"]
     assert hits == [len(texts)]
     assert families["cascade_repeat_cache_hit_ratio"].samples[0].value == 0.5
+
+
+def test_reading_from_end_offsets_sees_only_what_comes_next(broker: EmbeddedBroker) -> None:
+    topics = Topics(f"t{uuid.uuid4().hex[:8]}.")
+
+    async def scenario() -> list[bytes]:
+        await ensure_topics(broker.url, [topics.content], partitions=3, replication_factor=1)
+        await publish(broker.url, topics, items(3, "before"))
+        start = await end_offsets(broker.url, [topics.content])
+        await publish(broker.url, topics, items(2, "after"))
+        seen: list[bytes] = []
+        async for topic, value in read_topics(broker.url, [topics.content], start=start):
+            if not topic:  # idle: everything there is has been read
+                return seen
+            seen.append(value)
+        raise AssertionError("read_topics never ends")
+
+    seen = asyncio.run(scenario())
+    assert sorted(json.loads(v)["id"] for v in seen) == ["after-0", "after-1"]

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 from synthetic_scores import SyntheticStage, write_dataset
 from typer.testing import CliRunner
 
@@ -355,3 +357,18 @@ def test_sample_items_carry_their_surface(tmp_path: Path) -> None:
     expected = {"toxicchat0124": "chat_prompt", "sms_spam_collection": "sms", "my_forum": None}
     source_of = {row["id"]: row["source"] for row in rows}
     assert {(source_of[item.id], item.surface) for item in items} == set(expected.items())
+
+
+@given(
+    knots=st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), min_size=1, max_size=12),
+    scores=st.lists(st.floats(-0.5, 1.5), min_size=1, max_size=20),
+)
+def test_one_score_maps_bit_for_bit_as_the_vector_calibration_does(
+    knots: list[tuple[float, float]], scores: list[float]
+) -> None:
+    """A verdict's score (one item) and the calibration's simulation (numpy, all items) must agree exactly."""
+    xs = sorted(k[0] for k in knots)
+    xs = [xs[0], *xs[:-1]] if len(xs) > 2 else xs  # a repeated knot: a plateau's edge
+    score_map = ScoreMap(x=xs, y=sorted(k[1] for k in knots))
+    probes = [*scores, *xs, 0.0, 1.0]
+    assert [score_map.probability(s) for s in probes] == score_map.probabilities(np.array(probes)).tolist()

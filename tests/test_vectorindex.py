@@ -89,6 +89,7 @@ def test_upsert_is_idempotent_by_exemplar_id(open_index: OpenIndex, real_bank) -
     _fill(index, rows[:50], vectors[:50])
     _fill(index, rows[:50], vectors[:50])
     assert index.count() == 50
+    assert index.search(vectors[:1], 1)[0][0].payload["text"] == rows[0].text  # read once (a backend may keep it)
     changed = LabelledItem(rows[0].id, "replaced text", 1, {"spam": 1}, "manual")
     _fill(index, [changed], vectors[:1])
     assert index.count() == 50
@@ -134,6 +135,7 @@ def test_filtered_search_count_and_category_counts(open_index: OpenIndex, real_b
     assert counts["flagged"].known == len(rows)
     index.delete({"source": "sms_spam"})
     assert index.count() == sum(r.source != "sms_spam" for r in rows)
+    assert all(n.payload["source"] != "sms_spam" for found in index.search(vectors, 10) for n in found)
     index.close()
 
 
@@ -182,3 +184,17 @@ def test_edge_hnsw_is_built_by_optimize(tmp_path: Path, real_bank) -> None:
     index.optimize()
     assert index._shard.info().indexed_vectors_count == len(rows)
     index.close()
+
+
+def test_edge_store_made_under_older_tuning_takes_the_current_one(tmp_path: Path, real_bank) -> None:
+    rows, vectors = real_bank
+    older = EdgeIndex(tmp_path / "edge", HnswTuning(indexing_threshold_kb=None))  # the engine default: 10,000 KB
+    _fill(older, rows, vectors)
+    older.optimize()
+    assert older._shard.info().indexed_vectors_count == 0  # a few hundred points: under the engine's threshold
+    older.close()
+    reopened = EdgeIndex(tmp_path / "edge", TEST_TUNING)
+    reopened.optimize()
+    assert reopened._shard.info().indexed_vectors_count == len(rows)
+    assert [n.id for n in reopened.search(vectors[:1], 1)[0]] == [rows[0].id]
+    reopened.close()

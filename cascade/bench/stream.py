@@ -10,14 +10,18 @@ stage list and thresholds as the in-process row), the publisher and the verdict 
 - Latency under load: the same worker, fed at a fixed offered rate (a share of the throughput
   just measured); per item, `processed_at` of its verdict − the moment its record was sent,
   as percentiles over all items and by deciding stage.
-- Scale-out: workers limited to one intra-op thread each, one alone and then two in one
-  consumer group on the same partitions; the efficiency is (two / one) / 2.
+- Scale-out: workers limited to one intra-op thread and pinned to one core each (as a
+  Kubernetes CPU limit of 1 confines a replica: unpinned, a "single-thread" worker's event loop
+  takes part of the second core, so one worker alone already uses more than its share), one
+  alone and then two in one consumer group on the same partitions; the efficiency is
+  (two / one) / 2. The broker is not pinned.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -36,7 +40,7 @@ from cascade.settings import Settings
 from cascade.stream.topics import Topics
 
 if TYPE_CHECKING:
-    from cascade.stream.local import LocalDeployment
+    from cascade.stream.local import LocalDeployment, WorkerProcess
 
 WARM_UP_ITEMS = 8
 READY_TIMEOUT_S = 120.0
@@ -116,14 +120,18 @@ def _round(deployment: LocalDeployment, items: Sequence[ContentItem], tag: str, 
 async def _publish_and_collect(
     deployment: LocalDeployment, items: Sequence[ContentItem], tag: str, rate: float | None
 ) -> Round:
-    from cascade.stream.client import publish
+    from cascade.stream.client import end_offsets, publish
     from cascade.stream.local import collect
 
+    # Read from where the outputs end now: re-reading every earlier round's verdicts would take CPU
+    # from the workers under test (the reader shares their cores), more in each later round.
+    outputs = [*deployment.topics.all_verdicts, deployment.topics.deadletter]
+    start = await end_offsets(deployment.url, outputs)
     started = datetime.now(UTC)
     published = await publish(deployment.url, deployment.topics, _lines(items, tag), rate=rate)
     timeout_s = max(60.0, len(items) / 2.0)
     outcomes = await collect(
-        deployment.url, deployment.topics, published, timeout_s=timeout_s, alive=lambda: deployment.alive
+        deployment.url, deployment.topics, published, timeout_s=timeout_s, alive=lambda: deployment.alive, start=start
     )
     ours = [(p, outcomes.verdicts[p.item_id]) for p in published if p.item_id in outcomes.verdicts]
     if len(ours) != len(items):
@@ -198,6 +206,7 @@ def measure_stream(job: BrokerJob) -> tuple[Row, dict[str, Row]]:
         [r.rate for r in rounds],
         worker_ready_s=ready_s,
         batch_size=config.batch_size,
+        batches_in_flight=job.settings.batches_in_flight(stage_names),
         stages=list(stage_names),
         llm="excluded (never called by the bench)",
         **cascade_breakdown(rounds[-1].verdicts, stage_names),
@@ -205,28 +214,47 @@ def measure_stream(job: BrokerJob) -> tuple[Row, dict[str, Row]]:
     return row, latency
 
 
+def pin(worker: WorkerProcess, core: int) -> bool:
+    """Confine every thread of `worker` to `core`; False where the OS cannot (no sched_setaffinity)."""
+    if not hasattr(os, "sched_setaffinity") or worker.process is None:
+        return False
+    pid = worker.process.pid
+    tasks = Path(f"/proc/{pid}/task")
+    for tid in [int(t.name) for t in tasks.iterdir()] if tasks.is_dir() else [pid]:
+        try:
+            os.sched_setaffinity(tid, {core})
+        except ProcessLookupError:  # a thread that ended meanwhile
+            continue
+    return True
+
+
 def measure_scale_out(job: BrokerJob) -> dict[str, Row]:
-    """One single-thread worker, then two in one group on the same partitions: two rows."""
+    """One single-thread worker pinned to a core, then two in one group on the same partitions, a core each."""
     config, settings, items, log = job.config, job.settings, job.items, job.log
+    partitions = f"{settings.stream_partitions} partitions"
     labels = {
-        "scale_one_worker": f"broker, 1 worker x 1 thread, {settings.stream_partitions} partitions",
-        "scale_two_workers": f"broker, 2 workers x 1 thread, one group, {settings.stream_partitions} partitions",
+        "scale_one_worker": f"broker, 1 worker x 1 thread x 1 core, {partitions}",
+        "scale_two_workers": f"broker, 2 workers x 1 thread x 1 core, one group, {partitions}",
     }
     logs = settings.data_path("bench", "scale-out")
     try:
         deployment = _deployment(job, logs, threads=1)
     except ImportError as exc:
         return {key: not_available(label, f"stream layer not importable: {exc}") for key, label in labels.items()}
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     try:
-        deployment.start().worker()
+        first = deployment.start().worker()
         log("scale-out: one single-thread worker")
         deployment.wait_ready(READY_TIMEOUT_S)
+        # Pinned once ready: every thread the worker will run (encoder, event loop, Kafka) exists by then.
+        pinned = len(cores) >= 2 and pin(first, cores[0])
         _round(deployment, items[:WARM_UP_ITEMS], "scale-warm1")
         one = [_round(deployment, items, f"scale-one-r{n}").rate for n in range(config.stream_rounds)]
         log("scale-out: a second single-thread worker joins the group")
         own = worker_data_dir(settings.data_dir, logs / "worker-2-data")
-        deployment.worker(env={"CASCADE_DATA_DIR": str(own)})
+        second = deployment.worker(env={"CASCADE_DATA_DIR": str(own)})
         deployment.wait_ready(READY_TIMEOUT_S)  # the join rebalances the group: every worker ready again
+        pinned = pinned and pin(second, cores[1])
         _round(deployment, items[:WARM_UP_ITEMS], "scale-warm2")
         two = [_round(deployment, items, f"scale-two-r{n}").rate for n in range(config.stream_rounds)]
     except Exception as exc:
@@ -234,7 +262,13 @@ def measure_scale_out(job: BrokerJob) -> dict[str, Row]:
         return {key: not_available(label, reason) for key, label in labels.items()}
     finally:
         deployment.stop()
-    common = {"threads_per_worker": 1, "partitions": settings.stream_partitions, "batch_size": config.batch_size}
+    common = {
+        "threads_per_worker": 1,
+        "pinned_to_one_core": pinned,
+        "partitions": settings.stream_partitions,
+        "batch_size": config.batch_size,
+        "batches_in_flight": settings.batches_in_flight(job.stage_names),
+    }
     return {
         "scale_one_worker": measured(labels["scale_one_worker"], "items/s", one, workers=1, **common),
         "scale_two_workers": measured(labels["scale_two_workers"], "items/s", two, workers=2, **common),

@@ -26,7 +26,7 @@ from cascade.bench.stages import BenchStages, open_stages
 from cascade.bench.stream import BrokerJob, measure_scale_out, measure_stream
 from cascade.contract import ContentItem, Verdict
 from cascade.embedding import Embedder, EncoderUnavailable
-from cascade.pipeline import CascadeRunner, new_context
+from cascade.pipeline import CascadeRunner, judge_batches, new_context
 from cascade.repeats import RepeatCache, RepeatingRunner, is_repeat
 from cascade.settings import Settings
 from cascade.stages.base import Stage
@@ -47,19 +47,30 @@ ROW_LABELS = {
 }
 
 
-async def run_cascade(cascade: CascadeRunner, items: Sequence[ContentItem], batch_size: int) -> list[Verdict]:
-    verdicts: list[Verdict] = []
-    for start in range(0, len(items), batch_size):
-        verdicts += await cascade.run([new_context(item) for item in items[start : start + batch_size]])
-    return verdicts
+async def run_cascade(
+    cascade: CascadeRunner, items: Sequence[ContentItem], batch_size: int, in_flight: int
+) -> list[Verdict]:
+    """As `cascade moderate` and a stream worker judge: batches of `batch_size`, `in_flight` of them at once."""
+    starts = range(0, len(items), batch_size)
+    batches = ([new_context(item) for item in items[start : start + batch_size]] for start in starts)
+    return [verdict async for verdicts in judge_batches(cascade, batches, in_flight) for verdict in verdicts]
 
 
 def _cascade_round(
-    runner: asyncio.Runner, cascade: CascadeRunner, items: Sequence[ContentItem], batch_size: int, last: list
+    runner: asyncio.Runner,
+    cascade: Callable[[], CascadeRunner],
+    items: Sequence[ContentItem],
+    batch_size: int,
+    in_flight: int,
+    last: list,
 ) -> Callable[[], float]:
+    """One timed round of the runner `cascade()` gives (built before the clock starts) over `items`."""
+
     def one() -> float:
+        judge = cascade()
+
         def work() -> None:
-            last[:] = runner.run(run_cascade(cascade, items, batch_size))
+            last[:] = runner.run(run_cascade(judge, items, batch_size, in_flight))
 
         return items_per_s(len(items), work)
 
@@ -67,39 +78,32 @@ def _cascade_round(
 
 
 def repeat_stream(items: Sequence[ContentItem], share: float, seed: int) -> list[ContentItem]:
-    """`items`, with `share` of them (never the first) replaced by a repeat of an earlier item's text."""
+    """`items`, with `share` of them (never the first) replaced by a repeat of an earlier item: its text on
+    its surface, under the item's own id. (A text repeated on another surface is judged by another band
+    set, so it is not a repeat; copying the text alone made ~40 % of the "repeats" such cross-surface ones.)"""
     rng = random.Random(seed)
     stream: list[ContentItem] = []
     for index, item in enumerate(items):
         if stream and rng.random() < share:
-            item = item.model_copy(update={"text": stream[rng.randrange(index)].text})
+            earlier = stream[rng.randrange(index)]
+            item = item.model_copy(update={"text": earlier.text, "surface": earlier.surface})
         stream.append(item)
     return stream
 
 
-def _repeating_round(
-    runner: asyncio.Runner,
-    stages: Sequence[Stage],
-    thresholds: ThresholdSet,
-    policy_version: str,
-    settings: Settings,
-    items: Sequence[ContentItem],
-    batch_size: int,
-    last: list,
-) -> Callable[[], float]:
-    def one() -> float:
-        # A fresh cache each round: a cache warm from the previous round would time only hits.
-        cache = RepeatCache(max(len(items), 1), ttl_s=3600)
-        cascade = RepeatingRunner(
-            stages, thresholds, policy_version, None, cache, settings.data_dir, lambda: built_stage_versions(stages)
-        )
-
-        def work() -> None:
-            last[:] = runner.run(run_cascade(cascade, items, batch_size))
-
-        return items_per_s(len(items), work)
-
-    return one
+def _fresh_repeating(
+    stages: Sequence[Stage], thresholds: ThresholdSet, policy_version: str, settings: Settings, size: int
+) -> Callable[[], CascadeRunner]:
+    # A fresh cache each round: a cache warm from the previous round would time only hits.
+    return lambda: RepeatingRunner(
+        stages,
+        thresholds,
+        policy_version,
+        None,
+        RepeatCache(max(size, 1), ttl_s=3600),
+        settings.data_dir,
+        lambda: built_stage_versions(stages),
+    )
 
 
 def _same_decisions(cached: Sequence[Verdict], uncached: Sequence[Verdict]) -> bool:
@@ -216,30 +220,28 @@ def measure_throughput(
                     extras["hash_stage"] = {"bank_entries": len(hash_stage.bank)}
             runs |= _embedding_runs(config, settings, texts, rows, log)
             cascade_label = _cascade_label(opened)
+            in_flight = settings.batches_in_flight(opened.names)
             if opened.stages:
                 cascade = CascadeRunner(opened.stages, thresholds, policy_version)
-                runs["cascade_inprocess"] = _cascade_round(runner, cascade, items, config.batch_size, last)
-                runner.run(run_cascade(cascade, items[: config.batch_size], config.batch_size))  # warm-up
+                runs["cascade_inprocess"] = _cascade_round(
+                    runner, lambda: cascade, items, config.batch_size, in_flight, last
+                )
+                runner.run(run_cascade(cascade, items[: config.batch_size], config.batch_size, in_flight))  # warm-up
                 for name, stream in (("cascade_no_repeats", items), ("cascade_repeats", repeated)):
-                    runs[name] = _repeating_round(
-                        runner,
-                        opened.stages,
-                        thresholds,
-                        policy_version,
-                        settings,
-                        stream,
-                        config.batch_size,
-                        last_repeats if name == "cascade_repeats" else [],
-                    )
+                    fresh = _fresh_repeating(opened.stages, thresholds, policy_version, settings, len(stream))
+                    kept = last_repeats if name == "cascade_repeats" else []
+                    runs[name] = _cascade_round(runner, fresh, stream, config.batch_size, in_flight, kept)
             else:
                 rows["cascade_inprocess"] = not_available(cascade_label, _no_stages(opened))
             log(f"throughput: {len(runs)} rows x {config.rounds} interleaved rounds on {len(items)} texts")
             samples = interleave(runs, config.rounds)
             if last_repeats:
-                uncached = runner.run(run_cascade(cascade, repeated, config.batch_size))
+                uncached = runner.run(run_cascade(cascade, repeated, config.batch_size, in_flight))
                 extras["cascade_repeats"] = {
                     "repeat_share": config.repeat_share,
-                    "repeated_items": sum(a.text != b.text for a, b in zip(items, repeated, strict=True)),
+                    "repeated_items": sum(
+                        (a.text, a.surface) != (b.text, b.surface) for a, b in zip(items, repeated, strict=True)
+                    ),
                     "reissued": sum(map(is_repeat, last_repeats)),
                     "verdicts_identical_to_uncached": _same_decisions(last_repeats, uncached),
                     "largest_score_change": _largest_score_change(last_repeats, uncached),
@@ -269,6 +271,7 @@ def measure_throughput(
                 "stages": opened.names,
                 "llm": "excluded (never called by the bench)",
                 "batch_size": config.batch_size,
+                "batches_in_flight": settings.batches_in_flight(opened.names),
                 **cascade_breakdown(last, opened.names),
             }
             rows[name] = measured(cascade_label, ITEMS_PER_S, values, **extra)
@@ -316,8 +319,9 @@ def _inprocess_again(
         opened = runner.run(open_stages(settings))
         try:
             cascade = CascadeRunner(opened.stages, thresholds, policy_version)
-            runner.run(run_cascade(cascade, items[: config.batch_size], config.batch_size))  # warm-up
-            round_ = _cascade_round(runner, cascade, items, config.batch_size, last)
+            in_flight = settings.batches_in_flight(opened.names)
+            runner.run(run_cascade(cascade, items[: config.batch_size], config.batch_size, in_flight))  # warm-up
+            round_ = _cascade_round(runner, lambda: cascade, items, config.batch_size, in_flight, last)
             return [round_() for _ in range(config.stream_rounds)]
         finally:
             runner.run(opened.aclose())

@@ -306,7 +306,8 @@ def seed() -> None:
 
 @bank_app.command("reindex")
 def reindex() -> None:
-    """Re-embed the exemplars another encoder embedded, with the one configured now (after a model change)."""
+    """Re-embed the exemplars another encoder embedded, with the one configured now (after a model change), and
+    build the kNN index over every exemplar."""
     from cascade.embedding import Embedder, ModelError
     from cascade.exemplars import reindex as reembed
     from cascade.vectorindex import StoreInUseError, open_vector_index

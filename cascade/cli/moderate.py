@@ -21,7 +21,7 @@ from cascade.cli.app import app, fail
 from cascade.contract import DeadLetter, Verdict
 from cascade.intake import parse_record
 from cascade.jsonl import raw_records
-from cascade.pipeline import CascadeRunner, new_context
+from cascade.pipeline import CascadeRunner, judge_batches, new_context
 from cascade.repeats import is_repeat
 from cascade.settings import Settings
 from cascade.stages.base import ItemContext
@@ -111,21 +111,28 @@ async def moderate_stream(
     batch_size: int = 64,
     on_progress: Callable[[int], None] | None = None,
 ) -> None:
-    """Every record → one verdict line or one dead-letter line."""
-    for batch in _batches(records, batch_size):
-        contexts: list[ItemContext] = []
-        for raw, source in batch:
-            parsed = parse_record(raw, settings, source)
-            if isinstance(parsed, DeadLetter):
-                dead_letter_out.write(parsed.model_dump_json() + "\n")
-                summary.add_dead_letter(parsed)
-            else:
-                contexts.append(new_context(parsed, source))
-        for verdict in await runner.run(contexts) if contexts else []:
+    """Every record → one verdict line or one dead-letter line; verdicts in input order."""
+
+    def contexts() -> Iterator[list[ItemContext]]:
+        for batch in _batches(records, batch_size):
+            parsed_batch: list[ItemContext] = []
+            for raw, source in batch:
+                parsed = parse_record(raw, settings, source)
+                if isinstance(parsed, DeadLetter):
+                    dead_letter_out.write(parsed.model_dump_json() + "\n")
+                    summary.add_dead_letter(parsed)
+                else:
+                    parsed_batch.append(new_context(parsed, source))
+            if on_progress is not None:
+                on_progress(sum(len(raw) + 1 for raw, _ in batch))
+            if parsed_batch:
+                yield parsed_batch
+
+    in_flight = settings.batches_in_flight(runner.stage_names)
+    async for verdicts in judge_batches(runner, contexts(), in_flight):
+        for verdict in verdicts:
             verdict_out.write(verdict.model_dump_json() + "\n")
             summary.add_verdict(verdict)
-        if on_progress is not None:
-            on_progress(sum(len(raw) + 1 for raw, _ in batch))
 
 
 @app.command()

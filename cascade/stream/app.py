@@ -89,7 +89,7 @@ def create_app(
     for index, last in fused_runs(runner.stage_names, stages):
         processor = StageProcessor(runner, index, topics, settings, last)
         source = app.topic(processor.input_topic, partitions=settings.stream_partitions)
-        concurrency = max(settings.stream_concurrency.get(name, 1) for name in processor.stages)
+        concurrency = settings.batches_in_flight(processor.stages)
         agent = _stage_agent(processor, settings, concurrency, output_topic, state)
         app.agent(source, name=f"cascade.stage.{processor.stage}")(agent)
     return app

@@ -11,7 +11,7 @@ import codecs
 import json
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -24,6 +24,8 @@ from cascade.stream.kafka import bootstrap_servers
 from cascade.stream.processor import record_source
 from cascade.stream.security import PLAINTEXT, KafkaSecurity
 from cascade.stream.topics import Topics
+
+Offsets = Mapping[tuple[str, int], int]  # (topic, partition) -> offset
 
 PUBLISH_WINDOW = 500  # sends awaited together; bounds memory, keeps the pipe full
 
@@ -146,15 +148,9 @@ async def _settle(window: Sequence[tuple[bytes | None, datetime, asyncio.Future,
     ]
 
 
-async def read_topics(
-    url: str, topics: Sequence[str], poll_ms: int = 200, security: KafkaSecurity = PLAINTEXT
-) -> AsyncIterator[tuple[str, bytes]]:
-    """Every message of `topics` from the beginning, then new ones as they come; (topic, value).
-
-    No consumer group: it assigns every partition itself, so it joins nothing and commits nothing.
-    Yields ("", b"") after each empty poll so callers can notice idleness.
-    """
-    consumer = AIOKafkaConsumer(
+def _reader(url: str, security: KafkaSecurity) -> AIOKafkaConsumer:
+    # No consumer group: it assigns partitions itself, so it joins nothing and commits nothing.
+    return AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers(url),
         group_id=None,
         enable_auto_commit=False,
@@ -162,16 +158,49 @@ async def read_topics(
         client_id="cascade-read",
         **security.aiokafka_options(),
     )
+
+
+async def _partitions(consumer: AIOKafkaConsumer, url: str, topics: Sequence[str]) -> list[TopicPartition]:
+    await consumer.topics()  # fetch metadata so partitions are known
+    partitions = [
+        TopicPartition(topic, p) for topic in topics for p in sorted(consumer.partitions_for_topic(topic) or ())
+    ]
+    if not partitions:
+        raise NoTopicsError(f"none of the topics {', '.join(topics)} exist on {url}")
+    return partitions
+
+
+async def end_offsets(url: str, topics: Sequence[str], security: KafkaSecurity = PLAINTEXT) -> Offsets:
+    """Where each partition of `topics` ends now: `read_topics(..., start=)` from there sees only what comes next."""
+    consumer = _reader(url, security)
+    try:
+        await consumer.start()
+        ends = await consumer.end_offsets(await _partitions(consumer, url, topics))
+        return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}
+    finally:
+        await consumer.stop()
+
+
+async def read_topics(
+    url: str,
+    topics: Sequence[str],
+    poll_ms: int = 200,
+    security: KafkaSecurity = PLAINTEXT,
+    start: Offsets | None = None,
+) -> AsyncIterator[tuple[str, bytes]]:
+    """Every message of `topics` from the beginning (or from the `start` offsets), then new ones as they
+    come; (topic, value). Yields ("", b"") after each empty poll so callers can notice idleness.
+    """
+    consumer = _reader(url, security)
     try:
         await consumer.start()  # inside the try: a consumer that failed to connect must still be closed
-        await consumer.topics()  # fetch metadata so partitions are known
-        partitions = [
-            TopicPartition(topic, p) for topic in topics for p in sorted(consumer.partitions_for_topic(topic) or ())
-        ]
-        if not partitions:
-            raise NoTopicsError(f"none of the topics {', '.join(topics)} exist on {url}")
+        partitions = await _partitions(consumer, url, topics)
         consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
+        if start is None:
+            await consumer.seek_to_beginning(*partitions)
+        else:
+            for tp in partitions:
+                consumer.seek(tp, start.get((tp.topic, tp.partition), 0))
         while True:
             batches = await consumer.getmany(timeout_ms=poll_ms)
             if not any(batches.values()):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cascade.settings import Settings
 from cascade.stream.broker import EmbeddedBroker, free_port
-from cascade.stream.client import Published, StreamOutputs, read_topics
+from cascade.stream.client import Offsets, Published, StreamOutputs, read_topics
 from cascade.stream.kafka import ensure_topics
 from cascade.stream.security import PLAINTEXT, KafkaSecurity
 from cascade.stream.topics import Topics
@@ -255,8 +255,10 @@ async def collect(
     alive: Callable[[], bool] = lambda: True,
     until_drained: bool = True,
     security: KafkaSecurity = PLAINTEXT,
+    start: Offsets | None = None,
 ) -> StreamOutputs:
-    """Read verdicts and dead letters until every published record has one (or forever).
+    """Read verdicts and dead letters (from the beginning, or from the `start` offsets) until every
+    published record has one (or forever).
 
     `published` may be a callable when publishing is still under way. Raises TimeoutError after
     `timeout_s`, WorkerError when `alive()` turns false.
@@ -264,7 +266,8 @@ async def collect(
     outcomes = StreamOutputs(topics)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last_update = 0.0
-    async for topic, value in read_topics(url, [*topics.all_verdicts, topics.deadletter], security=security):
+    outputs = [*topics.all_verdicts, topics.deadletter]
+    async for topic, value in read_topics(url, outputs, security=security, start=start):
         if topic:
             outcomes.add(topic, value)
         now = time.monotonic()
