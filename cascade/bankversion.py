@@ -7,10 +7,11 @@ exemplars imported or seeded) bumps it. Judgements cached against the banks
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from pathlib import Path
+
+from cascade.locks import process_lock
 
 VERSION_FILE = "banks.version"
 
@@ -48,8 +49,7 @@ def bump_bank_version(data_dir: Path) -> int:
     """
     path = Path(data_dir) / VERSION_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.with_name(VERSION_FILE + ".lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with process_lock(path.with_name(VERSION_FILE + ".lock")):
         new = bank_version(data_dir) + 1
         staged = path.with_name(f"{VERSION_FILE}.{os.getpid()}.tmp")
         staged.write_text(str(new), encoding="ascii")

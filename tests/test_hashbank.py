@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -341,3 +343,29 @@ def test_cli_import_confirm_and_nothing_imported(cli: CliRunner, tmp_path: Path)
     only_bad.write_text("not json\n{}\n")
     failed = cli.invoke(app, ["bank", "import", str(only_bad)])
     assert failed.exit_code == 2 and "nothing imported" in failed.output
+
+
+def _open_when_told(path: str, go: Any, outcomes: Any) -> None:
+    go.wait()
+    try:
+        HashBank(Path(path))
+        outcomes.put("ok")
+    except Exception as exc:  # what the parent asserts on
+        outcomes.put(repr(exc))
+
+
+def test_processes_starting_together_open_a_new_bank_file(tmp_path: Path) -> None:
+    """Stream workers start at once on one data dir: setting up a new bank file must not fail any of them
+    (without the setup lock, 24 of 120 opens failed with "database is locked", 3 processes at a time)."""
+    forked = multiprocessing.get_context("fork")
+    for attempt in range(8):
+        go, outcomes = forked.Event(), forked.Queue()
+        path = str(tmp_path / f"bank-{attempt}.sqlite")
+        openers = [forked.Process(target=_open_when_told, args=(path, go, outcomes)) for _ in range(3)]
+        for process in openers:
+            process.start()
+        time.sleep(0.2)  # every opener waiting
+        go.set()
+        for process in openers:
+            process.join(60)
+        assert [outcomes.get(timeout=5) for _ in openers] == ["ok"] * 3

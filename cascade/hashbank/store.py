@@ -19,6 +19,7 @@ from pathlib import Path
 from cascade.bankversion import bump_bank_version
 from cascade.hashbank.entries import BankEntry, BankStats, EntryInput, Polarity, UpsertReport, in_quarantine, now_iso
 from cascade.hashbank.signal import NUM_PERM, Shingler
+from cascade.locks import process_lock
 from cascade.normalize import NORMALIZE_VERSION, normalize, text_key
 
 BANK_FILE = "banks.sqlite"
@@ -104,13 +105,17 @@ class BankStore:
         self.shingler = shingler
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
-        if "quarantined_until" not in columns:  # a bank file from before quarantines expired
-            self._db.execute("ALTER TABLE entries ADD COLUMN quarantined_until TEXT")
-        self._upgrade_stored_keys()
+        # One process at a time sets the file up: on a new file, turning WAL on and creating the schema
+        # need locks SQLite refuses at once rather than wait for (two workers starting together failed
+        # with "database is locked").
+        with process_lock(self.path.with_name(self.path.name + ".lock")):
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
+            if "quarantined_until" not in columns:  # a bank file from before quarantines expired
+                self._db.execute("ALTER TABLE entries ADD COLUMN quarantined_until TEXT")
+            self._upgrade_stored_keys()
 
     def _upgrade_stored_keys(self) -> None:
         """Recompute normalised forms and signatures written by another normaliser or shingler version."""
