@@ -271,7 +271,7 @@ def measure_throughput(
                 "stages": opened.names,
                 "llm": "excluded (never called by the bench)",
                 "batch_size": config.batch_size,
-                "batches_in_flight": settings.batches_in_flight(opened.names),
+                "batches_in_flight": in_flight,
                 **cascade_breakdown(last, opened.names),
             }
             rows[name] = measured(cascade_label, ITEMS_PER_S, values, **extra)
