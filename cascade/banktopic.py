@@ -136,7 +136,7 @@ class BankTopic:
         one bad state must not stop a replica from following the rest.
         """
         applied, idle = 0, 0
-        async for _, value in read_topics(self.url, [self.name], self.poll_ms, security=self.security):
+        async for _, _, value in read_topics(self.url, [self.name], self.poll_ms, security=self.security):
             if not value:
                 idle += 1
                 if idle >= _CAUGHT_UP_IDLE_POLLS:

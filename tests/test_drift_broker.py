@@ -59,7 +59,7 @@ def _read_all(url: str, topics: list[str]) -> list[bytes]:
     async def read() -> list[bytes]:
         values: list[bytes] = []
         quiet = time.monotonic()
-        async for topic, value in read_topics(url, topics):
+        async for topic, _, value in read_topics(url, topics):
             if topic:
                 values.append(value)
                 quiet = time.monotonic()

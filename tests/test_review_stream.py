@@ -86,7 +86,7 @@ class Deployment:
 
     def read(self, topics: list[str], wanted: Callable[[str, bytes], bool], timeout_s: float = 30) -> tuple[str, bytes]:
         async def scan() -> tuple[str, bytes]:
-            async for topic, value in read_topics(self.url, topics):
+            async for topic, _, value in read_topics(self.url, topics):
                 if topic and wanted(topic, value):
                     return topic, value
             raise AssertionError("read_topics never ends")

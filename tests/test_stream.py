@@ -7,6 +7,7 @@ import json
 import logging
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import faust
@@ -21,6 +22,7 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
 )
 from prometheus_client import REGISTRY
+from pydantic import ValidationError
 
 from cascade.assembly import build_runner
 from cascade.contract import DeadLetter, DeadLetterCode, Decision, Verdict
@@ -29,6 +31,7 @@ from cascade.settings import Settings
 from cascade.stages.base import ItemContext
 from cascade.stream.app import fused_runs
 from cascade.stream.broker import free_port
+from cascade.stream.client import Published, StreamOutputs
 from cascade.stream.health import HealthServer, WorkerState
 from cascade.stream.kafka import bootstrap_servers, refusal_code
 from cascade.stream.local import worker_stages
@@ -309,3 +312,45 @@ def test_a_stage_worker_builds_no_records_for_the_clients_debug_calls() -> None:
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+def _verdict_message(item_id: str, decision: Decision, reason: str) -> bytes:
+    verdict = Verdict(
+        id=item_id,
+        decision=decision,
+        categories={},
+        decided_by="hash",
+        reason=reason,
+        trace=[],
+        policy_version="p",
+        thresholds_version="t",
+    )
+    return verdict.model_dump_json().encode()
+
+
+def test_stream_outputs_count_verdicts_by_key_and_parse_them_when_read() -> None:
+    """The first verdict of each id wins; counts and decisions come from keys and topics, before any parsing."""
+    topics = Topics("t.")
+    outcomes = StreamOutputs(topics)
+    outcomes.add(topics.verdicts(Decision.BLOCK), _verdict_message("a", Decision.BLOCK, "first"), b"a")
+    outcomes.add(topics.verdicts(Decision.BLOCK), _verdict_message("a", Decision.BLOCK, "redelivered"), b"a")
+    outcomes.add(topics.verdicts(Decision.ALLOW), _verdict_message("b", Decision.ALLOW, "keyless"), None)
+    outcomes.add(topics.verdicts(Decision.REVIEW), b"not a verdict: read only when asked for", b"c")
+    letter = DeadLetter(
+        id="d", error_code=DeadLetterCode.MALFORMED_JSON, message="bad", payload="{", payload_encoding="utf-8"
+    )
+    outcomes.add(topics.deadletter, letter.model_dump_json().encode(), b"d")
+
+    assert outcomes.decided == 3 and outcomes.duplicates == 1
+    assert outcomes.decisions == {Decision.BLOCK: 1, Decision.ALLOW: 1, Decision.REVIEW: 1}
+    published = [Published(key.encode(), f"in[0]@{n}", datetime.now(UTC)) for n, key in enumerate("abcde")]
+    assert [p.item_id for p in outcomes.missing(published)] == ["e"]
+    with pytest.raises(ValidationError):
+        outcomes.verdicts  # noqa: B018 - the unparseable message is parsed here, on first read
+
+    outcomes = StreamOutputs(topics)
+    outcomes.add(topics.verdicts(Decision.BLOCK), _verdict_message("a", Decision.BLOCK, "first"), b"a")
+    outcomes.add(topics.verdicts(Decision.ALLOW), _verdict_message("b", Decision.ALLOW, "keyless"), None)
+    outcomes.add(topics.verdicts(Decision.BLOCK), _verdict_message("a", Decision.BLOCK, "redelivered"), b"a")
+    assert {i: v.reason for i, v in outcomes.verdicts.items()} == {"a": "first", "b": "keyless"}
+    assert list(outcomes.restricted_to(published[:1]).verdicts) == ["a"]

@@ -276,7 +276,7 @@ def test_reading_from_end_offsets_sees_only_what_comes_next(broker: EmbeddedBrok
         start = await end_offsets(broker.url, [topics.content])
         await publish(broker.url, topics, items(2, "after"))
         seen: list[bytes] = []
-        async for topic, value in read_topics(broker.url, [topics.content], start=start):
+        async for topic, _, value in read_topics(broker.url, [topics.content], start=start):
             if not topic:  # idle: everything there is has been read
                 return seen
             seen.append(value)

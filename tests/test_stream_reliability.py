@@ -30,7 +30,7 @@ from test_stream_broker import Deployment, items, write_llm_thresholds
 from cascade.contract import DeadLetter, DeadLetterCode, Decision, Verdict
 from cascade.settings import Settings
 from cascade.stream.broker import EmbeddedBroker
-from cascade.stream.client import StreamOutputs, read_topics
+from cascade.stream.client import Consumed, StreamOutputs, read_topics
 from cascade.stream.topics import Topics
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -55,16 +55,16 @@ def run_cascade(args: list[str], env: dict[str, str], cwd: Path, timeout_s: floa
     )
 
 
-def read_all(url: str, topics: list[str], idle_s: float = 2.0) -> list[tuple[str, bytes]]:
-    """Every message of `topics`, (topic, value), read once the run is over."""
+def read_all(url: str, topics: list[str], idle_s: float = 2.0) -> list[Consumed]:
+    """Every message of `topics`, read once the run is over."""
 
-    async def read() -> list[tuple[str, bytes]]:
-        messages: list[tuple[str, bytes]] = []
+    async def read() -> list[Consumed]:
+        messages: list[Consumed] = []
         quiet_since = time.monotonic()
-        async for topic, value in read_topics(url, topics):
-            if topic:
-                assert len(value) <= LIMITS.stream_max_message_bytes
-                messages.append((topic, value))
+        async for message in read_topics(url, topics):
+            if message.topic:
+                assert len(message.value) <= LIMITS.stream_max_message_bytes
+                messages.append(message)
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since > idle_s:
                 return messages
@@ -75,8 +75,8 @@ def read_all(url: str, topics: list[str], idle_s: float = 2.0) -> list[tuple[str
 
 def read_outcomes(url: str, topics: Topics) -> StreamOutputs:
     outcomes = StreamOutputs(topics)
-    for topic, value in read_all(url, [*topics.all_verdicts, topics.deadletter]):
-        outcomes.add(topic, value)
+    for topic, key, value in read_all(url, [*topics.all_verdicts, topics.deadletter]):
+        outcomes.add(topic, value, key)
     return outcomes
 
 

@@ -61,7 +61,7 @@ def _from_topics(
     async def read() -> list[Verdict]:
         found: list[Verdict] = []
         quiet_since = time.monotonic()
-        async for topic, value in read_topics(url, topics.all_verdicts):
+        async for topic, _, value in read_topics(url, topics.all_verdicts):
             if not topic:
                 if time.monotonic() - quiet_since > idle_s:
                     return found

@@ -129,7 +129,7 @@ def tail(
 
     async def run() -> None:
         printed, quiet_since = 0, time.monotonic()
-        async for topic, value in read_topics(url, names, security=security):
+        async for topic, _, value in read_topics(url, names, security=security):
             if not topic:
                 if not follow and time.monotonic() - quiet_since > idle:
                     return
@@ -262,13 +262,11 @@ async def _publish_and_watch(
             _report_published(err, published, url, time.perf_counter() - started)
 
     def progress(outcomes: StreamOutputs) -> None:
-        done = len(outcomes.verdicts) + len(outcomes.dead_letters)
+        done = outcomes.decided + len(outcomes.dead_letters)
         elapsed = time.perf_counter() - started
-        counts = " ".join(
-            f"{d.value} {sum(1 for v in outcomes.verdicts.values() if v.decision is d)}" for d in Decision
-        )
+        counts = " ".join(f"{d.value} {outcomes.decisions[d]}" for d in Decision)
         line = (
-            f"verdicts {len(outcomes.verdicts)} ({counts}) dead letters {len(outcomes.dead_letters)}"
+            f"verdicts {outcomes.decided} ({counts}) dead letters {len(outcomes.dead_letters)}"
             f" of {len(published) or '?'} published | {_rate(done / elapsed)} items/s"
         )
         if err.is_terminal:

@@ -14,10 +14,11 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from cascade.contract import MAX_ID_CHARS, DeadLetter, DeadLetterCode, Verdict
+from cascade.contract import MAX_ID_CHARS, DeadLetter, DeadLetterCode, Decision, Verdict
 from cascade.intake import dead_letter
 from cascade.settings import Settings
 from cascade.stream.kafka import bootstrap_servers
@@ -181,15 +182,23 @@ async def end_offsets(url: str, topics: Sequence[str], security: KafkaSecurity =
         await consumer.stop()
 
 
+class Consumed(NamedTuple):
+    """One message read by `read_topics`; all empty after a poll that found nothing."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+
+
 async def read_topics(
     url: str,
     topics: Sequence[str],
     poll_ms: int = 200,
     security: KafkaSecurity = PLAINTEXT,
     start: Offsets | None = None,
-) -> AsyncIterator[tuple[str, bytes]]:
+) -> AsyncIterator[Consumed]:
     """Every message of `topics` from the beginning (or from the `start` offsets), then new ones as they
-    come; (topic, value). Yields ("", b"") after each empty poll so callers can notice idleness.
+    come. Yields an empty `Consumed` ("", None, b"") after each empty poll so callers can notice idleness.
     """
     consumer = _reader(url, security)
     try:
@@ -204,37 +213,68 @@ async def read_topics(
         while True:
             batches = await consumer.getmany(timeout_ms=poll_ms)
             if not any(batches.values()):
-                yield "", b""
+                yield Consumed("", None, b"")
                 continue
             for tp, records in batches.items():
                 for record in records:
-                    yield tp.topic, record.value or b""
+                    yield Consumed(tp.topic, record.key, record.value or b"")
     finally:
         await consumer.stop()
 
 
 @dataclass
 class StreamOutputs:
-    """What came out of the cascade: verdicts by id (duplicates counted) and dead letters."""
+    """What came out of the cascade: verdicts by id (duplicates counted) and dead letters.
+
+    A verdict message that carries a key (every cascade producer keys it by the item id) is
+    counted at once but parsed only when `verdicts` is first read: a reader sharing the
+    workers' cores (`cascade run`, `cascade bench`) would otherwise spend them validating
+    JSON while the items are still being judged. A keyless one is parsed on arrival.
+    """
 
     topics: Topics
-    verdicts: dict[str, Verdict] = field(default_factory=dict)
     deliveries: Counter[str] = field(default_factory=Counter)  # verdict messages per id
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    decisions: Counter[Decision] = field(default_factory=Counter)  # of the first verdict of each id
+    _verdicts: dict[str, Verdict] = field(default_factory=dict, init=False, repr=False)
+    _unparsed: dict[str, bytes] = field(default_factory=dict, init=False, repr=False)  # first message per id, unread
+    _decision_of_topic: dict[str, Decision] = field(init=False, repr=False)
 
-    def add(self, topic: str, value: bytes) -> Verdict | DeadLetter:
+    def __post_init__(self) -> None:
+        self._decision_of_topic = {self.topics.verdicts(d): d for d in Decision}
+
+    def add(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+        """One message of a verdict topic or of the dead-letter topic."""
         if topic == self.topics.deadletter:
-            letter = DeadLetter.model_validate_json(value)
-            self.dead_letters.append(letter)
-            return letter
-        verdict = Verdict.model_validate_json(value)
-        self.deliveries[verdict.id] += 1
-        self.verdicts.setdefault(verdict.id, verdict)  # first verdict wins (see docs/stream.md)
-        return verdict
+            self.dead_letters.append(DeadLetter.model_validate_json(value))
+            return
+        verdict = None if key else Verdict.model_validate_json(value)
+        item_id = key.decode("utf-8", "surrogatepass") if key else verdict.id  # type: ignore[union-attr]
+        if item_id not in self.deliveries:  # first verdict wins (see docs/stream.md)
+            if verdict is None:
+                self._unparsed[item_id] = value
+            else:
+                self._verdicts[item_id] = verdict
+            self.decisions[self._decision_of_topic[topic]] += 1
+        self.deliveries[item_id] += 1
+
+    @property
+    def verdicts(self) -> dict[str, Verdict]:
+        """The first verdict of each id, in arrival order of the ids."""
+        if self._unparsed:
+            parsed = {i: Verdict.model_validate_json(v) for i, v in self._unparsed.items()}
+            self._unparsed.clear()
+            self._verdicts = {i: self._verdicts.get(i) or parsed[i] for i in self.deliveries}
+        return self._verdicts
+
+    @property
+    def decided(self) -> int:
+        """Ids with a verdict, without parsing any."""
+        return len(self.deliveries)
 
     @property
     def duplicates(self) -> int:
-        return sum(self.deliveries.values()) - len(self.verdicts)
+        return sum(self.deliveries.values()) - len(self.deliveries)
 
     def missing(self, published: Sequence[Published]) -> list[Published]:
         """Published records with neither a verdict nor a dead letter yet."""
@@ -243,7 +283,7 @@ class StreamOutputs:
         return [
             p
             for p in published
-            if p.item_id not in self.verdicts and p.item_id not in dead_ids and p.source not in dead_sources
+            if p.item_id not in self.deliveries and p.item_id not in dead_ids and p.source not in dead_sources
         ]
 
     def restricted_to(self, published: Sequence[Published]) -> StreamOutputs:
@@ -251,7 +291,8 @@ class StreamOutputs:
         ids = {p.item_id for p in published if p.item_id}
         sources = {p.source for p in published}
         kept = StreamOutputs(self.topics)
-        kept.verdicts = {i: v for i, v in self.verdicts.items() if i in ids}
+        kept._verdicts = {i: v for i, v in self.verdicts.items() if i in ids}
         kept.deliveries = Counter({i: n for i, n in self.deliveries.items() if i in ids})
+        kept.decisions = Counter(v.decision for v in kept._verdicts.values())
         kept.dead_letters = [d for d in self.dead_letters if d.id in ids or d.source in sources]
         return kept

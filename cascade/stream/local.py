@@ -267,9 +267,9 @@ async def collect(
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last_update = 0.0
     outputs = [*topics.all_verdicts, topics.deadletter]
-    async for topic, value in read_topics(url, outputs, security=security, start=start):
+    async for topic, key, value in read_topics(url, outputs, security=security, start=start):
         if topic:
-            outcomes.add(topic, value)
+            outcomes.add(topic, value, key)
         now = time.monotonic()
         if on_update is not None and (not topic or now - last_update > 0.25):
             on_update(outcomes)
