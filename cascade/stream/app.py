@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import faust
@@ -142,8 +142,23 @@ def _stage_agent(
     stage = processor.stage
     deadletter_topic = processor.topics.deadletter
 
-    async def produce(message: Message) -> None:
-        await (await output_topic(message.topic).send(key=message.key, value=message.value))
+    async def produce(messages: Sequence[Message]) -> list[BaseException | None]:
+        """Hand every message to the producer, then wait for all the broker's acks: the error of each, or None.
+
+        One ack future per message and no task: a task per message cost the event loop more than the send.
+        """
+        errors: list[BaseException | None] = [None] * len(messages)
+        acks: list[tuple[int, Awaitable[Any]]] = []
+        for index, message in enumerate(messages):
+            try:
+                acks.append((index, await output_topic(message.topic).send(key=message.key, value=message.value)))
+            except Exception as exc:  # refused before it left (e.g. too large): handled as a failed ack is
+                errors[index] = exc
+        results = await asyncio.gather(*(ack for _, ack in acks), return_exceptions=True)
+        for (index, _), result in zip(acks, results, strict=True):
+            if isinstance(result, BaseException):
+                errors[index] = result
+        return errors
 
     async def deliver(messages: Sequence[Message]) -> None:
         """Produce and wait for the broker's acks; what it refuses for good becomes a dead letter, the rest retries.
@@ -152,7 +167,7 @@ def _stage_agent(
         """
         pending, delay = list(messages), 0.5
         while pending:
-            results = await asyncio.gather(*(produce(m) for m in pending), return_exceptions=True)
+            results = await produce(pending)
             retry: list[Message] = []
             transient: BaseException | None = None
             for message, result in zip(pending, results, strict=True):
