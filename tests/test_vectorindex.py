@@ -9,6 +9,7 @@ import os
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -198,3 +199,35 @@ def test_edge_store_made_under_older_tuning_takes_the_current_one(tmp_path: Path
     assert reopened._shard.info().indexed_vectors_count == len(rows)
     assert [n.id for n in reopened.search(vectors[:1], 1)[0]] == [rows[0].id]
     reopened.close()
+
+
+def test_edge_search_walks_int8_vectors_and_returns_float_similarities(tmp_path: Path, real_bank) -> None:
+    """The store keeps int8 copies (a search that skips re-scoring sees their rounding), yet every
+    similarity the index returns is the float cosine: the candidates are re-scored."""
+    import qdrant_edge as qe
+
+    rows, vectors = real_bank
+    older = EdgeIndex(tmp_path / "edge", replace(TEST_TUNING, int8=False))  # a store made before int8
+    _fill(older, rows, vectors)
+    older.optimize()
+    older.close()
+    index = EdgeIndex(tmp_path / "edge", TEST_TUNING)
+    index.optimize()  # what `cascade bank reindex` does: builds the int8 copies of an older store
+    queries = vectors[::9] + 0.02
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    unrescored = index._shard.query(
+        qe.QueryRequest(
+            limit=10,
+            query=qe.Query.Nearest(queries[0].tolist()),
+            params=qe.SearchParams(hnsw_ef=128, quantization=qe.QuantizationSearchParams(rescore=False)),
+        )
+    )
+    by_id = {r.id: v for r, v in zip(rows, vectors, strict=True)}
+    found = index.search(queries, 10)
+    for query, neighbours in zip(queries, found, strict=True):
+        cosines = [query @ by_id[n.id] for n in neighbours]
+        np.testing.assert_allclose([n.similarity for n in neighbours], cosines, atol=1e-5)
+    int8_scores = [p.score for p in unrescored]
+    float_scores = sorted((queries[0] @ vectors.T).tolist(), reverse=True)[:10]
+    assert max(abs(a - b) for a, b in zip(int8_scores, float_scores, strict=True)) > 1e-4
+    index.close()
