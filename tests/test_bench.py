@@ -100,7 +100,7 @@ def test_every_section_on_tiny_inputs(every_piece: Settings, data: Path, bands: 
         assert row["best"] == max(row["samples"]) and min(row["samples"]) <= row["median"] <= row["best"]
     assert rows["cascade_inprocess"]["stages"] == ["hash", "retrieval", "classifier"]
     assert sum(rows["cascade_inprocess"]["decided_by"].values()) == pytest.approx(1.0)
-    for key in ("embedding_torch_b64", "stream_broker"):
+    for key in ("embedding_torch_b64", "stream_broker", "stream_broker_live"):
         assert rows[key] == {"label": rows[key]["label"], "available": False, "reason": rows[key]["reason"]}
         assert "disabled" in rows[key]["reason"]
     ratios = throughput["ratios"]
@@ -197,7 +197,7 @@ def test_cli_rejects_unknown_sections_and_missing_files(data: Path, tmp_path: Pa
 @pytest.mark.slow
 @pytest.mark.broker
 def test_stream_row_through_the_embedded_broker(settings: Settings, data: Path, bands: Path) -> None:
-    """One worker, hash stage only: the broker row and its ratio to the in-process cascade."""
+    """One worker, hash stage only: the broker rows (a backlog; live) and the ratio to the in-process cascade."""
     bare = settings.model_copy(update={"model_dir": settings.data_dir / "no-model"})
     config = tiny(data, sections=("throughput",), stream=True, thresholds=bands)
     result, _ = run_bench(config, bare)
@@ -207,6 +207,9 @@ def test_stream_row_through_the_embedded_broker(settings: Settings, data: Path, 
     assert stream["stages"] == ["hash"] and stream["samples"][0] > 0 and stream["worker_ready_s"] > 0
     assert len(rows["cascade_inprocess"]["samples"]) == config.rounds + config.stream_rounds  # A B A
     assert stream["decided_by"] == rows["cascade_inprocess"]["decided_by"]  # same bands, same work
+    live = rows["stream_broker_live"]
+    assert live["available"] and live["decided_by"] == stream["decided_by"], live
+    assert len(live["samples"]) == len(stream["samples"]) == config.stream_rounds
     made = result["throughput"]["ratios"]["stream_vs_inprocess"]
     assert "paired_median" not in made  # the broker rounds are not interleaved with the others
     assert made["value"] == pytest.approx(stream["median"] / rows["cascade_inprocess"]["median"])
@@ -216,7 +219,7 @@ def test_stream_row_through_the_embedded_broker(settings: Settings, data: Path, 
     for key, share in (("latency_50", 0.5), ("latency_90", 0.9)):
         row = latency[key]
         assert row["available"], row
-        assert row["offered_rate"] == pytest.approx(share * stream["median"]) and row["achieved_rate"] > 0
+        assert row["offered_rate"] == pytest.approx(share * live["median"]) and row["achieved_rate"] > 0
         every = row["all"]
         assert every["n"] == result["throughput"]["input"]["items"]
         assert 0 < every["p50_ms"] <= every["p95_ms"] <= every["p99_ms"]

@@ -4,27 +4,33 @@ Uses the stream layer's own pieces (`cascade.stream`): `LocalDeployment` (the em
 and worker processes exactly as `cascade run` starts them: every stage in one worker, the same
 stage list and thresholds as the in-process row), the publisher and the verdict reader.
 
-- Throughput: a round publishes the bench texts under fresh ids as fast as it can; its rate is
-  items / (last verdict's `processed_at` − publish start), so reading the verdicts back does not
-  count against the stream.
-- Latency under load: the same worker, fed at a fixed offered rate (a share of the throughput
-  just measured); per item, `processed_at` of its verdict − the moment its record was sent,
+- Throughput (a backlog): the workers are paused (SIGSTOP) while the bench texts are published
+  under fresh ids, then resumed to drain them; the rate is items / (last verdict's
+  `processed_at` − the resume). The publisher, which in production runs elsewhere, then does
+  not take the workers' cores; the verdict reader still shares them, but counts messages by key
+  and parses them only once every item has one.
+- Live: the same, with the workers running while the texts are published as fast as they go;
+  its median is the maximum the latency rows take shares of.
+- Latency under load: the same worker, fed at a fixed offered rate (a share of the live
+  maximum); per item, `processed_at` of its verdict − the moment its record was sent,
   as percentiles over all items and by deciding stage.
 - Scale-out: workers limited to one intra-op thread and pinned to one core each (as a
   Kubernetes CPU limit of 1 confines a replica: unpinned, a "single-thread" worker's event loop
   takes part of the second core, so one worker alone already uses more than its share), one
   alone and then two in one consumer group on the same partitions; the efficiency is
-  (two / one) / 2. The broker is not pinned.
+  (two / one) / 2. The broker is not pinned. Both are measured on a backlog, as the throughput is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import signal
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -90,9 +96,9 @@ class BrokerJob:
 
 @dataclass
 class Round:
-    rate: float  # items/s, publish start to the last verdict
+    rate: float  # items/s, publish start (a backlog: the workers' resume) to the last verdict
     verdicts: list[Verdict]
-    latency_ms: list[float]  # per item, in the order of `verdicts`
+    latency_ms: list[float]  # per item, in the order of `verdicts`; empty for a backlog (nothing waited live)
 
 
 def worker_data_dir(data_dir: Path, into: Path) -> Path:
@@ -114,11 +120,30 @@ def worker_data_dir(data_dir: Path, into: Path) -> Path:
 
 
 def _round(deployment: LocalDeployment, items: Sequence[ContentItem], tag: str, rate: float | None = None) -> Round:
-    return asyncio.run(_publish_and_collect(deployment, items, tag, rate))
+    """Items published while the workers run: as fast as they go, or at `rate` items/s."""
+    return asyncio.run(_publish_and_collect(deployment, items, tag, rate, backlog=False))
+
+
+def _backlog_round(deployment: LocalDeployment, items: Sequence[ContentItem], tag: str) -> Round:
+    """Items published while the workers are paused, then drained by them."""
+    return asyncio.run(_publish_and_collect(deployment, items, tag, None, backlog=True))
+
+
+@contextlib.contextmanager
+def _paused(workers: Sequence[WorkerProcess]) -> Iterator[None]:
+    # A pause of a second or so stays well inside the consumer session timeout: no rebalance.
+    running = [w.process.pid for w in workers if w.process is not None and w.alive]
+    for pid in running:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in running:
+            os.kill(pid, signal.SIGCONT)
 
 
 async def _publish_and_collect(
-    deployment: LocalDeployment, items: Sequence[ContentItem], tag: str, rate: float | None
+    deployment: LocalDeployment, items: Sequence[ContentItem], tag: str, rate: float | None, backlog: bool
 ) -> Round:
     from cascade.stream.client import end_offsets, publish
     from cascade.stream.local import collect
@@ -127,8 +152,13 @@ async def _publish_and_collect(
     # from the workers under test (the reader shares their cores), more in each later round.
     outputs = [*deployment.topics.all_verdicts, deployment.topics.deadletter]
     start = await end_offsets(deployment.url, outputs)
-    started = datetime.now(UTC)
-    published = await publish(deployment.url, deployment.topics, _lines(items, tag), rate=rate)
+    if backlog:
+        with _paused(deployment.workers):
+            published = await publish(deployment.url, deployment.topics, _lines(items, tag))
+        started = datetime.now(UTC)
+    else:
+        started = datetime.now(UTC)
+        published = await publish(deployment.url, deployment.topics, _lines(items, tag), rate=rate)
     timeout_s = max(60.0, len(items) / 2.0)
     outcomes = await collect(
         deployment.url, deployment.topics, published, timeout_s=timeout_s, alive=lambda: deployment.alive, start=start
@@ -138,7 +168,7 @@ async def _publish_and_collect(
         raise RuntimeError(f"{len(items) - len(ours)} of {len(items)} items came back as dead letters")
     verdicts = [v for _, v in ours]
     elapsed = (max(v.processed_at for v in verdicts) - started).total_seconds()
-    latency = [(v.processed_at - p.sent_at).total_seconds() * 1000 for p, v in ours]
+    latency = [] if backlog else [(v.processed_at - p.sent_at).total_seconds() * 1000 for p, v in ours]
     return Round(len(items) / elapsed, verdicts, latency)
 
 
@@ -171,23 +201,31 @@ def latency_row(fraction: float, max_rate: float, measured_round: Round) -> Row:
     }
 
 
-def measure_stream(job: BrokerJob) -> tuple[Row, dict[str, Row]]:
-    """The broker throughput row, and the latency rows at `config.load_shares` of its median."""
+def measure_stream(job: BrokerJob) -> tuple[dict[str, Row], dict[str, Row]]:
+    """The broker throughput rows (a backlog drained; published live) and the latency rows at
+    `config.load_shares` of the live median."""
     config, items, stage_names, log = job.config, job.items, job.stage_names, job.log
-    label = f"cascade through the embedded broker (1 worker: {', '.join(stage_names)})"
+    labels = {
+        "stream_broker": f"cascade through the embedded broker, a backlog (1 worker: {', '.join(stage_names)})",
+        "stream_broker_live": "the same, published while the worker runs (publisher on its cores)",
+    }
     logs = job.settings.data_path("bench", "stream")
     latency: dict[str, Row] = {}
     try:
         deployment = _deployment(job, logs)
     except ImportError as exc:
-        return not_available(label, f"stream layer not importable: {exc}"), latency
+        return {key: not_available(label, f"stream layer not importable: {exc}") for key, label in labels.items()}, {}
     try:
         deployment.start().worker()
         log("stream: waiting for the worker to join its consumer group")
         ready_s = deployment.wait_ready(READY_TIMEOUT_S)
         _round(deployment, items[:WARM_UP_ITEMS], "bench-warm")
-        rounds = [_round(deployment, items, f"bench-r{n}") for n in range(config.stream_rounds)]
-        max_rate = float(np.median([r.rate for r in rounds]))
+        backlog: list[Round] = []
+        live: list[Round] = []
+        for n in range(config.stream_rounds):  # interleaved: both kinds see the same drift in load
+            backlog.append(_backlog_round(deployment, items, f"bench-b{n}"))
+            live.append(_round(deployment, items, f"bench-r{n}"))
+        max_rate = float(np.median([r.rate for r in live]))
         for share in config.load_shares:
             log(f"stream: latency at {share:.0%} of {max_rate:.1f} items/s")
             key = f"latency_{round(share * 100)}"
@@ -197,21 +235,22 @@ def measure_stream(job: BrokerJob) -> tuple[Row, dict[str, Row]]:
             except Exception as exc:
                 latency[key] = not_available(f"latency at {share:.0%} of the maximum", f"{type(exc).__name__}: {exc}")
     except Exception as exc:  # report, don't crash the rest of the bench
-        return not_available(label, f"{type(exc).__name__}: {exc} (logs in {logs})"), latency
+        reason = f"{type(exc).__name__}: {exc} (logs in {logs})"
+        return {key: not_available(label, reason) for key, label in labels.items()}, latency
     finally:
         deployment.stop()
-    row = measured(
-        label,
-        "items/s",
-        [r.rate for r in rounds],
-        worker_ready_s=ready_s,
-        batch_size=config.batch_size,
-        batches_in_flight=job.settings.batches_in_flight(stage_names),
-        stages=list(stage_names),
-        llm="excluded (never called by the bench)",
-        **cascade_breakdown(rounds[-1].verdicts, stage_names),
-    )
-    return row, latency
+    common = {
+        "worker_ready_s": ready_s,
+        "batch_size": config.batch_size,
+        "batches_in_flight": job.settings.batches_in_flight(stage_names),
+        "stages": list(stage_names),
+        "llm": "excluded (never called by the bench)",
+    }
+    rows = {}
+    for key, kind in (("stream_broker", backlog), ("stream_broker_live", live)):
+        breakdown = cascade_breakdown(kind[-1].verdicts, stage_names)
+        rows[key] = measured(labels[key], "items/s", [r.rate for r in kind], **common, **breakdown)
+    return rows, latency
 
 
 def pin(worker: WorkerProcess, core: int) -> bool:
@@ -249,14 +288,14 @@ def measure_scale_out(job: BrokerJob) -> dict[str, Row]:
         # Pinned once ready: every thread the worker will run (encoder, event loop, Kafka) exists by then.
         pinned = len(cores) >= 2 and pin(first, cores[0])
         _round(deployment, items[:WARM_UP_ITEMS], "scale-warm1")
-        one = [_round(deployment, items, f"scale-one-r{n}").rate for n in range(config.stream_rounds)]
+        one = [_backlog_round(deployment, items, f"scale-one-r{n}").rate for n in range(config.stream_rounds)]
         log("scale-out: a second single-thread worker joins the group")
         own = worker_data_dir(settings.data_dir, logs / "worker-2-data")
         second = deployment.worker(env={"CASCADE_DATA_DIR": str(own)})
         deployment.wait_ready(READY_TIMEOUT_S)  # the join rebalances the group: every worker ready again
         pinned = pinned and pin(second, cores[1])
         _round(deployment, items[:WARM_UP_ITEMS], "scale-warm2")
-        two = [_round(deployment, items, f"scale-two-r{n}").rate for n in range(config.stream_rounds)]
+        two = [_backlog_round(deployment, items, f"scale-two-r{n}").rate for n in range(config.stream_rounds)]
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc} (logs in {logs})"
         return {key: not_available(label, reason) for key, label in labels.items()}

@@ -251,12 +251,14 @@ def measure_throughput(
     latency: dict[str, Row] = {}
     if not config.stream or not opened.stages:
         why = "disabled (--no-stream)" if not config.stream else _no_stages(opened)
-        rows["stream_broker"] = not_available("cascade through the embedded broker", why)
+        for name in ("stream_broker", "stream_broker_live"):
+            rows[name] = not_available(f"cascade through the embedded broker ({name})", why)
         for name in ("scale_one_worker", "scale_two_workers"):
             rows[name] = not_available(f"broker scale-out ({name})", why)
     else:
         job = BrokerJob(config, settings, items, thresholds_path, opened.names, log)
-        rows["stream_broker"], latency = measure_stream(job)
+        stream_rows, latency = measure_stream(job)
+        rows |= stream_rows
         if config.scale_out:
             rows |= measure_scale_out(job)
         else:
