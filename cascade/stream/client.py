@@ -248,8 +248,11 @@ class StreamOutputs:
         if topic == self.topics.deadletter:
             self.dead_letters.append(DeadLetter.model_validate_json(value))
             return
-        verdict = None if key else Verdict.model_validate_json(value)
-        item_id = key.decode("utf-8", "surrogatepass") if key else verdict.id  # type: ignore[union-attr]
+        if key:
+            item_id, verdict = key.decode("utf-8", "surrogatepass"), None
+        else:
+            verdict = Verdict.model_validate_json(value)
+            item_id = verdict.id
         if item_id not in self.deliveries:  # first verdict wins (see docs/stream.md)
             if verdict is None:
                 self._unparsed[item_id] = value
