@@ -69,6 +69,10 @@ class HnswTuning:
     oversampling: float = 3.0
 
 
+# The int8 copies' clipping range: the central 99 % of vector components (outliers clip, the rest keep precision).
+INT8_QUANTILE = 0.99
+
+
 class StoreInUseError(RuntimeError):
     """The embedded store is locked by another process."""
 
@@ -159,7 +163,7 @@ class EdgeIndex(VectorIndex):
             ef_construct=self.tuning.ef_construct,
             full_scan_threshold=self.tuning.full_scan_threshold_kb,
         )
-        int8 = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99, always_ram=True)
+        int8 = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=INT8_QUANTILE, always_ram=True)
         config = qe.EdgeConfig(
             vectors=qe.EdgeVectorParams(size=DIMENSIONS, distance=qe.Distance.Cosine),
             hnsw_config=hnsw,
@@ -290,7 +294,9 @@ class QdrantClientIndex(VectorIndex):
                 ),
                 optimizers_config=models.OptimizersConfigDiff(indexing_threshold=self.tuning.indexing_threshold_kb),
                 quantization_config=models.ScalarQuantization(
-                    scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, quantile=0.99, always_ram=True)
+                    scalar=models.ScalarQuantizationConfig(
+                        type=models.ScalarType.INT8, quantile=INT8_QUANTILE, always_ram=True
+                    )
                 )
                 if self.tuning.int8
                 else None,
