@@ -29,7 +29,7 @@ from cascade.contract import DeadLetter, DeadLetterCode, Decision, Verdict
 from cascade.pipeline import CascadeRunner
 from cascade.settings import Settings
 from cascade.stages.base import ItemContext
-from cascade.stream.app import fused_runs
+from cascade.stream.app import create_app, fused_runs
 from cascade.stream.broker import free_port
 from cascade.stream.client import Published, StreamOutputs
 from cascade.stream.health import HealthServer, WorkerState
@@ -276,6 +276,16 @@ async def test_a_worker_owning_consecutive_stages_runs_them_in_process(
         fused_first.decided_by,
         fused_first.reason,
     )
+
+
+@pytest.mark.parametrize(("max_message", "batch"), [(1_000_000, 256 * 1024), (64 * 1024, 64 * 1024)])
+def test_the_workers_producer_lingers_and_keeps_its_batches_within_one_broker_message(
+    runner: CascadeRunner, tmp_path: Path, max_message: int, batch: int
+) -> None:
+    settings = Settings(data_dir=tmp_path, stream_max_message_bytes=max_message)
+    app = create_app(settings, runner, ["hash"], WorkerState(["hash"]), broker_url="localhost:9092")
+    producer = app.producer  # what the aiokafka producer is built with
+    assert (producer.linger_ms, producer.max_batch_size, producer.max_request_size) == (5, batch, max_message)
 
 
 def test_fused_runs_follow_ownership() -> None:

@@ -64,6 +64,10 @@ def create_app(
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         producer_max_request_size=settings.stream_max_message_bytes,
+        # One request per burst of a batch's outputs: at linger 0 each request carried one or two.
+        producer_linger=settings.stream_linger_ms / 1000,
+        # The broker takes a record batch as one message, so it must fit max.message.bytes too.
+        producer_max_batch_size=min(settings.stream_producer_batch_bytes, settings.stream_max_message_bytes),
         topic_partitions=settings.stream_partitions,
         topic_replication_factor=settings.stream_replication_factor,
         topic_allow_declare=settings.stream_create_topics,
