@@ -249,8 +249,8 @@ class Settings(BaseSettings):
         default=5,
         ge=0,
         description=(
-            "How long a worker's producer waits to fill a batch (Kafka 4.0's default). At 0 a burst of outputs "
-            "left in requests of one or two messages each, which cost the broker twice the CPU (docs/bench.md)."
+            "How long a worker's producer waits to fill a batch (Kafka 4.0's default). At 0 a batch's outputs "
+            "leave one or two per request, and the broker spends twice the CPU on them (docs/bench.md)."
         ),
     )
     stream_producer_batch_bytes: int = Field(
