@@ -25,8 +25,9 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cascade.contract import BandOutcome, ContentItem, Decision, ShadowDecision, StageAction, TraceEntry, Verdict
 from cascade.data import FLAGGED
@@ -117,6 +118,13 @@ def calibrated_score(trace: Sequence[TraceEntry], band_set: BandSet) -> float | 
     return None
 
 
+def _add_evidence(stage: str, ctx: ItemContext, build: Callable[[], dict[str, Any]]) -> None:
+    try:
+        ctx.evidence.update(build())
+    except Exception:  # evidence only informs later stages: the item goes on without it
+        log.exception("stage %s: building the evidence of item %r failed", stage, ctx.item.id)
+
+
 class CascadeRunner:
     """Runs items through an ordered list of stages under a threshold set."""
 
@@ -176,6 +184,8 @@ class CascadeRunner:
                 overall = StageAction(decided.decision.value)
             else:
                 overall = StageAction.REVIEW if is_last else StageAction.ESCALATE
+            if result.evidence is not None and decided.decision in (None, Decision.REVIEW):
+                _add_evidence(stage.name, ctx, result.evidence)
             ctx.trace.append(
                 TraceEntry(
                     stage=stage.name,

@@ -107,6 +107,34 @@ async def test_cascade_escalates_only_unresolved_items_and_keeps_order() -> None
     assert all(v.policy_version == "p-1" and v.thresholds_version == "t-1" for v in verdicts)
 
 
+async def test_evidence_is_built_only_for_items_the_stage_leaves_unsettled(caplog: pytest.LogCaptureFixture) -> None:
+    built: list[str] = []
+
+    def evidence(item_id: str) -> StageResult:
+        def build() -> dict[str, object]:
+            built.append(item_id)
+            if item_id == "e":
+                raise ValueError("bad payload")
+            return {"neighbours": [item_id]}
+
+        score = {"a": 0.01, "b": 0.99}.get(item_id, 0.5)
+        return StageResult(scores={"flagged": score}, evidence=build)
+
+    first = ScriptedStage("first", {i: evidence(i) for i in "abce"})
+    last = ScriptedStage("last", {})
+    band = {"flagged": Band(allow_below=0.1, block_at=0.9)}
+    runner = CascadeRunner([first, last], thresholds(first=band, last=band), policy_version="p")
+    items = [ctx(i) for i in "abce"]
+    verdicts = await runner.run(items)
+
+    assert sorted(built) == ["c", "e"]  # the allowed and the blocked item never built theirs
+    assert [v.decision for v in verdicts] == [Decision.ALLOW, Decision.BLOCK, Decision.REVIEW, Decision.REVIEW]
+    assert items[2].evidence == {"neighbours": ["c"]} and verdicts[2].evidence == {"neighbours": ["c"]}
+    # Evidence that fails to build is logged; the item goes on without it.
+    assert items[3].evidence == {} and verdicts[3].evidence is None
+    assert "building the evidence of item 'e' failed" in caplog.text
+
+
 async def test_failing_stage_escalates_its_batch_and_never_clears() -> None:
     broken = ScriptedStage("broken", {}, fail=RuntimeError("qdrant down"))
     last = ScriptedStage("last", {"a": StageResult(scores={"flagged": 0.0})})

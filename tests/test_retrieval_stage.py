@@ -127,9 +127,12 @@ async def test_stage_blocks_near_copies_clears_lookalikes_and_escalates_the_unkn
     blocked = verdicts[0].trace[0]
     assert blocked.scores["spam"] >= 0.95 and blocked.details["nearest_bad_id"] == "bad-2"
     assert "near-copy" in (blocked.note or "")
-    # Neighbours for the LLM's few-shot, and the embedding kept for the classifier.
-    assert batch[0].evidence["neighbours"][0]["id"] == "bad-2"
-    assert batch[0].evidence["neighbours"][0]["text"] == BANK[1].text
+    # Neighbours for the LLM's few-shot and the review page, built only for the unsettled item;
+    # the embedding kept for the classifier.
+    assert "neighbours" not in batch[0].evidence and "neighbours" not in batch[1].evidence
+    shown = batch[2].evidence["neighbours"]
+    assert shown and shown[0]["id"] == verdicts[2].trace[0].details["nearest_bad_id"]
+    assert verdicts[2].evidence == {"neighbours": shown}
     assert all(ctx.embedding is not None for ctx in batch)
     # An unrelated text has no neighbour close enough to vote: nothing scored, nothing cleared.
     assert verdicts[2].trace[0].scores == {} and verdicts[2].trace[0].error is None

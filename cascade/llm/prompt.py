@@ -20,14 +20,13 @@ from cascade.data import FLAGGED
 from cascade.normalize import normalize
 from cascade.policy import Policy
 from cascade.settings import PolicyDetail, Settings
-from cascade.stages.base import ItemContext
+from cascade.stages.base import NEIGHBOURS_KEY, ItemContext
 
 SEVERITIES = ("none", "low", "medium", "high")
 CONFIDENCES = ("low", "medium", "high")
 # Bump when the message layout below changes: it is part of the prompt hash (and so of cache keys).
 PROMPT_LAYOUT_VERSION = "1"
 EXAMPLE_TEXT_CHARS = 600
-NEIGHBOURS_KEY = "neighbours"
 
 _SYSTEM_TEMPLATE = """\
 You are a content-moderation adjudicator for a trust-and-safety team. You apply the written \

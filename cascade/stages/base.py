@@ -6,7 +6,7 @@ import base64
 import json
 import unicodedata
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,10 @@ from cascade.settings import Settings
 
 if TYPE_CHECKING:
     from cascade.embedding import Embedder
+
+
+# The `ItemContext.evidence` entry of the retrieval stage's neighbours: the LLM's few-shot examples.
+NEIGHBOURS_KEY = "neighbours"
 
 
 @dataclass
@@ -99,6 +103,9 @@ class StageResult:
     `scores` are per-category in [0, 1] and go through the stage's bands. `match`, when set,
     decides the item outright. `error` means the stage could not judge this item: the item
     escalates (or goes to review after the last stage), never gets cleared by default.
+    `evidence`, when set, builds entries of `ItemContext.evidence` for later stages and the
+    review verdict; the pipeline calls it only for an item the stage's bands leave unsettled,
+    so what only an escalated item uses is not built for the majority a stage decides.
     """
 
     scores: dict[str, float] = field(default_factory=dict)
@@ -107,6 +114,7 @@ class StageResult:
     note: str | None = None
     cost_usd: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+    evidence: Callable[[], dict[str, Any]] | None = None
 
 
 class Resources:

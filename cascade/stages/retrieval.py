@@ -26,7 +26,8 @@ the item is treated as a copy of that violation:
 so a near-copy blocks whenever the block band is at or below m. Otherwise score_c = vote_c.
 
 The kept and near-copy neighbours (id, text, flagged, labels, similarity; one per distinct
-normalised text) go to `ctx.evidence["neighbours"]` as few-shot examples for the LLM stage.
+normalised text) go to `ctx.evidence["neighbours"]` as few-shot examples for the LLM stage, for the
+items the stage's bands leave unsettled only (`StageResult.evidence`): two in three are decided here.
 
 Failure handling: if the index cannot be opened or queried, every item of the batch gets an
 `error` (it escalates), one warning is logged per outage, and the index is retried after
@@ -52,7 +53,7 @@ from cascade.embedding import FROZEN_NEAR_COPY, encoder_identity, near_copy_simi
 from cascade.exemplars import bank_problem
 from cascade.normalize import normalize, text_key
 from cascade.settings import Settings
-from cascade.stages.base import ItemContext, Stage, StageResult
+from cascade.stages.base import NEIGHBOURS_KEY, ItemContext, Stage, StageResult
 from cascade.vectorindex import Neighbour, VectorIndex, index_identity, open_vector_index
 
 if TYPE_CHECKING:
@@ -129,6 +130,10 @@ def evidence_neighbours(neighbours: Sequence[Neighbour], nearest_bad: Neighbour 
             }
         )
     return out
+
+
+def _neighbours_evidence(neighbours: Sequence[Neighbour], nearest_bad: Neighbour | None) -> dict[str, Any]:
+    return {NEIGHBOURS_KEY: evidence_neighbours(neighbours, nearest_bad)}
 
 
 class RetrievalStage(Stage):
@@ -223,11 +228,12 @@ class RetrievalStage(Stage):
             for row, bad in zip(unknown, index.search(queries[unknown], 1, where={FLAGGED: 1}), strict=True):
                 nearest_bad[row] = bad[0] if bad else None
         results = []
-        for ctx, found, worst in zip(batch, neighbours, nearest_bad, strict=True):
-            ctx.evidence["neighbours"] = evidence_neighbours(
-                [n for n in found if n.similarity >= self.min_similarity], worst
-            )
-            results.append(score_item(found, worst, self.min_similarity, self.near_copy, self.prior_weight))
+        for found, worst in zip(neighbours, nearest_bad, strict=True):
+            result = score_item(found, worst, self.min_similarity, self.near_copy, self.prior_weight)
+            # Few-shot examples for the LLM and the review page: only an item that escalates uses them.
+            kept = [n for n in found if n.similarity >= self.min_similarity]
+            result.evidence = functools.partial(_neighbours_evidence, kept, worst)
+            results.append(result)
         return results
 
     def _record_outage(self, exc: Exception) -> None:
