@@ -27,7 +27,8 @@ so a near-copy blocks whenever the block band is at or below m. Otherwise score_
 
 The kept and near-copy neighbours (id, text, flagged, labels, similarity; one per distinct
 normalised text) go to `ctx.evidence["neighbours"]` as few-shot examples for the LLM stage, for the
-items the stage's bands leave unsettled only (`StageResult.evidence`): two in three are decided here.
+items the stage's bands leave unsettled only (`StageResult.evidence`; on the bench's test texts two in
+three are decided here).
 
 Failure handling: if the index cannot be opened or queried, every item of the batch gets an
 `error` (it escalates), one warning is logged per outage, and the index is retried after
