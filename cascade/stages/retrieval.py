@@ -133,8 +133,11 @@ def evidence_neighbours(neighbours: Sequence[Neighbour], nearest_bad: Neighbour 
     return out
 
 
-def _neighbours_evidence(neighbours: Sequence[Neighbour], nearest_bad: Neighbour | None) -> dict[str, Any]:
-    return {NEIGHBOURS_KEY: evidence_neighbours(neighbours, nearest_bad)}
+def _neighbours_evidence(
+    neighbours: Sequence[Neighbour], nearest_bad: Neighbour | None, min_similarity: float
+) -> dict[str, Any]:
+    kept = [n for n in neighbours if n.similarity >= min_similarity]
+    return {NEIGHBOURS_KEY: evidence_neighbours(kept, nearest_bad)}
 
 
 class RetrievalStage(Stage):
@@ -232,8 +235,7 @@ class RetrievalStage(Stage):
         for found, worst in zip(neighbours, nearest_bad, strict=True):
             result = score_item(found, worst, self.min_similarity, self.near_copy, self.prior_weight)
             # Few-shot examples for the LLM and the review page: only an item that escalates uses them.
-            kept = [n for n in found if n.similarity >= self.min_similarity]
-            result.evidence = functools.partial(_neighbours_evidence, kept, worst)
+            result.evidence = functools.partial(_neighbours_evidence, found, worst, self.min_similarity)
             results.append(result)
         return results
 
