@@ -107,6 +107,19 @@ async def test_cascade_escalates_only_unresolved_items_and_keeps_order() -> None
     assert all(v.policy_version == "p-1" and v.thresholds_version == "t-1" for v in verdicts)
 
 
+async def test_a_verdict_carries_its_item_without_metadata() -> None:
+    stage = ScriptedStage("only", {})
+    runner = CascadeRunner([stage], thresholds(only={"flagged": Band(allow_below=0.1, block_at=0.9)}), "p-1")
+    with_metadata = ContentItem(id="m", text="hello there", surface="post", metadata={"user": "u-1", "ip": "10.0.0.1"})
+    plain = ContentItem(id="p", text="hello there", surface="post")
+    verdicts = await runner.run([new_context(with_metadata), new_context(plain)])
+
+    assert verdicts[0].item == with_metadata.model_copy(update={"metadata": None})
+    assert verdicts[0].item.metadata is None and with_metadata.metadata == {"user": "u-1", "ip": "10.0.0.1"}
+    assert verdicts[1].item == plain
+    assert "10.0.0.1" not in verdicts[0].model_dump_json()
+
+
 async def test_evidence_is_built_only_for_items_the_stage_leaves_unsettled(caplog: pytest.LogCaptureFixture) -> None:
     built: list[str] = []
 

@@ -21,6 +21,7 @@ from aiokafka.errors import (
     NotLeaderForPartitionError,
     TopicAuthorizationFailedError,
 )
+from faust.exceptions import ProducerSendError
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
@@ -235,6 +236,12 @@ def test_permanent_broker_refusals_are_told_from_transient_errors() -> None:
     assert refusal_code(InvalidTopicError()) is DeadLetterCode.OUTPUT_REFUSED
     for transient in (KafkaConnectionError(), NotLeaderForPartitionError(), KafkaTimeoutError(), OSError()):
         assert refusal_code(transient) is None
+    # faust's producer re-raises what the client refuses before sending as its own error, from the client's.
+    for cause, code in ((MessageSizeTooLargeError(), DeadLetterCode.OUTPUT_TOO_LARGE), (KafkaTimeoutError(), None)):
+        try:
+            raise ProducerSendError(f"Error while sending: {cause!r}") from cause
+        except ProducerSendError as wrapped:
+            assert refusal_code(wrapped) is code
 
 
 def test_workers_share_every_stage_but_a_single_process_store() -> None:

@@ -83,18 +83,22 @@ def create_app(
     )
     _track_state(app, state)
     topics = Topics(settings.topic_prefix)
-    producer_topics: dict[str, faust.TopicT] = {}
 
-    def output_topic(name: str) -> faust.TopicT:
-        if name not in producer_topics:
-            producer_topics[name] = app.topic(name, partitions=settings.stream_partitions)
-        return producer_topics[name]
+    async def send(topic: str, key: bytes | None, value: bytes) -> Awaitable[Any]:
+        """Hand one output to the producer; the broker's ack comes later, on the returned future.
+
+        Through the producer itself, not `Topic.send`: faust's wrapping of each message (pending and
+        future messages, sensor callbacks) cost more than the send (docs/bench.md). The output topics
+        exist by now (`ensure_topics` at start-up, or made by the operator), so nothing has to declare them.
+        """
+        producer = await app.maybe_start_producer()
+        return await producer.send(topic, key, value, partition=None, timestamp=None, headers=None)
 
     for index, last in fused_runs(runner.stage_names, stages):
         processor = StageProcessor(runner, index, topics, settings, last)
         source = app.topic(processor.input_topic, partitions=settings.stream_partitions)
         concurrency = settings.batches_in_flight(processor.stages)
-        agent = _stage_agent(processor, settings, concurrency, output_topic, state)
+        agent = _stage_agent(processor, settings, concurrency, send, state)
         app.agent(source, name=f"cascade.stage.{processor.stage}")(agent)
     return app
 
@@ -140,7 +144,7 @@ def _stage_agent(
     processor: StageProcessor,
     settings: Settings,
     concurrency: int,
-    output_topic: Callable[[str], faust.TopicT],
+    send: Callable[[str, bytes | None, bytes], Awaitable[Awaitable[Any]]],
     state: WorkerState,
 ) -> AgentFun:
     stage = processor.stage
@@ -155,7 +159,7 @@ def _stage_agent(
         acks: list[tuple[int, Awaitable[Any]]] = []
         for index, message in enumerate(messages):
             try:
-                acks.append((index, await output_topic(message.topic).send(key=message.key, value=message.value)))
+                acks.append((index, await send(message.topic, message.key, message.value)))
             except Exception as exc:  # refused before it left (e.g. too large): handled as a failed ack is
                 errors[index] = exc
         results = await asyncio.gather(*(ack for _, ack in acks), return_exceptions=True)

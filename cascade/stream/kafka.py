@@ -28,11 +28,16 @@ _REFUSED = (InvalidTopicError, TopicAuthorizationFailedError)
 
 
 def refusal_code(exc: BaseException) -> DeadLetterCode | None:
-    """The dead-letter code for an output the broker refuses for good, None when a retry may work."""
-    if isinstance(exc, _TOO_LARGE):
-        return DeadLetterCode.OUTPUT_TOO_LARGE
-    if isinstance(exc, _REFUSED):
-        return DeadLetterCode.OUTPUT_REFUSED
+    """The dead-letter code for an output the broker refuses for good, None when a retry may work.
+
+    The client's error may come wrapped: faust's producer re-raises one refused before sending as
+    its own `ProducerSendError`, raised from the client's.
+    """
+    for error in (exc, exc.__cause__):
+        if isinstance(error, _TOO_LARGE):
+            return DeadLetterCode.OUTPUT_TOO_LARGE
+        if isinstance(error, _REFUSED):
+            return DeadLetterCode.OUTPUT_REFUSED
     return None
 
 
