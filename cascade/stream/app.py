@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import faust
-from faust.types import EventT, StreamT
+from faust.types import EventT, ProducerT, StreamT
 
 from cascade.pipeline import CascadeRunner
 from cascade.settings import Settings
@@ -83,22 +83,11 @@ def create_app(
     )
     _track_state(app, state)
     topics = Topics(settings.topic_prefix)
-
-    async def send(topic: str, key: bytes | None, value: bytes) -> Awaitable[Any]:
-        """Hand one output to the producer; the broker's ack comes later, on the returned future.
-
-        Through the producer itself, not `Topic.send`: faust's wrapping of each message (pending and
-        future messages, sensor callbacks) cost more than the send (docs/bench.md). The output topics
-        exist by now (`ensure_topics` at start-up, or made by the operator), so nothing has to declare them.
-        """
-        producer = await app.maybe_start_producer()
-        return await producer.send(topic, key, value, partition=None, timestamp=None, headers=None)
-
     for index, last in fused_runs(runner.stage_names, stages):
         processor = StageProcessor(runner, index, topics, settings, last)
         source = app.topic(processor.input_topic, partitions=settings.stream_partitions)
         concurrency = settings.batches_in_flight(processor.stages)
-        agent = _stage_agent(processor, settings, concurrency, send, state)
+        agent = _stage_agent(processor, settings, concurrency, app.maybe_start_producer, state)
         app.agent(source, name=f"cascade.stage.{processor.stage}")(agent)
     return app
 
@@ -144,7 +133,7 @@ def _stage_agent(
     processor: StageProcessor,
     settings: Settings,
     concurrency: int,
-    send: Callable[[str, bytes | None, bytes], Awaitable[Awaitable[Any]]],
+    start_producer: Callable[[], Awaitable[ProducerT]],
     state: WorkerState,
 ) -> AgentFun:
     stage = processor.stage
@@ -154,12 +143,22 @@ def _stage_agent(
         """Hand every message to the producer, then wait for all the broker's acks: the error of each, or None.
 
         One ack future per message and no task: a task per message cost the event loop more than the send.
+        Through the producer itself, not `Topic.send`: faust's wrapping of each message (pending and future
+        messages, sensor callbacks) cost more than the send (docs/bench.md). The output topics exist by now
+        (`ensure_topics` at start-up, or made by the operator), so nothing has to declare them.
         """
+        try:
+            producer = await start_producer()  # once per batch: faust guards each call with a shared future
+        except Exception as exc:  # not started: every message fails as a failed ack does, and retries
+            return [exc] * len(messages)
         errors: list[BaseException | None] = [None] * len(messages)
         acks: list[tuple[int, Awaitable[Any]]] = []
         for index, message in enumerate(messages):
             try:
-                acks.append((index, await send(message.topic, message.key, message.value)))
+                sent = await producer.send(
+                    message.topic, message.key, message.value, partition=None, timestamp=None, headers=None
+                )
+                acks.append((index, sent))
             except Exception as exc:  # refused before it left (e.g. too large): handled as a failed ack is
                 errors[index] = exc
         results = await asyncio.gather(*(ack for _, ack in acks), return_exceptions=True)
